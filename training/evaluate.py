@@ -1,0 +1,135 @@
+"""Tree-agreement evaluation of a model being trained (``--eval-data``/``--eval-every``).
+
+Embeds a held-out metadata CSV with the in-memory model and scores it:
+
+* always: kNN rank agreement (:func:`treeprobe.neighbors.knn_rank_agreement`, cosine,
+  k=10) per rank — logged as ``knn_<rank>`` (agreement) and ``knn_excess_<rank>``
+  ((agreement − chance)/(1 − chance); 0 = chance, 1 = perfect);
+* when the lead's :func:`treeprobe.pipeline.analyse_embeddings` is importable: its
+  report's headline numbers, logged under ``tp_<name>``.
+
+Evaluation never touches the training RNG streams (torch/numpy/python states are
+restored), so it does not change the course of a seeded run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+log = logging.getLogger("training")
+
+__all__ = ["embed_images", "knn_metrics", "pipeline_headline", "evaluate"]
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore torch (CPU+CUDA), numpy and python RNG states on exit."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+@torch.no_grad()
+def embed_images(model, paths: Sequence[str], transform: Callable, device="cpu", batch_size: int = 64,
+                 autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """L2-normalised image embeddings, float32 array (N, embed_dim)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(paths), batch_size):
+            imgs = []
+            for p in paths[i:i + batch_size]:
+                with Image.open(p) as im:
+                    imgs.append(transform(im.convert("RGB")))
+            x = torch.stack(imgs).to(device)
+            ctx = torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype) \
+                if autocast_dtype is not None else contextlib.nullcontext()
+            with ctx:
+                f = model.encode_image(x, normalize=True)
+            out.append(f.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def knn_metrics(emb: np.ndarray, items: pd.DataFrame, k: int = 10) -> dict:
+    """``knn_<rank>`` and ``knn_excess_<rank>`` for every rank (treeprobe's kNN agreement)."""
+    from treeprobe.neighbors import knn_rank_agreement
+    from treeprobe.taxonomy import RANKS, Taxonomy
+
+    tax = Taxonomy.from_frame(items)
+    k = int(min(k, len(items) - 1))
+    df = knn_rank_agreement(emb, {r: tax.codes(r) for r in RANKS}, k=k)
+    res = {}
+    for row in df.itertuples():
+        res[f"knn_{row.rank}"] = float(row.agreement)
+        res[f"knn_excess_{row.rank}"] = float(row.agreement_excess)
+    return res
+
+
+def _flatten_numbers(obj, prefix="", out=None, depth=0) -> dict:
+    out = {} if out is None else out
+    if depth > 3:
+        return out
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten_numbers(v, f"{prefix}{k}_", out, depth + 1)
+    elif isinstance(obj, (int, float, np.integer, np.floating)) and not isinstance(obj, bool):
+        v = float(obj)
+        if math.isfinite(v):
+            out[prefix.rstrip("_")] = v
+    return out
+
+
+def pipeline_headline(report) -> dict:
+    """Headline numbers of a treeprobe ``Report`` as a flat {name: float} dict.
+
+    Uses ``report.headline`` (dict or method) when the Report has it, else the
+    numeric top-level fields of ``report.to_dict()``.
+    """
+    h = getattr(report, "headline", None)
+    if callable(h):
+        h = h()
+    if h is None and hasattr(report, "to_dict"):
+        h = report.to_dict()
+    if isinstance(h, pd.DataFrame):
+        h = h.to_dict("records")
+        h = {str(i): r for i, r in enumerate(h)}
+    return _flatten_numbers(h or {})
+
+
+def evaluate(model, items: pd.DataFrame, transform: Callable, device="cpu", seed: int = 0,
+             batch_size: int = 64, autocast_dtype=None, k: int = 10, use_pipeline: bool = True) -> dict:
+    """Embed ``items`` (absolute ``path`` + ranks) and return headline metrics (flat dict)."""
+    with preserved_rng():
+        emb = embed_images(model, list(items["path"]), transform, device, batch_size, autocast_dtype)
+        res = {"eval_n": int(len(items))}
+        res.update(knn_metrics(emb, items, k=k))
+        if use_pipeline:
+            try:
+                from treeprobe.pipeline import analyse_embeddings
+            except ImportError as e:
+                res["tp_note"] = f"treeprobe.pipeline.analyse_embeddings not available ({e}); kNN metrics only"
+            else:
+                try:
+                    report = analyse_embeddings(emb, items, seed=seed)
+                    res.update({f"tp_{k_}": v for k_, v in pipeline_headline(report).items()})
+                except Exception as e:  # noqa: BLE001 - evaluation must not kill training
+                    log.warning("treeprobe pipeline evaluation failed: %s", e)
+                    res["tp_note"] = f"analyse_embeddings failed: {type(e).__name__}: {e}"
+    return res

@@ -1,0 +1,368 @@
+"""Loaders: metadata CSV, iNat21-style image folder, precomputed embeddings (.npy + CSV, .parquet).
+
+Every loader returns a :class:`Dataset`. Pure I/O: nothing here computes anything
+about the taxonomy beyond cleaning the rank strings. Problems with the input raise
+:class:`~treeprobe.errors.TreeprobeError` with a one-line message.
+
+``Dataset.items`` always has
+
+* ``path`` -- absolute path string of the image, ``''`` when there is no image
+  (e.g. precomputed embeddings);
+* the 7 rank columns of :data:`~treeprobe.taxonomy.RANKS` as stripped strings,
+  ``''`` where missing (``species`` holds the binomial);
+* every other input column, kept unchanged as covariates.
+
+``Dataset.skipped`` lists what a loader dropped, with columns ``item`` (the path,
+or ``row <i>`` with i the 0-based row in the source file when there is no path)
+and ``reason``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from treeprobe.errors import TreeprobeError
+from treeprobe.taxonomy import RANKS, clean_lineages
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+SKIPPED_COLUMNS = ("item", "reason")
+
+
+def _empty_skipped() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in SKIPPED_COLUMNS})
+
+
+@dataclass
+class Dataset:
+    """N items with lineages, optional embeddings and a record of what was dropped.
+
+    items: DataFrame (N rows), index 0..N-1; see the module docstring for columns.
+    embeddings: float32 array (N, D) in the source's own units (not normalised), or None
+        when the items are images still to be embedded.
+    skipped: DataFrame with columns ``item``, ``reason``.
+    source: absolute path of the file or folder the data came from.
+    """
+
+    items: pd.DataFrame
+    embeddings: np.ndarray | None
+    skipped: pd.DataFrame
+    source: str
+
+    def __post_init__(self):
+        if self.embeddings is not None and len(self.embeddings) != len(self.items):
+            raise ValueError(
+                f"embeddings have {len(self.embeddings)} rows but items have {len(self.items)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, mask) -> "Dataset":
+        """A new Dataset with the rows selected by ``mask`` (bool (N,) or integer indices).
+
+        Embeddings are sliced alongside; ``skipped`` and ``source`` are carried over.
+        """
+        idx = np.asarray(mask)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise ValueError(f"boolean mask has shape {idx.shape}, expected ({len(self)},)")
+            idx = np.flatnonzero(idx)
+        items = self.items.iloc[idx].reset_index(drop=True)
+        emb = None if self.embeddings is None else self.embeddings[idx]
+        return replace(self, items=items, embeddings=emb, skipped=self.skipped.copy())
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _require_file(path) -> str:
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path):
+        raise TreeprobeError(f"no such file or folder: {path}")
+    return path
+
+
+def _canonical_rank_columns(df: pd.DataFrame, what: str, need_path: bool) -> pd.DataFrame:
+    """Rename rank/path columns matched case-insensitively to their canonical names; check presence."""
+    wanted = (("path",) if need_path else ()) + tuple(RANKS)
+    lower = {}
+    for c in df.columns:
+        lower.setdefault(str(c).strip().lower(), c)
+    renames = {lower[w]: w for w in wanted if w not in df.columns and w in lower}
+    if renames:
+        df = df.rename(columns=renames)
+    missing = [w for w in wanted if w not in df.columns]
+    if missing:
+        raise TreeprobeError(
+            f"{what} lacks column(s) {', '.join(missing)}; "
+            f"needs {', '.join(wanted)} (found: {', '.join(map(str, df.columns[:12]))})"
+        )
+    return df
+
+
+def _finish_items(df: pd.DataFrame, base_dir: str) -> pd.DataFrame:
+    """Clean ranks ('' for missing), make ``path`` absolute (relative to ``base_dir``), order columns."""
+    df = df.reset_index(drop=True).copy()
+    df[list(RANKS)] = clean_lineages(df)
+    if "path" in df.columns:
+        paths = df["path"].astype("string").fillna("").str.strip().astype(object)
+        df["path"] = [
+            os.path.normpath(os.path.join(base_dir, p)) if p else "" for p in paths
+        ]
+    else:
+        df["path"] = ""
+    first = ["path", *RANKS]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def _read_csv(path: str) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, dtype={c: str for c in ("path", *RANKS)})
+    except pd.errors.EmptyDataError:
+        raise TreeprobeError(f"metadata CSV {path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        msg = " ".join(str(e).split())
+        raise TreeprobeError(f"cannot parse metadata CSV {path}: {msg}") from None
+    if len(df) == 0:
+        raise TreeprobeError(f"metadata CSV {path} has a header but no rows")
+    return df
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def load_metadata_csv(path) -> Dataset:
+    """Images listed in a CSV with columns ``path`` + the 7 ranks (+ any covariates).
+
+    Relative paths are resolved against the CSV's folder. Rows whose image is missing
+    are kept (extraction records them). Rank/path column names match case-insensitively.
+    Returns a Dataset with ``embeddings=None``.
+    """
+    path = _require_file(path)
+    df = _canonical_rank_columns(_read_csv(path), f"metadata CSV {path}", need_path=True)
+    items = _finish_items(df, os.path.dirname(path))
+    return Dataset(items=items, embeddings=None, skipped=_empty_skipped(), source=path)
+
+
+def _parse_inat_folder_name(name: str) -> dict | None:
+    """``00042_Animalia_Chordata_Aves_Order_Family_Genus_epithet`` → lineage dict, or None."""
+    parts = name.split("_", 7)
+    if len(parts) != 8 or not parts[0].isdigit() or any(not p.strip() for p in parts):
+        return None
+    cid, kingdom, phylum, klass, order, family, genus, epithet = parts
+    return {
+        "kingdom": kingdom,
+        "phylum": phylum,
+        "class": klass,
+        "order": order,
+        "family": family,
+        "genus": genus,
+        "species": f"{genus} {epithet.replace('_', ' ')}",
+        "category_id": int(cid),
+    }
+
+
+def load_inat_folder(root) -> Dataset:
+    """An iNat21-style folder: one subfolder per species named
+    ``<id>_<Kingdom>_<Phylum>_<Class>_<Order>_<Family>_<Genus>_<epithet>`` holding images
+    (.jpg/.jpeg/.png/.webp, any case; not recursive).
+
+    Covariates: ``category_id`` (int, the folder's number) and ``folder`` (its name).
+    Subfolders whose name does not parse, or that hold no images, go to ``skipped``.
+    Returns a Dataset with ``embeddings=None``; images are not opened here.
+    """
+    root = _require_file(root)
+    if not os.path.isdir(root):
+        raise TreeprobeError(f"{root} is not a folder")
+    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    rows, skipped = [], []
+    n_parsed = 0
+    for name in subdirs:
+        lineage = _parse_inat_folder_name(name)
+        folder = os.path.join(root, name)
+        if lineage is None:
+            skipped.append(
+                (folder, "folder name does not parse as <id>_<Kingdom>_<Phylum>_<Class>_"
+                         "<Order>_<Family>_<Genus>_<epithet>")
+            )
+            continue
+        n_parsed += 1
+        files = sorted(
+            e.name for e in os.scandir(folder)
+            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")
+        )
+        if not files:
+            skipped.append((folder, "no images in folder"))
+            continue
+        for f in files:
+            rows.append({"path": os.path.join(folder, f), **lineage, "folder": name})
+    if n_parsed == 0:
+        hint = ""
+        splits = [s for s in subdirs if s.lower() in {"train", "val", "test", "train_mini", "public_test"}]
+        if splits:
+            hint = f"; it holds split folders, pass one of them, e.g. {os.path.join(root, splits[0])}"
+        raise TreeprobeError(
+            f"no iNat-style class folders (<id>_<Kingdom>_..._<Genus>_<epithet>) found in {root}{hint}"
+        )
+    if not rows:
+        raise TreeprobeError(f"no images (.jpg/.jpeg/.png/.webp) in the class folders of {root}")
+    items = _finish_items(pd.DataFrame(rows), root)
+    skipped_df = pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)) if skipped else _empty_skipped()
+    return Dataset(items=items, embeddings=None, skipped=skipped_df, source=root)
+
+
+def _stack_parquet_embeddings(path: str):
+    """Read a parquet file with an ``emb`` list column → (covariate frame, float32 (M, D), row ids (M,), null rows)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise TreeprobeError(f"cannot read parquet {path}: {' '.join(str(e).split())}") from None
+    if table.num_rows == 0:
+        raise TreeprobeError(f"parquet {path} has no rows")
+    if "emb" not in table.column_names:
+        raise TreeprobeError(
+            f"parquet {path} has no 'emb' column (found: {', '.join(table.column_names[:12])})"
+        )
+    col = table.column("emb").combine_chunks()
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+            or pa.types.is_fixed_size_list(col.type)):
+        raise TreeprobeError(f"column 'emb' of {path} is {col.type}, expected a list of numbers")
+    if not (pa.types.is_floating(col.type.value_type) or pa.types.is_integer(col.type.value_type)):
+        raise TreeprobeError(f"column 'emb' of {path} holds {col.type.value_type}, expected numbers")
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    lengths = lengths[valid].astype(np.int64)
+    dims, counts = np.unique(lengths, return_counts=True)
+    if len(dims) > 1:
+        desc = ", ".join(f"{c} rows of length {d}" for d, c in zip(dims, counts))
+        raise TreeprobeError(f"ragged embeddings in 'emb' column of {path}: {desc}")
+    if len(dims) == 0 or dims[0] == 0:
+        raise TreeprobeError(f"'emb' column of {path} holds no embedding values")
+    values = pc.list_flatten(col.filter(pa.array(valid))).to_numpy(zero_copy_only=False)
+    emb = np.asarray(values, dtype=np.float32).reshape(-1, int(dims[0]))
+    frame = table.drop_columns(["emb"]).to_pandas()
+    rows = np.flatnonzero(valid)
+    return frame, emb, rows, np.flatnonzero(~valid)
+
+
+def _load_npy(path: str, metadata) -> tuple[pd.DataFrame, np.ndarray, str]:
+    if metadata is None:
+        metadata = os.path.join(os.path.dirname(path), "metadata.csv")
+        if not os.path.exists(metadata):
+            raise TreeprobeError(
+                f"no metadata for {path}: pass metadata=path/to/metadata.csv "
+                f"(or put metadata.csv beside the .npy)"
+            )
+    metadata = _require_file(metadata)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise TreeprobeError(f"cannot read {path} as a numpy array: {' '.join(str(e).split())}") from None
+    if arr.ndim != 2:
+        raise TreeprobeError(f"embeddings {path} have shape {arr.shape}, expected (N, D)")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise TreeprobeError(f"embeddings {path} have dtype {arr.dtype}, expected numbers")
+    df = _canonical_rank_columns(_read_csv(metadata), f"metadata CSV {metadata}", need_path=False)
+    if "emb_row" in df.columns:
+        rows = pd.to_numeric(df["emb_row"], errors="coerce")
+        bad = rows.isna() | (rows != rows.round()) | (rows < 0) | (rows >= len(arr))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise TreeprobeError(
+                f"metadata {metadata} row {i}: emb_row {df['emb_row'].iloc[i]!r} is not a row "
+                f"of {path} (which has {len(arr)} rows)"
+            )
+        emb = np.asarray(arr[rows.to_numpy(dtype=np.int64)], dtype=np.float32)
+    else:
+        if len(df) != len(arr):
+            raise TreeprobeError(
+                f"embeddings {path} have {len(arr)} rows but metadata {metadata} has {len(df)} "
+                f"rows (add an emb_row column to map metadata rows to embedding rows)"
+            )
+        emb = np.asarray(arr, dtype=np.float32)
+    return df, emb, os.path.dirname(metadata)
+
+
+def load_embeddings(path, metadata=None) -> Dataset:
+    """Precomputed embeddings with lineages.
+
+    * ``.npy`` (N, D) + a metadata CSV (``metadata=``, else ``metadata.csv`` beside the
+      .npy) with the 7 rank columns; an ``emb_row`` column maps each CSV row to an
+      embedding row, otherwise the row counts must match.
+    * ``.parquet`` with an ``emb`` list column (all the same length D) + rank columns;
+      every other column is kept as a covariate.
+
+    Rows with a non-finite or all-zero embedding (or a null ``emb``) are dropped and
+    recorded in ``skipped``. Rows without taxonomy are kept. Embeddings: float32 (N, D),
+    as stored (not normalised).
+    """
+    path = _require_file(path)
+    ext = os.path.splitext(path)[1].lower()
+    skipped = []
+    if ext == ".npy":
+        df, emb, base = _load_npy(path, metadata)
+        row_ids = np.arange(len(df))
+    elif ext == ".parquet":
+        frame, emb, row_ids, null_rows = _stack_parquet_embeddings(path)
+        frame = _canonical_rank_columns(frame, f"parquet {path}", need_path=False)
+        base = os.path.dirname(path)
+        for i in null_rows:
+            skipped.append((int(i), "missing embedding", ""))
+        df = frame.iloc[row_ids]
+    else:
+        raise TreeprobeError(f"unsupported embeddings file {path}: expected .npy or .parquet")
+
+    df = _finish_items(df, base)
+    finite = np.isfinite(emb).all(axis=1)
+    zero = finite & ~np.any(emb != 0, axis=1)
+    keep = finite & ~zero
+    for i in np.flatnonzero(~finite):
+        skipped.append((int(row_ids[i]), "non-finite embedding", df["path"].iat[i]))
+    for i in np.flatnonzero(zero):
+        skipped.append((int(row_ids[i]), "zero-norm embedding", df["path"].iat[i]))
+    records = [(p or f"row {row}", reason) for row, reason, p in sorted(skipped, key=lambda r: r[0])]
+    skipped_df = pd.DataFrame(records, columns=list(SKIPPED_COLUMNS)) if records else _empty_skipped()
+    if not keep.all():
+        df = df.iloc[np.flatnonzero(keep)].reset_index(drop=True)
+        emb = emb[keep]
+    if len(df) == 0:
+        raise TreeprobeError(f"no usable embeddings in {path} (all {len(records)} rows skipped)")
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    return Dataset(items=df, embeddings=emb, skipped=skipped_df, source=path)
+
+
+def load_data(path, embeddings: bool = False) -> Dataset:
+    """Load whatever ``path`` is: a folder → :func:`load_inat_folder`; ``.csv`` →
+    :func:`load_metadata_csv`; ``.npy``/``.parquet`` → :func:`load_embeddings`.
+
+    ``embeddings=True`` requires the result to carry embeddings (an image folder or
+    image CSV is then an error).
+    """
+    if path is None or str(path) == "":
+        raise TreeprobeError("no data path given")
+    path = _require_file(path)
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        ds = load_inat_folder(path)
+    elif ext == ".csv":
+        ds = load_metadata_csv(path)
+    elif ext in (".npy", ".parquet"):
+        ds = load_embeddings(path)
+    else:
+        raise TreeprobeError(
+            f"don't know how to read {path}: expected an image folder, a .csv, a .npy or a .parquet"
+        )
+    if embeddings and ds.embeddings is None:
+        raise TreeprobeError(
+            f"{path} lists images, not embeddings: pass a .npy (+ metadata.csv) or .parquet, "
+            f"or extract embeddings with a model first"
+        )
+    return ds

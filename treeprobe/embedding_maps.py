@@ -1,0 +1,104 @@
+"""Seeded 2-D maps of embeddings (t-SNE via openTSNE, UMAP via umap-learn).
+
+Both use cosine geometry: rows are L2-normalised and the neighbour metric is cosine.
+Both return ``(coords, index)``: ``coords`` float32 (n, 2) for the rows ``X[index]``,
+``index`` int64 (n,) sorted — all rows, or a seeded random subset of ``max_points``.
+The same input and seed give identical output.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from treeprobe.errors import TreeprobeError
+from treeprobe.neighbors import l2_normalise
+
+__all__ = ["subsample_index", "tsne_2d", "umap_2d"]
+
+
+def subsample_index(n: int, max_points: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted int64 indices of at most ``max_points`` of ``n`` rows (all when None or n <= max).
+
+    The subset is drawn without replacement by ``np.random.default_rng(seed)``.
+    """
+    if max_points is None or n <= max_points:
+        return np.arange(n, dtype=np.int64)
+    if max_points < 1:
+        raise TreeprobeError(f"max_points must be >= 1; got {max_points}")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=int(max_points), replace=False)).astype(np.int64)
+
+
+def _prepare(X, max_points, seed, min_points: int, what: str):
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise TreeprobeError(f"embeddings must be a 2-D array (N, D); got shape {X.shape}")
+    index = subsample_index(X.shape[0], max_points, seed)
+    if index.size < min_points:
+        raise TreeprobeError(f"{what} needs at least {min_points} points; got {index.size}")
+    return l2_normalise(X[index]), index
+
+
+def tsne_2d(
+    X,
+    seed: int = 0,
+    perplexity: float = 30.0,
+    n_jobs: int = 1,
+    *,
+    max_points: int | None = None,
+    n_iter: int = 500,
+) -> tuple[np.ndarray, np.ndarray]:
+    """openTSNE t-SNE of the L2-normalised rows of ``X`` (N, D), cosine metric.
+
+    openTSNE picks exact / approximate neighbours and BH / FFT gradients by size.
+    Initialisation is PCA (openTSNE default), ``random_state=seed``. Perplexity must be
+    below n/3 (n = points used); larger values are lowered to (n - 1)/3 with a warning.
+    ``n_iter``: optimisation iterations after the 250 early-exaggeration ones.
+    ``n_jobs > 1`` is faster but may not be bit-reproducible.
+
+    Returns ``(coords float32 (n, 2), index int64 (n,))``; see module docstring.
+    """
+    from openTSNE import TSNE
+
+    Xn, index = _prepare(X, max_points, seed, 5, "t-SNE")
+    n = index.size
+    if perplexity >= n / 3:
+        new = max((n - 1) / 3.0, 1.0)
+        warnings.warn(f"t-SNE perplexity {perplexity} too large for {n} points; using {new:.1f}",
+                      stacklevel=2)
+        perplexity = new
+    tsne = TSNE(n_components=2, perplexity=perplexity, metric="cosine", n_iter=n_iter,
+                random_state=seed, n_jobs=n_jobs, verbose=False)
+    coords = np.asarray(tsne.fit(Xn), dtype=np.float32)
+    return coords, index
+
+
+def umap_2d(
+    X,
+    seed: int = 0,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    *,
+    max_points: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """UMAP (umap-learn) of the L2-normalised rows of ``X`` (N, D), cosine metric.
+
+    ``random_state=seed`` makes umap-learn deterministic but single-threaded.
+    ``n_neighbors`` is lowered to n - 1 for tiny inputs. The first call in a process
+    pays numba compilation (seconds).
+
+    Returns ``(coords float32 (n, 2), index int64 (n,))``; see module docstring.
+    """
+    import umap
+
+    Xn, index = _prepare(X, max_points, seed, 4, "UMAP")
+    n = index.size
+    reducer = umap.UMAP(n_components=2, n_neighbors=int(min(n_neighbors, n - 1)),
+                        min_dist=min_dist, metric="cosine", random_state=seed, n_jobs=1)
+    with warnings.catch_warnings():
+        # small-N spectral init falls back to random init with a warning; still seeded
+        warnings.filterwarnings("ignore", message=".*n_jobs value 1 overridden.*")
+        coords = reducer.fit_transform(Xn)
+    return np.asarray(coords, dtype=np.float32), index

@@ -1,0 +1,223 @@
+"""The intrinsic-analysis report: a data structure first, renderings second.
+
+:class:`Report` holds every number (tables as DataFrames, 2-D maps as arrays,
+provenance as a dict). :func:`write_report` renders it to a folder:
+
+- ``report.json``  — every number and the provenance (machine-readable);
+- ``per_rank.csv`` — one row per rank: taxa counts, clustering and kNN scores with chance;
+- ``figures/*.png|pdf`` — rank-coloured t-SNE/UMAP maps, per-rank metrics, Mantel distance plot;
+- ``report.md``    — a short human-readable report that shows the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class Report:
+    """Everything an intrinsic analysis produced.
+
+    mantel: one row per (level, method): level 'image' or 'species-centroid', r, p, ...
+    clustering: rank × method clustering scores with chance baselines (see treeprobe.clustering).
+    knn: per-rank kNN agreement with chance (see treeprobe.neighbors).
+    rank_summary: per-rank taxa counts.
+    maps: name ('tsne', 'umap') → dict(coords (n, 2) float32, index (n,) int64 rows used).
+    labels_by_rank: rank → cumulative labels (N,) of the analysed items (for plots).
+    provenance: versions, seed, checkpoint digest, data source, counts, timings.
+    skipped: DataFrame[item, reason] of inputs that were left out.
+    """
+
+    mantel: pd.DataFrame
+    clustering: pd.DataFrame
+    knn: pd.DataFrame
+    rank_summary: pd.DataFrame
+    maps: dict = field(default_factory=dict)
+    labels_by_rank: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["item", "reason"]))
+    mantel_sample: dict | None = None  # condensed (d_embed, d_tree) sample for the Mantel figure
+
+    @property
+    def n_items(self) -> int:
+        return int(self.provenance.get("n_items", 0))
+
+    def headline(self) -> dict:
+        """The few numbers a reader looks at first."""
+        out = {}
+        for _, row in self.mantel.iterrows():
+            out[f"mantel_{row['level']}_{row['method']}_r"] = row["statistic"]
+            out[f"mantel_{row['level']}_{row['method']}_p"] = row["p_value"]
+        if len(self.knn):
+            for _, row in self.knn.iterrows():
+                out[f"knn_{row['rank']}_agreement_excess"] = row.get("agreement_excess")
+        return out
+
+    def per_rank(self) -> pd.DataFrame:
+        """One row per rank: counts, clustering (k-means) and kNN scores next to their chance values."""
+        df = self.rank_summary.copy()
+        if len(self.clustering):
+            for method, sub in self.clustering.groupby("method", sort=False):
+                cols = [c for c in sub.columns if c not in ("rank", "method", "k", "n_items",
+                                                            "n_singleton_taxa")]
+                wide = sub.set_index("rank")[cols].add_prefix(f"{method}_")
+                df = df.merge(wide, left_on="rank", right_index=True, how="left")
+        if len(self.knn):
+            cols = [c for c in self.knn.columns if c != "rank"]
+            df = df.merge(self.knn.set_index("rank")[cols].add_prefix("knn_"), left_on="rank",
+                          right_index=True, how="left")
+        return df
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every number (maps as coordinates are left to the figures)."""
+        return _jsonable(
+            dict(
+                treeprobe_report_version=1,
+                headline=self.headline(),
+                mantel=self.mantel.to_dict(orient="records"),
+                clustering=self.clustering.to_dict(orient="records"),
+                knn=self.knn.to_dict(orient="records"),
+                rank_summary=self.rank_summary.to_dict(orient="records"),
+                maps={k: dict(n_points=int(len(v["coords"])), **v.get("info", {})) for k, v in self.maps.items()},
+                provenance=self.provenance,
+                skipped=dict(count=int(len(self.skipped)), items=self.skipped.to_dict(orient="records")),
+            )
+        )
+
+
+def _jsonable(obj):
+    """Recursively convert numpy / pandas scalars; NaN and inf → None (valid JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if obj is pd.NA or obj is pd.NaT:
+        return None
+    return obj
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fmt(x, nd=3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if isinstance(x, (float, np.floating)):
+        return f"{x:.{nd}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{nd}f}"
+    return str(x)
+
+
+def _md_table(df: pd.DataFrame, cols: list[str], nd=3) -> str:
+    cols = [c for c in cols if c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c], nd) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: Report, figures: dict[str, str] | None = None) -> str:
+    """A short readable report; ``figures`` maps figure name → relative PNG path."""
+    prov = report.provenance
+    lines = ["# treeprobe intrinsic report", ""]
+    lines.append(f"Model: `{prov.get('model', {}).get('name', 'precomputed embeddings')}` "
+                 f"(digest `{str(prov.get('model', {}).get('digest', '–'))[:16]}`). "
+                 f"Data: `{prov.get('data', {}).get('source', '–')}`. "
+                 f"Items analysed: {prov.get('n_items')}; skipped: {len(report.skipped)}. Seed: {prov.get('seed')}.")
+    lines += ["", "## Does embedding distance follow the tree? (Mantel)", "",
+              "Correlation between cosine distance of embeddings and patristic distance on the tree "
+              f"({prov.get('tree', {}).get('kind', 'rank taxonomy')}); one-sided permutation p-value "
+              "(H1: closer on the tree → closer in embedding space).", ""]
+    lines.append(_md_table(report.mantel, ["level", "method", "statistic", "p_value", "permutations",
+                                           "n_items", "estimator"]))
+    lines += ["", "## Rank-wise clustering", "",
+              "k-means / agglomerative clustering with k = number of taxa at each rank. Every score is shown "
+              "next to its chance value (same k, permuted labels); `purity_excess` = (purity − chance)/(1 − chance). "
+              "At fine ranks with many single-image taxa raw purity is high by construction: read the excess.", ""]
+    lines.append(_md_table(report.clustering, ["rank", "method", "k", "purity", "purity_chance", "purity_excess",
+                                               "nmi", "nmi_chance", "ami", "ari", "note"]))
+    lines += ["", "## Nearest-neighbour rank agreement", "",
+              "Share of each item's k nearest neighbours (cosine) in its own taxon; items alone in their taxon are "
+              "excluded and counted.", ""]
+    lines.append(_md_table(report.knn, ["rank", "k", "agreement", "chance", "agreement_excess", "top1",
+                                        "n_evaluated", "n_excluded_singletons"]))
+    lines += ["", "## Taxa per rank", "", _md_table(report.rank_summary, list(report.rank_summary.columns))]
+    if figures:
+        lines += ["", "## Figures", ""]
+        for name, path in figures.items():
+            lines += [f"### {name}", "", f"![{name}]({path})", ""]
+    if len(report.skipped):
+        lines += ["", "## Skipped inputs", "", f"{len(report.skipped)} input(s) left out; by reason:", ""]
+        for reason, n in report.skipped["reason"].astype(str).str.split(":").str[0].value_counts().items():
+            lines.append(f"- {reason}: {n}")
+        lines.append("")
+        lines.append("The full list is in `report.json` (`skipped.items`).")
+    lines += ["", "## Provenance", "", "```json", json.dumps(_jsonable(prov), indent=1)[:4000], "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: Report, out_dir: str | os.PathLike, figures: bool = True) -> dict[str, str]:
+    """Write report.json, per_rank.csv, figures/ and report.md into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, str] = {}
+    fig_paths: dict[str, str] = {}
+    if figures:
+        fig_paths = _write_figures(report, out / "figures")
+    _atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, allow_nan=False))
+    paths["json"] = str(out / "report.json")
+    per_rank = report.per_rank()
+    tmp = out / ".per_rank.csv.tmp"
+    per_rank.to_csv(tmp, index=False)
+    os.replace(tmp, out / "per_rank.csv")
+    paths["per_rank_csv"] = str(out / "per_rank.csv")
+    rel = {k: os.path.relpath(v, out) for k, v in fig_paths.items()}
+    _atomic_write_text(out / "report.md", render_markdown(report, rel))
+    paths["markdown"] = str(out / "report.md")
+    paths.update({f"figure:{k}": v for k, v in fig_paths.items()})
+    return paths
+
+
+def _write_figures(report: Report, fig_dir: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from treeprobe import plots
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    names = {"tsne": "t-SNE", "umap": "UMAP"}
+    for key, m in report.maps.items():
+        labels = {r: np.asarray(v)[m["index"]] for r, v in report.labels_by_rank.items()}
+        fig = plots.plot_rank_maps(m["coords"], labels, method_name=names.get(key, key),
+                                   title=m.get("info", {}).get("title", ""))
+        png, _pdf = plots.save_figure(fig, str(fig_dir / f"{key}_by_rank"))
+        out[f"{names.get(key, key)} coloured by rank"] = png
+    metrics = report.per_rank()
+    if len(metrics):
+        fig = plots.plot_rank_metrics(metrics)
+        png, _ = plots.save_figure(fig, str(fig_dir / "rank_metrics"))
+        out["Scores per rank vs chance"] = png
+    if report.mantel_sample is not None:
+        fig = plots.plot_mantel_scatter(report.mantel_sample["d_embed"], report.mantel_sample["d_tree"])
+        png, _ = plots.save_figure(fig, str(fig_dir / "mantel_distances"))
+        out["Embedding distance by tree distance"] = png
+    return out
