@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from threadpoolctl import threadpool_limits
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import (
     adjusted_mutual_info_score,
@@ -22,6 +23,13 @@ from treeprobe.errors import TreeprobeError
 
 REAL = Path("/work/shared/data/tol200m_bioclip2_embeddings_1k")
 RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-threaded BLAS/OpenMP: faster at these sizes and robust on a busy 2-core box."""
+    with threadpool_limits(1):
+        yield
 
 
 def real_data():
@@ -186,3 +194,11 @@ def test_real_bioclip2_clusters_follow_kingdom_and_class():
     king = df[df["rank"] == "kingdom"]
     assert (king["purity_excess"] > 0.4).all()
     assert (king["k"] == 5).all()
+
+
+def test_n_threads_param_gives_same_labels():
+    X, _ = planted(noise=0.5, seed=6)
+    with threadpool_limits(2):
+        a = cluster_labels(X, 5, "kmeans", seed=1, n_threads=1)
+        b = cluster_labels(X, 5, "kmeans", seed=1, n_threads=None)
+    np.testing.assert_array_equal(a, b)

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from threadpoolctl import threadpool_limits
 from sklearn.neighbors import NearestNeighbors
 
 from treeprobe.errors import TreeprobeError
@@ -11,6 +12,13 @@ from treeprobe.neighbors import knn_indices, knn_rank_agreement, l2_normalise
 
 REAL = Path("/work/shared/data/tol200m_bioclip2_embeddings_1k")
 RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-threaded BLAS/OpenMP: faster at these sizes and robust on a busy 2-core box."""
+    with threadpool_limits(1):
+        yield
 
 
 def real_data():

@@ -113,8 +113,18 @@ def pipeline_headline(report) -> dict:
     return _flatten_numbers(h or {})
 
 
+def _light_kwargs(fn, permutations: int) -> dict:
+    """Fast settings for an in-training evaluation, for the options ``fn`` accepts."""
+    import inspect
+
+    want = {"permutations": permutations, "maps": (), "progress": False, "chance_permutations": 5}
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in want.items() if k in params}
+
+
 def evaluate(model, items: pd.DataFrame, transform: Callable, device="cpu", seed: int = 0,
-             batch_size: int = 64, autocast_dtype=None, k: int = 10, use_pipeline: bool = True) -> dict:
+             batch_size: int = 64, autocast_dtype=None, k: int = 10, use_pipeline: bool = True,
+             permutations: int = 199) -> dict:
     """Embed ``items`` (absolute ``path`` + ranks) and return headline metrics (flat dict)."""
     with preserved_rng():
         emb = embed_images(model, list(items["path"]), transform, device, batch_size, autocast_dtype)
@@ -127,7 +137,8 @@ def evaluate(model, items: pd.DataFrame, transform: Callable, device="cpu", seed
                 res["tp_note"] = f"treeprobe.pipeline.analyse_embeddings not available ({e}); kNN metrics only"
             else:
                 try:
-                    report = analyse_embeddings(emb, items, seed=seed)
+                    report = analyse_embeddings(emb, items, seed=seed, **_light_kwargs(analyse_embeddings,
+                                                                                         permutations))
                     res.update({f"tp_{k_}": v for k_, v in pipeline_headline(report).items()})
                 except Exception as e:  # noqa: BLE001 - evaluation must not kill training
                     log.warning("treeprobe pipeline evaluation failed: %s", e)

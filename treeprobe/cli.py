@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "or an hf-hub:ORG/NAME id")
     m.add_argument("--model", help="open_clip architecture (e.g. ViT-B-16) when the checkpoint does not name it")
     m.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai) for --model")
+    m.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a torch checkpoint holding non-tensor Python objects (unpickling runs its code)")
     m.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     m.add_argument("--workers", type=int, default=0, help="DataLoader workers for image decoding (default 0)")
     m.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -100,7 +102,7 @@ def cmd_intrinsic(args) -> int:
         data=args.data, embeddings=args.embeddings, metadata=args.metadata, ckpt=args.ckpt, model=args.model,
         pretrained=args.pretrained, tree=args.tree, out=args.out, demo=demo, cache_dir=args.cache_dir,
         batch_size=args.batch_size, workers=args.workers, device=args.device, figures=not args.no_figures,
-        progress=not args.quiet, seed=args.seed, permutations=args.permutations, knn_k=args.knn_k,
+        progress=not args.quiet, trust_checkpoint=args.trust_checkpoint, seed=args.seed, permutations=args.permutations, knn_k=args.knn_k,
         rank_lengths=_rank_lengths(args.rank_lengths), maps=_split(args.maps),
         max_map_points=args.max_map_points, cluster_methods=_split(args.cluster_methods),
         centroid_level=not args.no_centroids,

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans, MiniBatchKMeans
+from threadpoolctl import threadpool_limits
 from sklearn.metrics import (
     adjusted_mutual_info_score,
     adjusted_rand_score,
@@ -81,6 +82,7 @@ def cluster_labels(
     n_init: int = 4,
     minibatch_threshold: int = 50_000,
     max_agglomerative: int = 10_000,
+    n_threads: int | None = None,
 ) -> np.ndarray:
     """Cluster the L2-normalised rows of ``X`` (N, D) into ``k`` clusters; int64 labels (N,).
 
@@ -91,7 +93,15 @@ def cluster_labels(
         ``"agglomerative"``: Ward linkage (scipy, as sklearn uses) on the normalised
         rows. Needs the N(N-1)/2 pairwise distances (8 bytes each), so N above
         ``max_agglomerative`` raises :class:`TreeprobeError` instead of exhausting memory.
+
+    ``n_threads`` caps BLAS/OpenMP threads (threadpoolctl) while clustering; None = library
+    defaults. For N of a few thousand, 1 is often faster (and far faster on a busy machine).
     """
+    with threadpool_limits(n_threads):
+        return _cluster_labels(X, k, method, seed, n_init, minibatch_threshold, max_agglomerative)
+
+
+def _cluster_labels(X, k, method, seed, n_init, minibatch_threshold, max_agglomerative):
     Xn = l2_normalise(X)
     n = Xn.shape[0]
     k = int(k)
@@ -179,6 +189,7 @@ def rankwise_clustering(
     n_init: int = 4,
     minibatch_threshold: int = 50_000,
     max_agglomerative: int = 10_000,
+    n_threads: int | None = None,
     progress: bool | None = None,
 ) -> pd.DataFrame:
     """Cluster ``X`` (N, D; L2-normalised inside) at every rank into k = #taxa and score it.
@@ -194,8 +205,16 @@ def rankwise_clustering(
     nmi_chance, nmi_chance_sd, ami, ari, ari_chance, ari_chance_sd, note. Scores are NaN
     with a ``note`` when the rank has a single taxon, when k >= N (every item its own
     taxon) or when agglomerative clustering is refused for size (N > max_agglomerative).
-    ``progress``: tqdm bar over ranks (None = only on a terminal).
+    ``progress``: tqdm bar over ranks (None = only on a terminal). ``n_threads``: see
+    :func:`cluster_labels`.
     """
+    with threadpool_limits(n_threads):
+        return _rankwise_clustering(X, codes_by_rank, methods, seed, n_permutations, n_init,
+                                    minibatch_threshold, max_agglomerative, progress)
+
+
+def _rankwise_clustering(X, codes_by_rank, methods, seed, n_permutations, n_init,
+                         minibatch_threshold, max_agglomerative, progress):
     from tqdm.auto import tqdm
 
     for m in methods:

@@ -277,7 +277,7 @@ def _load_npy(path: str, metadata) -> tuple[pd.DataFrame, np.ndarray, str]:
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise TreeprobeError(
-                f"metadata {metadata} row {i}: emb_row {df['emb_row'].iloc[i]!r} is not a row "
+                f"metadata {metadata} row {i}: emb_row {df['emb_row'].iloc[i]} is not a row "
                 f"of {path} (which has {len(arr)} rows)"
             )
         emb = np.asarray(arr[rows.to_numpy(dtype=np.int64)], dtype=np.float32)
@@ -311,6 +311,10 @@ def load_embeddings(path, metadata=None) -> Dataset:
         df, emb, base = _load_npy(path, metadata)
         row_ids = np.arange(len(df))
     elif ext == ".parquet":
+        if metadata is not None:
+            raise TreeprobeError(
+                f"metadata= is only used with .npy embeddings; {path} carries its own rank columns"
+            )
         frame, emb, row_ids, null_rows = _stack_parquet_embeddings(path)
         frame = _canonical_rank_columns(frame, f"parquet {path}", need_path=False)
         base = os.path.dirname(path)

@@ -152,7 +152,7 @@ def _endpoint_reachable(url: str, timeout: float = 3.0) -> bool:
 
 
 @contextlib.contextmanager
-def _hub_guard(what: str):
+def _hub_guard(what: str, quiet: bool = True):
     """Run a hub download; turn any failure into one TreeprobeError line.
 
     Without network (and no proxy configured) huggingface_hub would retry for ~30 s
@@ -170,7 +170,8 @@ def _hub_guard(what: str):
     hf_constants.HF_HUB_OFFLINE = offline
     try:
         with _quiet_open_clip(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            if quiet:
+                warnings.simplefilter("ignore")
             yield
     except TreeprobeError:
         raise
@@ -223,24 +224,39 @@ def _build(name: str | None, model_cfg: dict | None, preprocess_cfg: dict | None
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _torch_load(path: str):
-    """torch.load on CPU, weights_only first; (object, weights_only_used)."""
+def _torch_load(path: str, trust: bool = False):
+    """torch.load on CPU with weights_only; only with ``trust`` may a file holding other Python
+    objects be unpickled (that runs code from the file). → (object, weights_only_used)."""
     def load(weights_only):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # legacy (non-zip) checkpoints can't be memory-mapped
-                raise
-            return torch.load(path, map_location="cpu", weights_only=weights_only)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TorchScript archive.*")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # legacy (non-zip) checkpoints can't be memory-mapped
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=weights_only)
 
     try:
         return load(True), True
+    except RuntimeError as e:
+        if "TorchScript" not in str(e):
+            raise TreeprobeError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
+        raise TreeprobeError(
+            f"checkpoint {path} is a TorchScript archive (like OpenAI's original release); "
+            f"load it with --model NAME --pretrained openai, or re-save its state_dict()"
+        ) from None
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():
             raise TreeprobeError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
+        if not trust:
+            raise TreeprobeError(
+                f"checkpoint {path} holds Python objects beyond tensors, and unpickling them would run code "
+                f"from the file; if you trust it, pass --trust-checkpoint (API: trust_checkpoint=True)"
+            ) from None
         warnings.warn(
             f"checkpoint {path} holds Python objects beyond tensors; loading it with "
-            f"weights_only=False, which runs its pickle code - only do this for files you trust",
+            f"weights_only=False (trusted by the caller)",
             stacklevel=3,
         )
     except Exception as e:  # noqa: BLE001
@@ -257,7 +273,7 @@ def _strip_module(sd: dict) -> dict:
     return sd
 
 
-def _read_checkpoint(path: str):
+def _read_checkpoint(path: str, trust: bool = False):
     """→ (state_dict or None, metadata dict, weights_only). For safetensors only the
     header is read here (state dict None); open_clip reads the tensors when loading."""
     if path.lower().endswith(".safetensors"):
@@ -279,9 +295,7 @@ def _read_checkpoint(path: str):
                     raise TreeprobeError(f"safetensors metadata {key!r} of {path} is not JSON") from None
         return None, out, True
 
-    obj, weights_only = _torch_load(path)
-    if isinstance(obj, torch.jit.ScriptModule):
-        return obj.state_dict(), {}, weights_only
+    obj, weights_only = _torch_load(path, trust)
     if not isinstance(obj, dict):
         raise TreeprobeError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     if "state_dict" in obj:
@@ -339,13 +353,13 @@ def _load_weights(model: torch.nn.Module, path: str, arch: str, sd: dict | None,
         raise _mismatch_error(path, arch, model, sd)
 
 
-def _load_from_file(path, model_name, precision, device, hub_cfg=None, source=None) -> LoadedModel:
+def _load_from_file(path, model_name, precision, device, hub_cfg=None, source=None, trust=False) -> LoadedModel:
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
         raise TreeprobeError(f"no such checkpoint file: {path}")
     if os.path.isdir(path):
         raise TreeprobeError(f"checkpoint {path} is a folder; pass the checkpoint file inside it")
-    sd, meta, weights_only = _read_checkpoint(path)
+    sd, meta, weights_only = _read_checkpoint(path, trust)
     if hub_cfg is not None:
         meta = {**meta, **hub_cfg}
     cfg, ck_name = meta.get("model_cfg"), meta.get("model_name")
@@ -412,7 +426,9 @@ def _load_from_tag(name: str, tag: str, precision: str, device: str) -> LoadedMo
     what = f"pretrained weights {name}/{tag}"
     with _hub_guard(what):
         weights_path = download_pretrained(pcfg)
-        # second pass is served from the cache; it applies the tag's preprocessing and QuickGELU check
+    # open_clip's own tag path, now served from the cache: it applies the tag's preprocessing
+    # and warns on a QuickGELU mismatch (so warnings are not silenced here)
+    with _hub_guard(what, quiet=False):
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=tag, precision=precision, device=device
         )
@@ -426,7 +442,7 @@ def _load_from_tag(name: str, tag: str, precision: str, device: str) -> LoadedMo
 
 
 def load_model(ckpt=None, model: str | None = None, pretrained: str | None = None,
-               device: str = "cpu", precision: str = "fp32") -> LoadedModel:
+               device: str = "cpu", precision: str = "fp32", trust_checkpoint: bool = False) -> LoadedModel:
     """Build an open_clip model and its inference transform.
 
     ckpt: local checkpoint (.pt/.pth/.bin torch file or .safetensors) or ``hf-hub:org/repo``.
@@ -434,6 +450,7 @@ def load_model(ckpt=None, model: str | None = None, pretrained: str | None = Non
         ``ckpt`` only when the checkpoint does not name its architecture.
     pretrained: open_clip pretrained tag (``openai``) or a checkpoint path, with ``model``.
     device: torch device string; precision: one of :data:`PRECISIONS`.
+    trust_checkpoint: allow unpickling non-tensor objects of a torch checkpoint (runs its code).
     ``model`` alone gives a seeded random initialisation (``source='random-init'``).
     """
     if precision not in PRECISIONS:
@@ -447,10 +464,10 @@ def load_model(ckpt=None, model: str | None = None, pretrained: str | None = Non
             raise TreeprobeError(f"pass either a checkpoint file or {model}, not both")
         return _load_from_hub(model, precision, device)
     if ckpt:
-        return _load_from_file(ckpt, model, precision, device)
+        return _load_from_file(ckpt, model, precision, device, trust=trust_checkpoint)
     if model and pretrained:
         if os.path.isfile(pretrained):
-            return _load_from_file(pretrained, model, precision, device)
+            return _load_from_file(pretrained, model, precision, device, trust=trust_checkpoint)
         return _load_from_tag(model, pretrained, precision, device)
     if model:
         _check_arch_name(model)

@@ -236,6 +236,7 @@ def run_intrinsic(
     device: str | None = None,
     figures: bool = True,
     progress: bool = True,
+    trust_checkpoint: bool = False,
     **analysis_kwargs,
 ):
     """Load → (extract) → analyse → write. Returns (report, written paths)."""
@@ -264,7 +265,8 @@ def run_intrinsic(
                                      "checkpoint does not name its architecture), or --embeddings")
             X, items, skipped, mprov = _extract(ds, ckpt=ckpt, model=model, pretrained=pretrained,
                                                 cache_dir=cache_dir, batch_size=batch_size, workers=workers,
-                                                device=device, progress=progress)
+                                                device=device, progress=progress,
+                                                trust_checkpoint=trust_checkpoint)
             prov["model"] = mprov
         prov["data"] = dict(source=str(data), n_rows=len(ds.items))
     else:
@@ -285,11 +287,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TREEPROBE_CACHE", Path.home() / ".cache" / "treeprobe"))
 
 
-def _extract(ds, *, ckpt, model, pretrained, cache_dir, batch_size, workers, device, progress):
+def _extract(ds, *, ckpt, model, pretrained, cache_dir, batch_size, workers, device, progress,
+             trust_checkpoint=False):
     from treeprobe.extract import extract_embeddings
     from treeprobe.models import load_model
 
-    loaded = load_model(ckpt=ckpt, model=model, pretrained=pretrained, device=device or "cpu")
+    loaded = load_model(ckpt=ckpt, model=model, pretrained=pretrained, device=device or _default_device(),
+                        trust_checkpoint=trust_checkpoint)
     paths = ds.items["path"].astype(str).tolist()
     res = extract_embeddings(loaded, paths, batch_size=batch_size, num_workers=workers,
                              cache_dir=str(cache_dir or default_cache_dir()), device=device, progress=progress)
@@ -299,6 +303,12 @@ def _extract(ds, *, ckpt, model, pretrained, cache_dir, batch_size, workers, dev
     mprov = dict(name=loaded.model_name, digest=loaded.digest, source=loaded.source, embed_dim=loaded.embed_dim,
                  extraction_seconds=res.seconds, cache_hit=res.cache_hit, n_images=len(paths))
     return res.embeddings, items, skipped, mprov
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _demo_inputs(*, cache_dir, seed, batch_size, progress, device):

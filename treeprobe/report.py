@@ -208,12 +208,11 @@ def _write_figures(report: Report, fig_dir: Path) -> dict[str, str]:
     for key, m in report.maps.items():
         labels = {r: np.asarray(v)[m["index"]] for r, v in report.labels_by_rank.items()}
         fig = plots.plot_rank_maps(m["coords"], labels, method_name=names.get(key, key),
-                                   title=m.get("info", {}).get("title", ""))
+                                   n_total=len(next(iter(report.labels_by_rank.values()))))
         png, _pdf = plots.save_figure(fig, str(fig_dir / f"{key}_by_rank"))
         out[f"{names.get(key, key)} coloured by rank"] = png
-    metrics = report.per_rank()
-    if len(metrics):
-        fig = plots.plot_rank_metrics(metrics)
+    if len(report.clustering) or len(report.knn):
+        fig = plots.plot_rank_metrics(report.clustering, report.knn)
         png, _ = plots.save_figure(fig, str(fig_dir / "rank_metrics"))
         out["Scores per rank vs chance"] = png
     if report.mantel_sample is not None:

@@ -1,0 +1,193 @@
+"""The `treeprobe` command end to end: real data, the demo, and bad inputs (one line, exit 2)."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from treeprobe.cli import main
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+PARQUET = os.path.join(SHARED, "tol200m_bioclip2_embeddings_1k", "example_1k.parquet")
+PHOTOS = os.path.join(SHARED, "multikingdom_photos_index", "metadata.csv")
+FAST = ["--permutations", "49", "--maps", "none", "--cluster-methods", "kmeans", "--quiet"]
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def load_report(out):
+    with open(os.path.join(out, "report.json")) as fh:
+        return json.load(fh)
+
+
+def check_complete(rep, n_items):
+    """Every section present, every number finite, counts consistent."""
+    assert rep["provenance"]["n_items"] == n_items
+    assert {m["level"] for m in rep["mantel"]} == {"image", "species-centroid"}
+    for m in rep["mantel"]:
+        assert np.isfinite(m["statistic"]) and 0 < m["p_value"] <= 1
+    ranks = [r["rank"] for r in rep["knn"]]
+    assert ranks == ["kingdom", "phylum", "class", "order", "family", "genus", "species"]
+    for row in rep["knn"]:
+        assert 0 <= row["agreement"] <= 1 and 0 <= row["chance"] <= 1
+    for row in rep["clustering"]:
+        if not row.get("note"):
+            assert all(row[k] is not None and np.isfinite(row[k]) for k in ("purity", "nmi", "ami", "ari"))
+    assert rep["provenance"]["versions"]["numpy"]
+    assert rep["provenance"]["seed"] == 0
+
+
+def test_real_bioclip2_embeddings_full_report(tmp_path, capsys):
+    out = str(tmp_path / "bc2")
+    code, stdout, err = run(["intrinsic", "--embeddings", PARQUET, "--out", out, "--permutations", "99",
+                             "--maps", "tsne", "--cluster-methods", "kmeans", "--quiet"], capsys)
+    assert code == 0, err
+    rep = load_report(out)
+    # 1,030 rows, 121 without any taxonomy: skipped and listed, never silently dropped
+    check_complete(rep, 909)
+    assert rep["skipped"]["count"] == 121
+    assert all(s["reason"].startswith("no taxonomy") for s in rep["skipped"]["items"])
+    img = {m["method"]: m for m in rep["mantel"] if m["level"] == "image"}
+    assert img["pearson"]["statistic"] > 0.05 and img["pearson"]["p_value"] <= 0.01
+    knn = {r["rank"]: r for r in rep["knn"]}
+    assert knn["kingdom"]["agreement"] > knn["kingdom"]["chance"] + 0.3  # real BioCLIP-2 separates kingdoms
+    assert rep["provenance"]["n_taxa"]["kingdom"] == 5
+    per_rank = pd.read_csv(os.path.join(out, "per_rank.csv"))
+    assert len(per_rank) == 7 and "knn_agreement" in per_rank.columns
+    md = open(os.path.join(out, "report.md")).read()
+    assert "Mantel" in md and "figures/tsne_by_rank.png" in md
+    assert os.path.getsize(os.path.join(out, "figures", "tsne_by_rank.pdf")) > 0
+    assert "items analysed: 909" in stdout
+
+
+def test_same_seed_same_numbers(tmp_path, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for out in (a, b):
+        assert run(["intrinsic", "--embeddings", PARQUET, "--out", out, *FAST, "--no-figures"], capsys)[0] == 0
+    ra, rb = load_report(a), load_report(b)
+    assert ra["mantel"] == rb["mantel"] and ra["clustering"] == rb["clustering"] and ra["knn"] == rb["knn"]
+
+
+def test_demo_runs_with_no_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TREEPROBE_CACHE", str(tmp_path / "cache"))
+    out = str(tmp_path / "demo")
+    code, stdout, err = run(["intrinsic", "--out", out, *FAST], capsys)
+    assert code == 0, err
+    assert "simulated tree of life" in err
+    rep = load_report(out)
+    img = {m["method"]: m for m in rep["mantel"] if m["level"] == "image"}
+    # known truth: the simulated world is built from the tree
+    assert img["pearson"]["statistic"] > 0.2 and img["pearson"]["p_value"] == pytest.approx(1 / 50)
+
+
+def test_tree_export_and_user_tree(tmp_path, capsys):
+    nwk = str(tmp_path / "tax.nwk")
+    code, stdout, err = run(["tree", "--data", PHOTOS, "--out", nwk], capsys)
+    assert code == 0, err
+    from ete3 import Tree
+
+    t = Tree(open(nwk).read(), format=1)
+    assert len(t.get_leaves()) == 465
+    # the exported taxonomy used as a user tree reproduces the rank-taxonomy Mantel r
+    out1, out2 = str(tmp_path / "r1"), str(tmp_path / "r2")
+    meta = pd.read_csv(PHOTOS)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(len(meta), 16)) + 3 * np.eye(16)[pd.factorize(meta["family"])[0] % 16]
+    np.save(tmp_path / "emb.npy", X.astype(np.float32))
+    meta.to_csv(tmp_path / "meta.csv", index=False)
+    base = ["intrinsic", "--embeddings", str(tmp_path / "emb.npy"), "--metadata", str(tmp_path / "meta.csv"), *FAST,
+            "--no-figures"]
+    assert run(base + ["--out", out1], capsys)[0] == 0
+    assert run(base + ["--out", out2, "--tree", nwk], capsys)[0] == 0
+    r1 = {(m["level"], m["method"]): m["statistic"] for m in load_report(out1)["mantel"]}
+    r2 = {(m["level"], m["method"]): m["statistic"] for m in load_report(out2)["mantel"]}
+    assert r1[("image", "pearson")] == pytest.approx(r2[("image", "pearson")], abs=1e-9)
+    assert load_report(out2)["provenance"]["tree"]["kind"].startswith("user tree")
+
+
+def _write_csv(path, rows):
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+@pytest.mark.parametrize("case", ["missing_column", "empty", "single_taxon", "nan_embeddings", "missing_file",
+                                  "no_model", "bad_ckpt", "hub_offline", "bad_rank_lengths", "bad_tree"])
+def test_bad_inputs_one_line_exit_2(case, tmp_path, capsys):
+    meta = tmp_path / "meta.csv"
+    row = dict(path="x.jpg", kingdom="Animalia", phylum="Chordata", **{"class": "Aves"}, order="O", family="F",
+               genus="G", species="G s")
+    args = ["intrinsic", "--out", str(tmp_path / "o"), *FAST]
+    if case == "missing_column":
+        _write_csv(meta, [{k: v for k, v in row.items() if k != "family"}])
+        args += ["--data", str(meta), "--ckpt", "whatever.pt"]
+        expect = "family"
+    elif case == "empty":
+        meta.write_text("path,kingdom,phylum,class,order,family,genus,species\n")
+        args += ["--data", str(meta), "--ckpt", "whatever.pt"]
+        expect = "no rows"
+    elif case == "single_taxon":
+        _write_csv(meta, [row] * 6)
+        np.save(tmp_path / "e.npy", np.random.rand(6, 4).astype(np.float32))
+        args += ["--embeddings", str(tmp_path / "e.npy"), "--metadata", str(meta)]
+        expect = "single taxon"
+    elif case == "nan_embeddings":
+        _write_csv(meta, [dict(row, species=f"G s{i}") for i in range(4)])
+        e = np.full((4, 4), np.nan, dtype=np.float32)
+        np.save(tmp_path / "e.npy", e)
+        args += ["--embeddings", str(tmp_path / "e.npy"), "--metadata", str(meta)]
+        expect = "usable"
+    elif case == "missing_file":
+        args += ["--data", str(tmp_path / "nope.csv"), "--ckpt", "x.pt"]
+        expect = "nope.csv"
+    elif case == "no_model":
+        args += ["--data", PHOTOS]
+        expect = "--ckpt"
+    elif case == "bad_ckpt":
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(b"not a checkpoint")
+        args += ["--data", PHOTOS, "--ckpt", str(bad), "--model", "ViT-B-32"]
+        expect = "bad.pt"
+    elif case == "hub_offline":
+        args += ["--data", PHOTOS, "--ckpt", "hf-hub:imageomics/bioclip"]
+        expect = "--ckpt"
+    elif case == "bad_rank_lengths":
+        args += ["--embeddings", PARQUET, "--rank-lengths", "1,2"]
+        expect = "7 values"
+    elif case == "bad_tree":
+        (tmp_path / "t.nwk").write_text("((a,b;")
+        args += ["--embeddings", PARQUET, "--tree", str(tmp_path / "t.nwk")]
+        expect = "Newick"
+    code, stdout, err = run(args, capsys)
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("treeprobe: error:"), err
+    assert expect in lines[0]
+    assert "Traceback" not in err
+
+
+def test_real_photos_with_a_checkpoint(tmp_path, capsys, tiny_clip_checkpoint):
+    """The image path on the 1,072 real photos with a small open_clip checkpoint saved by the test."""
+    ckpt, _ = tiny_clip_checkpoint
+    out = str(tmp_path / "photos")
+    cache = str(tmp_path / "cache")
+    args = ["intrinsic", "--data", PHOTOS, "--ckpt", ckpt, "--out", out, "--cache-dir", cache, *FAST, "--no-figures"]
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    rep = load_report(out)
+    check_complete(rep, 1072)
+    assert rep["skipped"]["count"] == 0
+    assert rep["provenance"]["n_taxa"] == dict(kingdom=3, phylum=4, **{"class": 8}, order=45, family=133,
+                                               genus=316, species=465)
+    model = rep["provenance"]["model"]
+    assert len(model["digest"]) == 64 and model["embed_dim"] == 32 and model["cache_hit"] is False
+    # a second run reuses the cached embeddings and gives the same numbers
+    code, _, err = run(args[:-1] + ["--out", out + "2", "--no-figures"], capsys)
+    assert code == 0, err
+    rep2 = load_report(out + "2")
+    assert rep2["provenance"]["model"]["cache_hit"] is True
+    assert rep2["mantel"] == rep["mantel"]

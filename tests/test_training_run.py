@@ -1,0 +1,98 @@
+"""End-to-end CPU training runs with the tiny model on real photos (training/engine.py)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS_CSV = REPO.parent / "shared" / "data" / "multikingdom_photos_index" / "metadata.csv"
+
+pytestmark = pytest.mark.skipif(not PHOTOS_CSV.is_file(), reason="shared photos not available")
+
+
+def _args(out, *extra, limit=16, batch=8, epochs=1):
+    return ["--data", str(PHOTOS_CSV), "--limit", str(limit), "--batch-size", str(batch), "--epochs", str(epochs),
+            "--model", "tiny", "--out", str(out), "--no-progress", "-q", "--warmup", "1", *extra]
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_step_run_checkpoint_loads_in_treeprobe(tmp_path):
+    assert main(_args(tmp_path / "run", "--log-every", "1")) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "epoch_1.pt"
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert ck["step"] == 2 and ck["epoch"] == 1
+    assert {"state_dict", "optimizer", "scaler", "model_name", "model_cfg", "text_type", "args", "rng",
+            "sampler"} <= set(ck)
+    assert ck["model_name"] == "treeprobe-tiny" and ck["model_cfg"]["embed_dim"] == 64
+    logs = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train = [r for r in logs if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all({"loss", "lr", "img_s", "epoch"} <= set(r) for r in train)
+
+    from treeprobe.models import load_model
+
+    lm = load_model(ckpt=str(ckpt))  # no --model: the checkpoint carries its architecture
+    assert lm.embed_dim == 64
+    with torch.no_grad():
+        emb = lm.model.encode_image(torch.randn(3, 3, 32, 32))
+    assert emb.shape == (3, 64) and torch.isfinite(emb).all()
+    assert _same({k: v for k, v in lm.model.state_dict().items()}, ck["state_dict"])
+
+
+def test_stop_then_resume_latest_matches_uninterrupted(tmp_path):
+    common = ("--text-type", "mixed", "--seed", "3", "--save-every-steps", "3")
+    assert main(_args(tmp_path / "a", *common, limit=12, batch=4, epochs=2)) == 0  # 6 steps straight
+    assert main(_args(tmp_path / "b", *common, "--max-steps", "2", limit=12, batch=4, epochs=2)) == 0
+    assert (tmp_path / "b" / "checkpoints" / "step_2.pt").is_file()
+    assert main(_args(tmp_path / "b", *common, "--resume", "latest", limit=12, batch=4, epochs=2)) == 0
+    a = _weights(tmp_path / "a" / "checkpoints" / "epoch_2.pt")
+    b = _weights(tmp_path / "b" / "checkpoints" / "epoch_2.pt")
+    assert _same(a, b)
+    # the run is seeded: a different seed gives different weights
+    assert main(_args(tmp_path / "c", "--text-type", "mixed", "--seed", "4", limit=12, batch=4, epochs=2)) == 0
+    assert not _same(a, _weights(tmp_path / "c" / "checkpoints" / "epoch_2.pt"))
+
+
+def test_sigterm_saves_a_checkpoint_equal_to_a_stop_at_that_step(tmp_path):
+    out = tmp_path / "term"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "training", *_args(out, "--log-every", "1", limit=64, batch=2)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / "log.jsonl"
+    deadline = time.time() + 50
+    try:
+        while time.time() < deadline:
+            if log.is_file() and '"event": "train"' in log.read_text():
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=50)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 143
+    saved = json.loads((out / "checkpoints" / "latest.json").read_text())
+    k = saved["step"]
+    assert saved["path"] == f"step_{k}.pt" and 1 <= k < 32
+    assert json.loads(log.read_text().splitlines()[-1])["event"] == "stop"
+    assert main(_args(tmp_path / "ref", "--max-steps", str(k), limit=64, batch=2)) == 0
+    assert _same(_weights(out / "checkpoints" / f"step_{k}.pt"),
+                 _weights(tmp_path / "ref" / "checkpoints" / f"step_{k}.pt"))
