@@ -191,3 +191,25 @@ def test_real_photos_with_a_checkpoint(tmp_path, capsys, tiny_clip_checkpoint):
     rep2 = load_report(out + "2")
     assert rep2["provenance"]["model"]["cache_hit"] is True
     assert rep2["mantel"] == rep["mantel"]
+
+
+def test_report_folder_round_trip_and_figure_redraw(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    args = ["intrinsic", "--embeddings", PARQUET, "--out", out, "--permutations", "19", "--maps", "tsne",
+            "--cluster-methods", "kmeans", "--quiet", "--no-centroids"]
+    assert run(args, capsys)[0] == 0
+    from treeprobe.report import load_report as load_folder
+
+    rep = load_folder(out)
+    assert rep.items_table().shape[0] == 909
+    assert rep.maps["tsne"]["coords"].shape == (909, 2)
+    assert rep.mantel["statistic"].iloc[0] == pytest.approx(load_report(out)["mantel"][0]["statistic"])
+    import subprocess
+    import sys
+
+    redraw = os.path.join(os.path.dirname(__file__), "..", "figures", "redraw_report_figures.py")
+    res = subprocess.run([sys.executable, redraw, out, "--out", str(tmp_path / "fig")], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "fig" / "tsne_by_rank.png").stat().st_size > 10000
+    assert (tmp_path / "fig" / "mantel_distances.pdf").exists()

@@ -19,8 +19,7 @@ from treeprobe.errors import TreeprobeError
 
 __all__ = ["plot_rank_maps", "plot_rank_metrics", "plot_mantel_scatter", "save_figure"]
 
-# Same order as treeprobe.taxonomy.RANKS (kept local so plotting has no heavy imports).
-_RANK_ORDER = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+from treeprobe.taxonomy import RANKS as _RANK_ORDER
 _OTHER_GREY = "#c8c8c8"
 
 

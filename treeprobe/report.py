@@ -44,6 +44,7 @@ class Report:
     provenance: dict = field(default_factory=dict)
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["item", "reason"]))
     mantel_sample: dict | None = None  # condensed (d_embed, d_tree) sample for the Mantel figure
+    items: pd.DataFrame | None = None  # the analysed items (path, ranks, covariates), row i ↔ labels i
 
     @property
     def n_items(self) -> int:
@@ -73,6 +74,20 @@ class Report:
             cols = [c for c in self.knn.columns if c != "rank"]
             df = df.merge(self.knn.set_index("rank")[cols].add_prefix("knn_"), left_on="rank",
                           right_index=True, how="left")
+        return df
+
+    def items_table(self) -> pd.DataFrame:
+        """One row per analysed item: its metadata plus the map coordinates (NaN if not drawn)."""
+        if self.items is not None:
+            df = self.items.copy()
+        else:
+            df = pd.DataFrame({r: [str(v).rsplit("|", 1)[-1] for v in labels]
+                               for r, labels in self.labels_by_rank.items()})
+        for name, m in self.maps.items():
+            for axis in (0, 1):
+                col = np.full(len(df), np.nan, dtype=np.float32)
+                col[m["index"]] = m["coords"][:, axis]
+                df[f"{name}_{axis + 1}"] = col
         return df
 
     def to_dict(self) -> dict:
@@ -181,9 +196,15 @@ def write_report(report: Report, out_dir: str | os.PathLike, figures: bool = Tru
     paths: dict[str, str] = {}
     fig_paths: dict[str, str] = {}
     if figures:
-        fig_paths = _write_figures(report, out / "figures")
+        fig_paths = write_figures(report, out / "figures")
     _atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, allow_nan=False))
     paths["json"] = str(out / "report.json")
+    tmp = out / ".items.csv.tmp"
+    report.items_table().to_csv(tmp, index=False)
+    os.replace(tmp, out / "items.csv")
+    paths["items_csv"] = str(out / "items.csv")
+    if report.mantel_sample is not None:
+        np.savez_compressed(out / "mantel_pairs.npz", **report.mantel_sample)
     per_rank = report.per_rank()
     tmp = out / ".per_rank.csv.tmp"
     per_rank.to_csv(tmp, index=False)
@@ -196,7 +217,7 @@ def write_report(report: Report, out_dir: str | os.PathLike, figures: bool = Tru
     return paths
 
 
-def _write_figures(report: Report, fig_dir: Path) -> dict[str, str]:
+def write_figures(report: Report, fig_dir: Path) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -220,3 +241,35 @@ def _write_figures(report: Report, fig_dir: Path) -> dict[str, str]:
         png, _ = plots.save_figure(fig, str(fig_dir / "mantel_distances"))
         out["Embedding distance by tree distance"] = png
     return out
+
+
+def load_report(out_dir: str | os.PathLike) -> Report:
+    """Read a folder written by :func:`write_report` back into a :class:`Report` (tables, maps,
+    labels, provenance), e.g. to redraw its figures."""
+    from treeprobe.errors import TreeprobeError
+    from treeprobe.taxonomy import RANKS, Taxonomy
+
+    out = Path(out_dir)
+    if not (out / "report.json").exists():
+        raise TreeprobeError(f"no report.json in {out}")
+    rep = json.loads((out / "report.json").read_text())
+    items = pd.read_csv(out / "items.csv", keep_default_na=False, na_values=[""], low_memory=False)
+    for r in RANKS:
+        items[r] = items[r].fillna("").astype(str)
+    tax = Taxonomy.from_frame(items)
+    maps = {}
+    for name in ("tsne", "umap"):
+        if f"{name}_1" in items.columns:
+            xy = items[[f"{name}_1", f"{name}_2"]].to_numpy(dtype=np.float32)
+            idx = np.flatnonzero(np.isfinite(xy).all(axis=1))
+            maps[name] = dict(coords=xy[idx], index=idx, info=rep.get("maps", {}).get(name, {}))
+    sample = None
+    if (out / "mantel_pairs.npz").exists():
+        with np.load(out / "mantel_pairs.npz") as z:
+            sample = {k: z[k] for k in z.files}
+    skipped = pd.DataFrame(rep["skipped"]["items"], columns=["item", "reason"])
+    frame = lambda key: pd.DataFrame(rep.get(key, []))  # noqa: E731
+    return Report(mantel=frame("mantel"), clustering=frame("clustering"), knn=frame("knn"),
+                  rank_summary=frame("rank_summary"), maps=maps, labels_by_rank=tax.labels_by_rank(),
+                  provenance=rep.get("provenance", {}), skipped=skipped, mantel_sample=sample,
+                  items=items.drop(columns=[c for c in items.columns if c[:5] in ("tsne_", "umap_")]))
