@@ -1,5 +1,6 @@
 """The `treeprobe` command end to end: real data, the demo, and bad inputs (one line, exit 2)."""
 
+from tests._paths import SHARED_DATA
 import json
 import os
 
@@ -9,7 +10,7 @@ import pytest
 
 from treeprobe.cli import main
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+SHARED = str(SHARED_DATA)
 PARQUET = os.path.join(SHARED, "tol200m_bioclip2_embeddings_1k", "example_1k.parquet")
 PHOTOS = os.path.join(SHARED, "multikingdom_photos_index", "metadata.csv")
 FAST = ["--permutations", "49", "--maps", "none", "--cluster-methods", "kmeans", "--quiet"]

@@ -202,3 +202,91 @@ def test_n_threads_param_gives_same_labels():
         a = cluster_labels(X, 5, "kmeans", seed=1, n_threads=1)
         b = cluster_labels(X, 5, "kmeans", seed=1, n_threads=None)
     np.testing.assert_array_equal(a, b)
+
+
+# --- scale path ---------------------------------------------------------------------------
+
+def test_fast_ami_and_permutation_scores_equal_sklearn():
+    from treeprobe.clustering import _PermutationScorer, adjusted_mutual_info, expected_mutual_info
+    from sklearn.metrics.cluster import contingency_matrix
+    from sklearn.metrics.cluster._expected_mutual_info_fast import expected_mutual_information
+
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        n = int(rng.integers(2, 500))
+        t = rng.integers(0, int(rng.integers(1, 40)), n)
+        p = rng.integers(0, int(rng.integers(1, 40)), n)
+        if trial % 3 == 0:
+            p[: n // 2] = t[: n // 2]
+        assert adjusted_mutual_info(t, p) == pytest.approx(adjusted_mutual_info_score(t, p), abs=1e-11)
+        c = contingency_matrix(t, p, sparse=True)
+        emi = expected_mutual_info(np.ravel(c.sum(1)), np.ravel(c.sum(0)), n, max_terms=50)  # many chunks
+        assert emi == pytest.approx(expected_mutual_information(c, n), rel=1e-9, abs=1e-12)
+        got = _PermutationScorer(t, p).scores(None, ("purity", "nmi", "ami", "ari"))
+        assert got["purity"] == pytest.approx(purity_score(t, p), abs=1e-12)
+        assert got["nmi"] == pytest.approx(normalized_mutual_info_score(t, p), abs=1e-12)
+        assert got["ami"] == pytest.approx(adjusted_mutual_info_score(t, p), abs=1e-11)
+        assert got["ari"] == pytest.approx(adjusted_rand_score(t, p), abs=1e-12)
+
+
+def test_chance_baseline_equals_sklearn_on_permuted_labels():
+    rng = np.random.default_rng(12)
+    t, p = rng.integers(0, 9, 600), rng.integers(0, 14, 600)
+    p[:200] = t[:200]
+    b = chance_baseline(t, p, n_permutations=6, seed=5, scores=("purity", "nmi", "ami", "ari"))
+    r = np.random.default_rng(5)
+    perms = [r.permutation(t) for _ in range(6)]
+    for name, f in (("purity", purity_score), ("nmi", normalized_mutual_info_score),
+                    ("ami", adjusted_mutual_info_score), ("ari", adjusted_rand_score)):
+        ref = [f(s, p) for s in perms]
+        assert b[f"{name}_chance"] == pytest.approx(np.mean(ref), abs=1e-11)
+        assert b[f"{name}_chance_sd"] == pytest.approx(np.std(ref, ddof=1), abs=1e-11)
+
+
+def test_big_k_ami_is_fast():
+    import time
+
+    from treeprobe.clustering import adjusted_mutual_info
+
+    rng = np.random.default_rng(13)
+    t = np.repeat(np.arange(5000), 10)  # scikit-learn: about a minute
+    p = np.where(rng.random(t.size) < 0.5, t, rng.integers(0, 5000, t.size))
+    start = time.perf_counter()
+    v = adjusted_mutual_info(t, p)
+    assert time.perf_counter() - start < 5
+    assert 0.2 < v < 0.6
+
+
+def test_kmeans_plusplus_seeds():
+    from treeprobe.clustering import kmeans_plusplus_seeds
+
+    X, y = planted(n_per=20, n_clusters=8, noise=0.01, seed=3)
+    s = kmeans_plusplus_seeds(X, 8, np.random.default_rng(0))
+    assert s.dtype == np.int64 and np.unique(s).size == 8
+    assert np.unique(y[s]).size == 8  # D^2 sampling finds every well-separated cluster
+    np.testing.assert_array_equal(s, kmeans_plusplus_seeds(X, 8, np.random.default_rng(0)))
+    dup = np.repeat(X[:3], 4, axis=0)  # 3 distinct points, k = 5: filled with unused rows
+    s = kmeans_plusplus_seeds(dup, 5, np.random.default_rng(1))
+    assert np.unique(s).size == 5
+    with pytest.raises(TreeprobeError):
+        kmeans_plusplus_seeds(X, X.shape[0] + 1, np.random.default_rng(0))
+
+
+def test_minibatch_path_recovers_planted_and_is_seeded():
+    X, y = planted(n_per=40, n_clusters=12, dim=80, noise=0.1, seed=9)
+    a = cluster_labels(X, 12, "kmeans", seed=2, minibatch_threshold=100)  # PCA seeding: 80 -> 64 dims
+    assert adjusted_rand_score(y, a) > 0.95
+    np.testing.assert_array_equal(a, cluster_labels(X, 12, "kmeans", seed=2, minibatch_threshold=100))
+    df = rankwise_clustering(X, {"genus": y}, methods=("kmeans",), minibatch_threshold=100,
+                             n_permutations=3, progress=False)
+    assert df.loc[0, "purity"] > 0.95 and df.loc[0, "ami"] > 0.9
+
+
+def test_minibatch_random_seeds_above_kpp_max_k():
+    from treeprobe.clustering import _kmeans_large
+
+    X, y = planted(n_per=40, n_clusters=12, dim=20, noise=0.1, seed=10)
+    a = _kmeans_large(X, 12, seed=1, n_init=1, kpp_max_k=5)  # k > 5: k random rows as seeds
+    assert a.shape == y.shape and a.dtype == np.int64 and a.max() < 12
+    assert adjusted_rand_score(y, a) > 0.7
+    np.testing.assert_array_equal(a, _kmeans_large(X, 12, seed=1, n_init=1, kpp_max_k=5))

@@ -1,5 +1,6 @@
 """Loaders in treeprobe.data: real shared data plus small fixtures built in tmp_path."""
 
+from tests._paths import SHARED_DATA
 import os
 
 import numpy as np
@@ -17,7 +18,7 @@ from treeprobe.data import (
 from treeprobe.errors import TreeprobeError
 from treeprobe.taxonomy import RANKS
 
-SHARED = "/work/shared/data"
+SHARED = str(SHARED_DATA)
 MULTIKINGDOM_CSV = os.path.join(SHARED, "multikingdom_photos_index", "metadata.csv")
 TOL = os.path.join(SHARED, "tol200m_bioclip2_embeddings_1k")
 TOL_PARQUET = os.path.join(TOL, "example_1k.parquet")

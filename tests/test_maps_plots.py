@@ -53,6 +53,7 @@ def test_tsne_perplexity_guard():
         tsne_2d(X[:3])
 
 
+@pytest.mark.slow  # umap-learn compiles its numba code in every new process: ~20-60 s on 2 cores
 def test_umap_seeded_shape():
     X, y = blobs()
     a, ia = umap_2d(X, seed=0, n_neighbors=10)
@@ -65,6 +66,42 @@ def test_umap_seeded_shape():
     d = ((a[:, None] - a[None]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)
     assert (y[d.argmin(1)] == y).mean() > 0.95
+
+
+def test_umap_2d_arguments_with_a_stub(monkeypatch):
+    """What umap_2d hands to umap-learn (the real run is the slow test above)."""
+    import sys
+    import types
+
+    calls = []
+
+    class FakeUMAP:
+        def __init__(self, **kw):
+            calls.append(kw)
+
+        def fit_transform(self, X):
+            calls[-1]["X"] = X
+            return np.asarray(X[:, :2], dtype=np.float64)
+
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
+    X, _ = blobs()
+    coords, idx = umap_2d(X * 7.0, seed=4, n_neighbors=500, max_points=50)
+    kw = calls[-1]
+    assert kw["metric"] == "cosine" and kw["random_state"] == 4 and kw["n_components"] == 2
+    assert kw["n_neighbors"] == 49  # lowered to n - 1
+    np.testing.assert_allclose(np.linalg.norm(kw["X"], axis=1), 1.0, atol=1e-12)  # normalised rows
+    assert coords.shape == (50, 2) and coords.dtype == np.float32
+    np.testing.assert_array_equal(idx, subsample_index(120, 50, seed=4))
+    with pytest.raises(TreeprobeError):
+        umap_2d(X[:3])
+
+
+@pytest.mark.slow  # threads on a busy 2-core machine: seconds to minutes
+def test_tsne_threads_do_not_change_the_map():
+    X, _ = blobs(n_per=40)
+    a, _ = tsne_2d(X, seed=0, perplexity=15, n_jobs=1, n_iter=100)
+    b, _ = tsne_2d(X, seed=0, perplexity=15, n_jobs=2, n_iter=100)
+    np.testing.assert_array_equal(a, b)
 
 
 # --- plots ----------------------------------------------------------------------------

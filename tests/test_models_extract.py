@@ -1,5 +1,6 @@
 """treeprobe.models (checkpoint formats, errors, hub offline) and treeprobe.extract (real photos, cache)."""
 
+from tests._paths import SHARED_DATA
 import json
 import os
 import time
@@ -16,7 +17,7 @@ from treeprobe.errors import TreeprobeError
 from treeprobe.extract import ExtractionResult, extract_embeddings
 from treeprobe.models import LoadedModel, load_model, sha256_file
 
-MULTIKINGDOM_CSV = "/work/shared/data/multikingdom_photos_index/metadata.csv"
+MULTIKINGDOM_CSV = str(SHARED_DATA / "multikingdom_photos_index" / "metadata.csv")
 needs_photos = pytest.mark.skipif(not os.path.exists(MULTIKINGDOM_CSV), reason="shared photos missing")
 TINY_NAME = "treeprobe-tiny-test"
 

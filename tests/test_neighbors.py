@@ -136,3 +136,50 @@ def test_real_bioclip2_knn_agreement_far_above_chance():
     assert (df["agreement"] > df["chance"] + 0.1).all()
     assert (np.diff(df["chance"].to_numpy()) < 0).all()
     assert (np.diff(df["n_excluded_singletons"].to_numpy()) >= 0).all()
+
+
+# --- scale path: float32 products, float64 re-scoring, numba / numpy kernels -----------------
+
+def _brute(X, k):
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    S = Xn @ Xn.T.copy()
+    np.fill_diagonal(S, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(len(X)), S.shape), -S), axis=1)[:, :k]
+    return order, np.take_along_axis(S, order, axis=1)
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_knn_multi_block_kernels_equal_brute(use_numba, monkeypatch):
+    from treeprobe import neighbors
+
+    monkeypatch.setattr(neighbors, "USE_NUMBA", use_numba)
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(40, 24))
+    X = centres[rng.integers(0, 40, 700)] + 0.3 * rng.normal(size=(700, 24))
+    ref_idx, ref_sim = _brute(X, 12)
+    for bs in (300, 700):  # 300: off-diagonal blocks (transposed scans), parallel kernels
+        idx, sim = knn_indices(X, 12, block_size=bs)
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_allclose(sim, ref_sim, atol=1e-12)
+
+
+def test_knn_near_ties_fall_back_to_exact_rows():
+    # 30 copies of each of 12 directions: every row has 29 exact ties at similarity 1, more than
+    # the k + extra float32 buffer holds, so the float64 fallback decides (ties by index)
+    rng = np.random.default_rng(8)
+    X = np.repeat(rng.normal(size=(12, 6)), 30, axis=0)
+    idx, sim = knn_indices(X, 5, block_size=64, extra=2)
+    for i in range(len(X)):
+        g = i // 30
+        assert list(idx[i]) == [j for j in range(30 * g, 30 * g + 30) if j != i][:5]
+    np.testing.assert_allclose(sim, 1.0, atol=1e-12)
+
+
+def test_knn_float32_input_is_rescored_in_float64():
+    rng = np.random.default_rng(9)
+    X = rng.normal(size=(400, 64)).astype(np.float32)
+    idx, sim = knn_indices(X, 8, block_size=128)
+    ref_idx, ref_sim = _brute(X.astype(np.float64), 8)
+    np.testing.assert_array_equal(idx, ref_idx)
+    assert sim.dtype == np.float32
+    np.testing.assert_allclose(sim, ref_sim, atol=1e-6)

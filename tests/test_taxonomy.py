@@ -1,5 +1,6 @@
 """Taxonomy: cumulative labels, the missing-rank rule, trees and clade structures."""
 
+from tests._paths import SHARED_DATA
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,7 +9,7 @@ from ete3 import Tree
 from treeprobe.errors import TreeprobeError
 from treeprobe.taxonomy import (RANKS, CladeStructure, Taxonomy, clade_structure_from_tree, placeable_mask)
 
-SHARED = "../shared/data"
+SHARED = str(SHARED_DATA)
 
 
 def lineage(*names):

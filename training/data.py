@@ -8,8 +8,10 @@ picks the text type for the step and tokenizes.
 Determinism: the random augmentation of a sample is a pure function of
 ``(seed, epoch, sample id)`` (the transform runs under a forked, re-seeded RNG), and the
 sampler's order is a function of ``(seed, epoch)``. So a run, or a resume that skips the
-batches already done in an epoch, sees exactly the same pixels in the same order
-whatever the number of loader workers.
+batches already done in an epoch, sees exactly the same pixels in the same order —
+for CSV/iNat data whatever the number of loader workers; for shards, whose order also
+depends on how shards are split over ranks and workers, with the same ``--workers`` and
+world size.
 """
 
 from __future__ import annotations
@@ -131,8 +133,11 @@ def load_items(path: str | Path, data_type: str = "auto") -> pd.DataFrame:
 
 def detect_data_type(path: str | Path) -> str:
     """``csv`` (a file), ``wds`` (tar shards: a .tar, a brace pattern or a folder of
-    .tar files) or ``inat`` (a folder of ``NNNNN_Kingdom_..._epithet`` class folders)."""
+    .tar files), ``inat`` (a folder of ``NNNNN_Kingdom_..._epithet`` class folders) or
+    ``synthetic`` (the literal ``synthetic``: blank images, for throughput benchmarks)."""
     s = str(path)
+    if s == "synthetic":
+        return "synthetic"
     if "{" in s or s.endswith(".tar") or "::" in s:
         return "wds"
     p = Path(s)
@@ -250,6 +255,24 @@ class SkipSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
+class SyntheticImages(CaptionedImages):
+    """Like open_clip's ``--dataset-type synthetic``: one blank image (``image_size``),
+    passed through the train transform per sample, and one fixed lineage's captions.
+    For throughput benchmarks only."""
+
+    LINEAGE = {"kingdom": "Animalia", "phylum": "Chordata", "class": "Aves", "order": "Passeriformes",
+               "family": "Corvidae", "genus": "Pica", "species": "Pica pica", "common_name": "Eurasian magpie"}
+
+    def __init__(self, num_samples: int, transform: Callable, image_size, seed: int = 0):
+        items = pd.DataFrame([{"path": "", **self.LINEAGE}] * int(num_samples))
+        super().__init__(items, transform, seed=seed)
+        size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (int(image_size), int(image_size))
+        self.image = Image.new("RGB", size)
+
+    def __getitem__(self, i: int):
+        return seeded_transform(self.transform, self.image, sample_seed(self.seed, self.epoch, i)), i
+
+
 @dataclass
 class TrainData:
     """What the engine iterates: ``batches(epoch, skip_batches)`` → iterator of batches."""
@@ -261,14 +284,18 @@ class TrainData:
     kind: str = "csv"
 
 
-def build_map_data(items: pd.DataFrame, transform: Callable, batch_size: int, seed: int,
+def build_map_data(items: pd.DataFrame | None, transform: Callable, batch_size: int, seed: int,
                    rank: int = 0, world_size: int = 1, workers: int = 0,
-                   verify: bool = True, kind: str = "csv") -> TrainData:
-    """TrainData for a CSV/iNat items frame: per-rank DistributedSampler, drop_last batches."""
+                   verify: bool = True, kind: str = "csv", dataset: CaptionedImages | None = None) -> TrainData:
+    """TrainData for a CSV/iNat items frame (or a ready ``dataset``): per-rank
+    DistributedSampler, drop_last batches."""
     skipped = pd.DataFrame(columns=["item", "reason"])
-    if verify:
-        items, skipped = verify_images(items)
-    ds = CaptionedImages(items, transform, seed=seed)
+    if dataset is not None:
+        ds = dataset
+    else:
+        if verify:
+            items, skipped = verify_images(items)
+        ds = CaptionedImages(items, transform, seed=seed)
     if len(ds) < batch_size * world_size:
         raise DataError(f"{len(ds)} usable images < batch size {batch_size} x {world_size} rank(s)")
     sampler = SkipSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)

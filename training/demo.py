@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO_ASSET), help="where to write the fp16 checkpoint "
                                                           "(default treeprobe/assets/demo_clip.pt)")
     p.add_argument("--work", default=None, help="working folder for images and the training run (default: temp)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
     p.add_argument("--images-per-species", type=int, default=8, help="training renders per species (default 8)")
     p.add_argument("--world-seed", type=int, default=0, help="simulate_world seed (default 0, as --demo)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")

@@ -119,9 +119,9 @@ def create_model(model: str, pretrained: str | None = None, device="cpu", image_
     guard = contextlib.nullcontext()
     if (pretrained and not os.path.isfile(pretrained)) or name.startswith("hf-hub:"):
         try:  # treeprobe's hub guard: probe the hub once, fail at once when offline
-            from treeprobe.models import _hub_guard
+            from treeprobe.models import hub_guard
 
-            guard = _hub_guard(f"{name} / {pretrained}")
+            guard = hub_guard(f"{name} / {pretrained}")
         except ImportError:
             pass
     try:
@@ -283,6 +283,14 @@ def _build_data(args, pre_train, di: DistInfo):
     from training.data import ShardData, build_map_data, detect_data_type, load_items
 
     dtype = args.data_type if args.data_type != "auto" else detect_data_type(args.data)
+    if dtype == "synthetic":
+        from training.data import SyntheticImages
+
+        size = pre_train.transforms[0].size
+        ds = SyntheticImages(args.train_num_samples or 10 * args.batch_size * di.world_size, pre_train, size,
+                             seed=args.seed)
+        return build_map_data(None, pre_train, args.batch_size, args.seed, rank=di.rank, world_size=di.world_size,
+                              workers=args.workers, kind="synthetic", dataset=ds)
     if dtype == "wds":
         return ShardData(args.data, pre_train, args.batch_size, args.seed, num_samples=args.train_num_samples,
                          rank=di.rank, world_size=di.world_size, workers=args.workers).train_data()
@@ -313,16 +321,36 @@ def train(args) -> dict:
 
     Returns a summary dict: ``step``, ``epoch``, ``stopped`` (``done`` | ``max_steps`` |
     ``signal`` | ``interrupt``), ``checkpoint`` (path of the last one written), ``out``.
+    The torch thread count (``--threads``) is restored on return, so in-process callers
+    keep theirs.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _train(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(args) -> dict:
+    """Run training as configured by the parsed ``args`` (see :mod:`training.cli`).
+
+    Returns a summary dict: ``step``, ``epoch``, ``stopped`` (``done`` | ``max_steps`` |
+    ``signal`` | ``interrupt``), ``checkpoint`` (path of the last one written), ``out``.
     """
     if args.text_type not in TEXT_TYPE_CHOICES:
         raise TrainError(f"--text-type must be one of {TEXT_TYPE_CHOICES}")
     di = init_distributed(args.device, args.dist_backend)
+    if not di.main:  # one voice: rank 0 logs, the others only report errors
+        log.setLevel(logging.ERROR)
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
     if di.main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # restored by train() on return
+    if di.device.type == "cuda":  # as open_clip's trainer: TF32 matmuls, cudnn autotuning
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     precision = args.precision or ("amp_bf16" if di.device.type == "cuda" else "fp32")
 
     seed_everything(args.seed)

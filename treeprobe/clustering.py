@@ -16,11 +16,12 @@ import pandas as pd
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 from sklearn.metrics import (
-    adjusted_mutual_info_score,
     adjusted_rand_score,
     normalized_mutual_info_score,
 )
-from sklearn.metrics.cluster import contingency_matrix
+from sklearn.metrics.cluster import contingency_matrix, mutual_info_score
+from scipy import sparse
+from scipy.special import gammaln
 
 from treeprobe.errors import TreeprobeError
 from treeprobe.neighbors import l2_normalise
@@ -31,6 +32,8 @@ __all__ = [
     "clustering_scores",
     "chance_baseline",
     "rankwise_clustering",
+    "adjusted_mutual_info",
+    "expected_mutual_info",
 ]
 
 METHODS = ("kmeans", "agglomerative")
@@ -38,9 +41,10 @@ METHODS = ("kmeans", "agglomerative")
 _SCORERS = {
     "purity": lambda t, p: purity_score(t, p),
     "nmi": normalized_mutual_info_score,
-    "ami": adjusted_mutual_info_score,
+    "ami": lambda t, p: adjusted_mutual_info(t, p),
     "ari": adjusted_rand_score,
 }
+_EPS = np.finfo("float64").eps
 
 
 def purity_score(labels_true, labels_pred) -> float:
@@ -51,6 +55,250 @@ def purity_score(labels_true, labels_pred) -> float:
     """
     c = contingency_matrix(labels_true, labels_pred, sparse=True)  # classes x clusters
     return float(np.asarray(c.max(axis=0).todense()).sum() / c.sum())
+
+
+def _entropy_counts(counts) -> float:
+    """Entropy (nats) of a labelling from its class sizes, as sklearn computes it."""
+    pi = np.asarray(counts, dtype=np.float64)
+    if pi.size <= 1:
+        return 0.0
+    pi_sum = pi.sum()
+    return float(-np.sum((pi / pi_sum) * (np.log(pi) - np.log(pi_sum))))
+
+
+def expected_mutual_info(a, b, n: int, max_terms: int = 1 << 22) -> float:
+    """Expected mutual information (nats) of two random labellings with class sizes ``a`` and ``b``.
+
+    The hypergeometric model of Vinh, Epps & Bailey (2010), term for term as in
+    scikit-learn's ``expected_mutual_information``, but summed once per pair of *distinct*
+    sizes (a, b) weighted by how often each pair occurs: the same value, at a cost of
+    (#distinct a) x (#distinct b) x min(a, b) instead of (#classes) x (#clusters) x min(a, b)
+    (k = 10,000 species of 10 images: 3 minutes in scikit-learn, milliseconds here).
+    """
+    a = np.asarray(a, dtype=np.int64).ravel()
+    b = np.asarray(b, dtype=np.int64).ravel()
+    if a.size <= 1 or b.size <= 1:
+        return 0.0
+    n = int(n)
+    ua, ca = np.unique(a, return_counts=True)
+    ub, cb = np.unique(b, return_counts=True)
+    A = np.repeat(ua, ub.size)
+    B = np.tile(ub, ua.size)
+    W = (np.repeat(ca, ub.size) * np.tile(cb, ua.size)).astype(np.float64)
+    start = np.maximum(1, A - n + B)
+    length = np.maximum(np.minimum(A, B) + 1 - start, 0)
+    log_n, gln_n = np.log(n), gammaln(n + 1)
+    emi = 0.0
+    ends = np.cumsum(length)
+    p0 = 0
+    while p0 < A.size:  # chunks of pairs with at most ~max_terms (pair, n_ij) terms
+        p1 = int(np.searchsorted(ends, (ends[p0 - 1] if p0 else 0) + max_terms, side="right"))
+        p1 = max(p1, p0 + 1)
+        L = length[p0:p1]
+        pair = np.repeat(np.arange(p0, p1), L)
+        if pair.size:
+            nij = (start[pair] + np.arange(pair.size) - np.repeat(np.cumsum(L) - L, L)).astype(np.float64)
+            a_, b_ = A[pair].astype(np.float64), B[pair].astype(np.float64)
+            term1 = nij / n
+            term2 = (log_n + np.log(nij)) - np.log(a_) - np.log(b_)
+            gln = (gammaln(a_ + 1) + gammaln(b_ + 1) + gammaln(n - a_ + 1) + gammaln(n - b_ + 1)
+                   - (gammaln(nij + 1) + gln_n) - gammaln(a_ - nij + 1) - gammaln(b_ - nij + 1)
+                   - gammaln(n - a_ - b_ + nij + 1))
+            emi += float(np.sum(W[pair] * (term1 * term2 * np.exp(gln))))
+        p0 = p1
+    return emi
+
+
+def _ami_from(mi: float, emi: float, h_true: float, h_pred: float) -> float:
+    """AMI (arithmetic normalisation) from its parts, with scikit-learn's guards."""
+    denominator = 0.5 * (h_true + h_pred) - emi
+    denominator = min(denominator, -_EPS) if denominator < 0 else max(denominator, _EPS)
+    numerator = mi - emi
+    numerator = min(numerator, -_EPS) if numerator < 0 else max(numerator, _EPS)
+    return float(numerator / denominator)
+
+
+def adjusted_mutual_info(labels_true, labels_pred) -> float:
+    """Adjusted mutual information (arithmetic normalisation), equal to scikit-learn's
+    ``adjusted_mutual_info_score`` (to rounding) but with :func:`expected_mutual_info`, so
+    it stays fast at thousands of classes and clusters."""
+    labels_true = np.asarray(labels_true)
+    labels_pred = np.asarray(labels_pred)
+    _, ti, a = np.unique(labels_true, return_inverse=True, return_counts=True)
+    _, pi, b = np.unique(labels_pred, return_inverse=True, return_counts=True)
+    if a.size == b.size == 1 or a.size == b.size == 0:
+        return 1.0
+    if a.size == 1 or b.size == 1:
+        return 0.0
+    c = _contingency(ti.ravel(), pi.ravel(), a.size, b.size)
+    mi = mutual_info_score(None, None, contingency=c)
+    emi = expected_mutual_info(a, b, labels_true.shape[0])
+    return _ami_from(mi, emi, _entropy_counts(a), _entropy_counts(b))
+
+
+def _contingency(ti: np.ndarray, pi: np.ndarray, n_classes: int, n_clusters: int) -> sparse.csr_matrix:
+    """Sparse int64 contingency matrix (classes x clusters) from dense codes."""
+    c = sparse.coo_matrix((np.ones(ti.size, dtype=np.int64), (ti, pi)), shape=(n_classes, n_clusters))
+    c = c.tocsr()
+    c.sum_duplicates()
+    return c
+
+
+class _PermutationScorer:
+    """Purity, NMI, AMI and ARI of (permuted labels_true, labels_pred) from one contingency matrix.
+
+    The marginals do not change under permutation, so entropies and the expected mutual
+    information are computed once; each permutation costs one sparse contingency matrix.
+    Values equal scikit-learn's scores (to rounding).
+    """
+
+    def __init__(self, labels_true, labels_pred):
+        _, self.ti, self.a = np.unique(np.asarray(labels_true), return_inverse=True, return_counts=True)
+        _, self.pi, self.b = np.unique(np.asarray(labels_pred), return_inverse=True, return_counts=True)
+        self.ti, self.pi = self.ti.ravel(), self.pi.ravel()
+        self.n = self.ti.size
+        self.h_true, self.h_pred = _entropy_counts(self.a), _entropy_counts(self.b)
+        self._emi = None
+
+    def scores(self, perm: np.ndarray | None, names) -> dict[str, float]:
+        ti = self.ti if perm is None else self.ti[perm]
+        c = _contingency(ti, self.pi, self.a.size, self.b.size)
+        n, out = self.n, {}
+        one_one = self.a.size == self.b.size == 1
+        need_mi = "nmi" in names or "ami" in names
+        mi = mutual_info_score(None, None, contingency=c.astype(np.float64)) if need_mi else 0.0
+        for s in names:
+            if s == "purity":
+                out[s] = float(np.asarray(c.max(axis=0).todense()).sum() / n)
+            elif s == "nmi":
+                out[s] = 1.0 if one_one else (0.0 if mi == 0 else float(mi / (0.5 * (self.h_true + self.h_pred))))
+            elif s == "ami":
+                if one_one:
+                    out[s] = 1.0
+                elif self.a.size == 1 or self.b.size == 1:
+                    out[s] = 0.0
+                else:
+                    if self._emi is None:
+                        self._emi = expected_mutual_info(self.a, self.b, n)
+                    out[s] = _ami_from(mi, self._emi, self.h_true, self.h_pred)
+            elif s == "ari":
+                n_k = self.b.astype(np.int64)
+                n_c = self.a.astype(np.int64)
+                ss = int((c.data.astype(np.int64) ** 2).sum())
+                fp = int(c.dot(n_k).sum()) - ss  # C[0, 1]
+                fn = int(c.T.dot(n_c).sum()) - ss  # C[1, 0]
+                tp = ss - n
+                tn = n * n - fp - fn - ss
+                out[s] = 1.0 if fn == 0 and fp == 0 else \
+                    2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+        return out
+
+
+def kmeans_plusplus_seeds(Z: np.ndarray, k: int, rng: np.random.Generator,
+                          n_trials: int | None = None) -> np.ndarray:
+    """Row indices of ``k`` k-means++ seeds of ``Z`` (m, d): D^2 sampling (Arthur & Vassilvitskii 2007).
+
+    Greedy like scikit-learn's: each step draws ``n_trials`` candidates (default
+    2 + int(ln k)) and keeps the one that lowers the potential most. Written for many
+    seeds: one small matrix product per seed, O(k * n_trials * m * d) in all.
+    """
+    Z = np.asarray(Z, dtype=np.float64)
+    m = Z.shape[0]
+    k = int(k)
+    if not 1 <= k <= m:
+        raise TreeprobeError(f"k-means++ needs 1 <= k <= {m} points; got k={k}")
+    n_trials = 2 + int(np.log(k)) if n_trials is None else max(int(n_trials), 1)
+    sq = np.einsum("ij,ij->i", Z, Z)
+    seeds = np.empty(k, dtype=np.int64)
+    seeds[0] = rng.integers(m)
+    d2 = np.maximum(sq + sq[seeds[0]] - 2.0 * (Z @ Z[seeds[0]]), 0.0)
+    d2[seeds[0]] = 0.0
+    pot = d2.sum()
+    for c in range(1, k):
+        if pot <= 0:  # fewer distinct points than k: fill with unused rows
+            rest = np.setdiff1d(np.arange(m), seeds[:c])[: k - c]
+            seeds[c:] = rest
+            break
+        cand = np.searchsorted(np.cumsum(d2), rng.random(n_trials) * pot)
+        cand = np.minimum(cand, m - 1)
+        D = sq[cand][:, None] + sq[None, :] - 2.0 * (Z[cand] @ Z.T)
+        np.maximum(D, 0.0, out=D)
+        np.minimum(D, d2[None, :], out=D)
+        pots = D.sum(axis=1)
+        best = int(np.argmin(pots))
+        seeds[c] = cand[best]
+        d2 = D[best]
+        d2[cand[best]] = 0.0
+        pot = pots[best]
+    return seeds
+
+
+def _pca_project(X: np.ndarray, d: int) -> np.ndarray:
+    """Rows of ``X`` (m, D) on their top ``d`` principal components, float64 (m, d).
+
+    From the eigenvectors of the D x D covariance (one m x D x D product, a general one: no
+    syrk), not an SVD of X: seconds instead of a minute for m = 10,000 here.
+    """
+    Xc = np.asarray(X, dtype=np.float64)
+    Xc = Xc - Xc.mean(axis=0)
+    cov = Xc.T @ Xc.copy()  # a copy: numpy would take the syrk path for Xc.T @ Xc
+    _, vecs = np.linalg.eigh(cov)
+    return Xc @ vecs[:, ::-1][:, :d]
+
+
+def _kmeans_large(Xn: np.ndarray, k: int, seed: int, n_init: int, *, batch_size: int | None = None,
+                  max_epochs: int = 3, seed_dim: int = 64, seed_sample: int | None = None,
+                  seed_trials: int | None = None, kpp_max_k: int = 1000) -> np.ndarray:
+    """Mini-batch k-means for large N and k: float32, few epochs, cheap seeding.
+
+    1. Seeds, for k <= ``kpp_max_k`` (1000): greedy k-means++ (:func:`kmeans_plusplus_seeds`)
+       on a seeded random sample of ``max(3k, 10,000)`` rows (at most N), in the sample's top
+       ``seed_dim`` principal components; the seeds are those rows in full dimension.
+       (scikit-learn's own k-means++ re-reads the whole ``init_size`` x D sample for every
+       seed: at k = 10,000 it ran > 12 min here without finishing.) For larger k: k distinct
+       random rows (Forgy). Measured at k = 10,000 species, N = 100,000 (synthetic iNat21):
+       purity 0.533 with PCA k-means++ seeds vs 0.538 with random rows, for 2.5x the time.
+    2. ``MiniBatchKMeans`` from those seeds on the float32 rows: batches of
+       ``batch_size`` (default ``min(N, max(32768, 4k))``: at k = 10,000, batches of 32768
+       gave purity 0.54 against 0.44 for 8192 and 0.41 for 2048, at about the same cost per
+       epoch), at most ``max_epochs`` passes (plus scikit-learn's early stopping), then one
+       labelling pass over all rows.
+    3. ``n_init`` k-means++ seedings while k <= 256 (one above), the one with the lowest
+       inertia on the sample kept (as scikit-learn's ``MiniBatchKMeans`` does with ``n_init``);
+       then a single mini-batch run.
+
+    Cost: about (max_epochs + 1) * N * k * D multiply-adds in float32 BLAS; memory
+    O(N * D + k * D + batch_size * k).
+    """
+    n, dim = Xn.shape
+    X32 = np.ascontiguousarray(Xn, dtype=np.float32)
+    batch = min(n, max(32768, 4 * k)) if batch_size is None else int(batch_size)
+    m = min(n, max(3 * k, 10_000) if seed_sample is None else max(int(seed_sample), k))
+    runs = max(int(n_init), 1) if k <= 256 else 1
+    rng = np.random.default_rng(seed)
+    if k > kpp_max_k:
+        init = X32[np.sort(rng.choice(n, size=k, replace=False))]
+    else:
+        sample = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
+        Xs = X32[sample]
+        d = min(seed_dim, dim, m)
+        Z = _pca_project(Xs, d) if d < dim else Xs
+        best_inertia = np.inf
+        for _ in range(runs):  # like scikit-learn's MiniBatchKMeans n_init: best seeds on the sample
+            with threadpool_limits(1):  # one small product per seed: threads only add overhead
+                cand = Xs[kmeans_plusplus_seeds(Z, k, rng, n_trials=seed_trials)]
+            if runs == 1:
+                init = cand
+                break
+            d2 = (np.einsum("ij,ij->i", Xs, Xs)[:, None] + np.einsum("ij,ij->i", cand, cand)[None, :]
+                  - 2.0 * (Xs @ cand.T)).min(axis=1)
+            inertia = float(np.maximum(d2, 0).sum())
+            if inertia < best_inertia:
+                init, best_inertia = cand, inertia
+    km = MiniBatchKMeans(n_clusters=k, init=init, n_init=1, batch_size=batch, max_iter=max_epochs,
+                         random_state=int(rng.integers(2**31)))
+    best_labels = km.fit(X32).labels_.astype(np.int64)
+    return best_labels
 
 
 def _ward_cuts(Xn: np.ndarray, ks: Sequence[int]) -> dict[int, np.ndarray]:
@@ -87,9 +335,12 @@ def cluster_labels(
     """Cluster the L2-normalised rows of ``X`` (N, D) into ``k`` clusters; int64 labels (N,).
 
     method
-        ``"kmeans"``: sklearn ``KMeans`` (``n_init`` restarts, ``random_state=seed``);
-        ``MiniBatchKMeans`` when N > ``minibatch_threshold``. k-means on unit vectors is
-        spherical-ish k-means (squared Euclidean = 2 - 2 cos).
+        ``"kmeans"``: sklearn ``KMeans`` (``n_init`` restarts, ``random_state=seed``) up to
+        N = ``minibatch_threshold``; above it mini-batch k-means in float32 with k-means++
+        seeds drawn in PCA space and at most 3 epochs (see :func:`_kmeans_large`: k = 10,000
+        species at N = 100,000 in minutes, where full k-means with scikit-learn's k-means++
+        takes hours). k-means on unit vectors is spherical-ish k-means (squared Euclidean
+        = 2 - 2 cos).
         ``"agglomerative"``: Ward linkage (scipy, as sklearn uses) on the normalised
         rows. Needs the N(N-1)/2 pairwise distances (8 bytes each), so N above
         ``max_agglomerative`` raises :class:`TreeprobeError` instead of exhausting memory.
@@ -108,18 +359,21 @@ def _cluster_labels(X, k, method, seed, n_init, minibatch_threshold, max_agglome
     if not 1 <= k <= n:
         raise TreeprobeError(f"number of clusters must be in 1..N={n}; got {k}")
     if method == "kmeans":
-        if n > minibatch_threshold:
-            km = MiniBatchKMeans(n_clusters=k, n_init=n_init, random_state=seed,
-                                 batch_size=max(4096, 4 * k))
-        else:
-            km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
-        return km.fit_predict(Xn).astype(np.int64)
+        return _kmeans(Xn, k, seed, n_init, minibatch_threshold)
     if method == "agglomerative":
         _check_agglomerative_size(n, max_agglomerative)
         if k == 1:
             return np.zeros(n, dtype=np.int64)
         return _ward_cuts(Xn, [k])[k]
     raise TreeprobeError(f"unknown clustering method {method!r}; choose from {METHODS}")
+
+
+def _kmeans(Xn: np.ndarray, k: int, seed: int, n_init: int, minibatch_threshold: int) -> np.ndarray:
+    """k-means labels of normalised rows: full ``KMeans`` up to ``minibatch_threshold`` rows,
+    :func:`_kmeans_large` (mini-batch, float32) above."""
+    if Xn.shape[0] > minibatch_threshold:
+        return _kmeans_large(Xn, k, seed, n_init)
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(Xn).astype(np.int64)
 
 
 def clustering_scores(labels_true, labels_pred) -> dict[str, float]:
@@ -158,10 +412,12 @@ def chance_baseline(
     rng = np.random.default_rng(seed)
     out: dict[str, float] = {s: float(_SCORERS[s](labels_true, labels_pred)) for s in scores}
     perm = {s: [] for s in scores}
+    scorer = _PermutationScorer(labels_true, labels_pred)
     for _ in range(int(n_permutations)):
-        shuffled = rng.permutation(labels_true)
+        # rng.permutation(labels_true) == labels_true[rng.permutation(N)] (same stream)
+        vals = scorer.scores(rng.permutation(labels_true.shape[0]), scores)
         for s in scores:
-            perm[s].append(_SCORERS[s](shuffled, labels_pred))
+            perm[s].append(vals[s])
     for s in scores:
         v = np.asarray(perm[s], dtype=float)
         out[f"{s}_chance"] = float(v.mean()) if v.size else np.nan
@@ -247,6 +503,8 @@ def _rankwise_clustering(X, codes_by_rank, methods, seed, n_permutations, n_init
         except TreeprobeError as e:
             ward_note = f"agglomerative skipped: {e}"
 
+    # k-means works on float32 rows above the mini-batch threshold (one copy for all ranks)
+    Xk = np.ascontiguousarray(Xn, dtype=np.float32) if n > minibatch_threshold else Xn
     rows = []
     bar = tqdm(prepared.items(), desc="clustering ranks", total=len(prepared),
                disable=None if progress is None else not progress)
@@ -260,8 +518,7 @@ def _rankwise_clustering(X, codes_by_rank, methods, seed, n_permutations, n_init
                 row["note"] = ward_note
             if not row["note"]:
                 if method == "kmeans":
-                    pred = cluster_labels(Xn, k, "kmeans", seed, n_init=n_init,
-                                          minibatch_threshold=minibatch_threshold)
+                    pred = _kmeans(Xk, k, seed, n_init, minibatch_threshold)
                 else:
                     pred = ward[k]
                 row.update(clustering_scores(codes, pred))

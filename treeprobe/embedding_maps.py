@@ -8,6 +8,7 @@ The same input and seed give identical output.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -31,6 +32,13 @@ def subsample_index(n: int, max_points: int | None, seed: int = 0) -> np.ndarray
     return np.sort(rng.choice(n, size=int(max_points), replace=False)).astype(np.int64)
 
 
+def _available_cpus() -> int:
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(os.cpu_count() or 1, 1)
+
+
 def _prepare(X, max_points, seed, min_points: int, what: str):
     X = np.asarray(X)
     if X.ndim != 2:
@@ -45,18 +53,21 @@ def tsne_2d(
     X,
     seed: int = 0,
     perplexity: float = 30.0,
-    n_jobs: int = 1,
+    n_jobs: int | None = None,
     *,
     max_points: int | None = None,
     n_iter: int = 500,
 ) -> tuple[np.ndarray, np.ndarray]:
     """openTSNE t-SNE of the L2-normalised rows of ``X`` (N, D), cosine metric.
 
-    openTSNE picks exact / approximate neighbours and BH / FFT gradients by size.
-    Initialisation is PCA (openTSNE default), ``random_state=seed``. Perplexity must be
-    below n/3 (n = points used); larger values are lowered to (n - 1)/3 with a warning.
-    ``n_iter``: optimisation iterations after the 250 early-exaggeration ones.
-    ``n_jobs > 1`` is faster but may not be bit-reproducible.
+    openTSNE picks exact / approximate (Annoy) neighbours and Barnes-Hut / FFT-interpolated
+    gradients by size (FFT from 10,000 points: 100,000 points take minutes, see
+    benchmarks/RESULTS_intrinsic.md). Initialisation is PCA (openTSNE default),
+    ``random_state=seed``. Perplexity must be below n/3 (n = points used); larger values are
+    lowered to (n - 1)/3 with a warning. ``n_iter``: optimisation iterations after the 250
+    early-exaggeration ones. ``n_jobs``: threads; None = 1 below 10,000 points (where
+    threads cost more than they save, badly so on a busy machine) and the CPUs this process
+    may use from 10,000 on. openTSNE's result does not depend on it (tested for 1 and 2).
 
     Returns ``(coords float32 (n, 2), index int64 (n,))``; see module docstring.
     """
@@ -69,6 +80,8 @@ def tsne_2d(
         warnings.warn(f"t-SNE perplexity {perplexity} too large for {n} points; using {new:.1f}",
                       stacklevel=2)
         perplexity = new
+    if n_jobs is None:
+        n_jobs = 1 if n < 10_000 else _available_cpus()
     tsne = TSNE(n_components=2, perplexity=perplexity, metric="cosine", n_iter=n_iter,
                 random_state=seed, n_jobs=n_jobs, verbose=False)
     coords = np.asarray(tsne.fit(Xn), dtype=np.float32)

@@ -152,7 +152,7 @@ def _endpoint_reachable(url: str, timeout: float = 3.0) -> bool:
 
 
 @contextlib.contextmanager
-def _hub_guard(what: str, quiet: bool = True):
+def hub_guard(what: str, quiet: bool = True):
     """Run a hub download; turn any failure into one TreeprobeError line.
 
     Without network (and no proxy configured) huggingface_hub would retry for ~30 s
@@ -397,7 +397,7 @@ def _load_from_hub(hub_id: str, precision: str, device: str) -> LoadedModel:
     repo = hub_id[len(HF_HUB_PREFIX):].strip()
     if not repo:
         raise TreeprobeError(f"empty Hugging Face id in {hub_id!r}; expected hf-hub:org/repo")
-    with _hub_guard(hub_id):
+    with hub_guard(hub_id):
         config_path = download_pretrained_from_hf(repo, filename="open_clip_config.json")
         weights_path = download_pretrained_from_hf(repo)
     try:
@@ -424,11 +424,11 @@ def _load_from_tag(name: str, tag: str, precision: str, device: str) -> LoadedMo
             f"unknown pretrained tag {tag!r} for {name}; known tags: {', '.join(tags) or 'none'}"
         )
     what = f"pretrained weights {name}/{tag}"
-    with _hub_guard(what):
+    with hub_guard(what):
         weights_path = download_pretrained(pcfg)
     # open_clip's own tag path, now served from the cache: it applies the tag's preprocessing
     # and warns on a QuickGELU mismatch (so warnings are not silenced here)
-    with _hub_guard(what, quiet=False):
+    with hub_guard(what, quiet=False):
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=tag, precision=precision, device=device
         )

@@ -3,9 +3,10 @@
 All geometry is cosine: embeddings are L2-normalised inside and similarity is the
 dot product of unit vectors (cosine similarity in [-1, 1]; cosine distance = 1 - it).
 
-* :func:`knn_indices` — exact cosine kNN by blocked matrix products: memory is
-  ``O(block_size**2 + N*k)``, never ``N x N``; self is excluded; ties in similarity are
-  broken by the smaller index (deterministic).
+* :func:`knn_indices` — exact cosine kNN by blocked matrix products (float32 products,
+  float64 re-scoring of the candidates near the k-th): memory is ``O(block_size**2 + N*k)``,
+  never ``N x N``; self is excluded; ties in similarity are broken by the smaller index
+  (deterministic).
 * :func:`knn_rank_agreement` — per rank, the share of each item's k nearest
   neighbours that belong to its own taxon, next to its chance value.
 """
@@ -49,29 +50,140 @@ def l2_normalise(X, dtype=None) -> np.ndarray:
     return X
 
 
-def _topk_block(S: np.ndarray, col0: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of each row of a similarity block, ties -> smaller column first.
+# float32 rounding bound for a dot product of two unit vectors of dimension D, any summation
+# order: |fl32(x.y) - x.y| <= (D + 2) u (1 + u)^2, u = 2**-24 (inputs rounded to float32 + accumulation).
+def _f32_dot_tolerance(dim: int) -> float:
+    return float((dim + 4) * 2.0 ** -24)
 
-    ``S`` is (b, c); returns global column indices (b, min(k, c)) and their values, not sorted.
+
+class _TopBuffer:
+    """Per-row buffers of the ``cap`` largest float32 similarities seen so far (unsorted).
+
+    ``vals``/``idx`` (n, cap): the buffer (``-inf``/``-1`` while not full); ``thr`` (n,): its
+    minimum, below which offers are ignored. Entries equal to the threshold are dropped
+    (their order in float32 does not matter: see :func:`knn_indices`).
     """
-    b, c = S.shape
-    if c <= k:
-        idx = np.broadcast_to(np.arange(col0, col0 + c, dtype=np.int64), (b, c)).copy()
-        return idx, S.copy()
-    part = np.argpartition(-S, k - 1, axis=1)[:, :k]
-    vals = np.take_along_axis(S, part, axis=1)
-    kth = vals.min(axis=1)
-    # rows where more than k entries reach the k-th value: argpartition chose arbitrarily
-    n_ge = (S >= kth[:, None]).sum(axis=1)
-    for r in np.flatnonzero(n_ge > k):
-        order = np.lexsort((np.arange(c), -S[r]))[:k]
-        part[r] = order
-        vals[r] = S[r, order]
-    return part.astype(np.int64) + col0, vals
+
+    def __init__(self, n: int, cap: int):
+        self.vals = np.full((n, cap), -np.inf, dtype=np.float32)
+        self.idx = np.full((n, cap), -1, dtype=np.int64)
+        self.thr = np.full(n, -np.inf, dtype=np.float32)
+        self.cap = cap
+
+    def update(self, r0: int, S: np.ndarray, c0: int) -> None:
+        """Offer ``S[i, j]`` (similarity of row r0 + i and column c0 + j; never self) to the buffers."""
+        kernels = _numba_kernels()
+        if kernels is None:
+            self._update_numpy(r0, S, c0)
+            return
+        rows, cols = kernels[:2] if S.size >= _PARALLEL_MIN else kernels[2:]
+        if S.flags.c_contiguous:
+            rows(S, r0, c0, self.vals, self.idx, self.thr)
+        elif S.T.flags.c_contiguous:  # a transposed block: scan its columns, tile by tile
+            cols(S.T, r0, c0, self.vals, self.idx, self.thr)
+        else:
+            rows(np.ascontiguousarray(S), r0, c0, self.vals, self.idx, self.thr)
+
+    def _update_numpy(self, r0: int, S: np.ndarray, c0: int) -> None:
+        b, c = S.shape
+        cap = self.cap
+        thr = self.thr[r0:r0 + b]
+        mask = S > thr[:, None]
+        counts = np.count_nonzero(mask, axis=1)
+        total = int(counts.sum())
+        if total == 0:
+            return
+        if total > 0.25 * S.size:  # dense: e.g. the first block a row sees
+            rows = np.arange(b)
+            new_vals = S
+            new_idx = np.broadcast_to(np.arange(c0, c0 + c, dtype=np.int64), (b, c))
+        else:  # sparse: few entries beat the current threshold
+            rows = np.flatnonzero(counts)
+            if S.flags.c_contiguous:
+                ri, cj = np.nonzero(mask)
+            else:  # a transposed view: group the hits by row
+                cj, ri = np.nonzero(mask.T)
+                order = np.argsort(ri, kind="stable")
+                ri, cj = ri[order], cj[order]
+            cnt = counts[rows]
+            width = int(cnt.max())
+            start = np.repeat(np.cumsum(cnt) - cnt, cnt)
+            pos = np.arange(ri.size) - start
+            slot = np.repeat(np.arange(rows.size), cnt)
+            new_vals = np.full((rows.size, width), -np.inf, dtype=np.float32)
+            new_idx = np.full((rows.size, width), -1, dtype=np.int64)
+            new_vals[slot, pos] = S[ri, cj]
+            new_idx[slot, pos] = cj + c0
+        g = rows + r0
+        all_vals = np.concatenate([self.vals[g], new_vals], axis=1)
+        all_idx = np.concatenate([self.idx[g], new_idx], axis=1)
+        if all_vals.shape[1] > cap:
+            keep = np.argpartition(-all_vals, cap - 1, axis=1)[:, :cap]
+            all_vals = np.take_along_axis(all_vals, keep, axis=1)
+            all_idx = np.take_along_axis(all_idx, keep, axis=1)
+        self.vals[g] = all_vals
+        self.idx[g] = all_idx
+        self.thr[g] = all_vals.min(axis=1)
 
 
-def knn_indices(X, k: int, block_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+_NUMBA_KERNELS: list = []  # [(rows, cols, rows_serial, cols_serial) or None], filled on first use
+_PARALLEL_MIN = 1 << 16  # smaller blocks use the serial kernels (thread launch costs more)
+USE_NUMBA = True  # numba (a umap-learn dependency) scans the blocks in parallel; False: numpy only
+
+
+def _numba_kernels():
+    """The numba top-k kernels of :mod:`treeprobe._knn_kernels`, or None (numpy fallback)."""
+    if not USE_NUMBA:
+        return None
+    if not _NUMBA_KERNELS:
+        try:
+            from treeprobe import _knn_kernels
+        except ImportError:  # pragma: no cover - numba comes with umap-learn
+            _NUMBA_KERNELS.append(None)
+        else:
+            _NUMBA_KERNELS.append((_knn_kernels.offer_rows, _knn_kernels.offer_cols,
+                                   _knn_kernels.offer_rows_serial, _knn_kernels.offer_cols_serial))
+    return _NUMBA_KERNELS[0]
+
+
+def _gemm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """A @ B.T by a general matrix product (never numpy's syrk path for A is B)."""
+    if np.shares_memory(A, B):
+        B = B.copy()
+    return A @ B.T
+
+
+def _exact_rows(X64: np.ndarray, rows: np.ndarray, k: int, block_size: int):
+    """Exact float64 top-k (ties by index, self excluded) of ``rows``, by full products."""
+    n = X64.shape[0]
+    out_idx = np.empty((rows.size, k), dtype=np.int64)
+    out_sim = np.empty((rows.size, k), dtype=np.float64)
+    step = max(1, min(rows.size, (1 << 24) // max(n, 1)))
+    for a in range(0, rows.size, step):
+        rr = rows[a:a + step]
+        S = _gemm(X64[rr], X64)
+        S[np.arange(rr.size), rr] = -np.inf
+        cols = np.broadcast_to(np.arange(n), S.shape)
+        order = np.lexsort((cols, -S), axis=1)[:, :k]
+        out_idx[a:a + step] = order
+        out_sim[a:a + step] = np.take_along_axis(S, order, axis=1)
+    return out_idx, out_sim
+
+
+def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine k-nearest neighbours of every row of ``X`` (self excluded).
+
+    Brute force by blocked matrix products, memory ``O(block_size**2 + N*k)``, never
+    ``N x N``. The products run in float32 over the upper triangle of block pairs (each
+    block product serves both its rows and its columns: half the flops). Every row keeps
+    its ``k + extra`` best float32 candidates; the candidates within the float32 rounding
+    bound of the k-th are then re-scored in float64, so the result is exact for the
+    float64 cosine similarities of the normalised rows: same neighbours and order as a
+    float64 brute-force search, ties broken by the smaller index. A row whose buffer cannot
+    certify this (more than ``extra`` near-ties at the k-th value, e.g. many duplicates) is
+    recomputed in float64 in full. No ``X @ X.T`` (numpy's syrk path, which segfaults in
+    some OpenBLAS builds from N ~ 33,000 with 2 threads) is ever formed.
 
     Parameters
     ----------
@@ -81,7 +193,9 @@ def knn_indices(X, k: int, block_size: int = 4096) -> tuple[np.ndarray, np.ndarr
         Neighbours per item, ``1 <= k <= N - 1``.
     block_size : int
         Rows and columns per similarity block; peak extra memory about
-        ``block_size**2`` floats (4096 -> 64 MB at float32).
+        ``2 * block_size**2`` float32 (4096 -> 128 MB) plus the buffers (N * (k + extra) * 12 B).
+    extra : int, optional
+        Spare candidates per row (default ``max(4, k // 4)``).
 
     Returns
     -------
@@ -91,35 +205,58 @@ def knn_indices(X, k: int, block_size: int = 4096) -> tuple[np.ndarray, np.ndarr
         Cosine similarities (float32 for float32 input, else float64), descending.
     """
     Xn = l2_normalise(X)
-    n = Xn.shape[0]
+    n, dim = Xn.shape
     k = int(k)
     if k < 1:
         raise TreeprobeError(f"k must be >= 1; got {k}")
     if k >= n:
         raise TreeprobeError(f"k={k} neighbours needs at least k+1={k + 1} items; got {n}")
     block_size = max(int(block_size), 1)
-    out_idx = np.empty((n, k), dtype=np.int64)
-    out_sim = np.empty((n, k), dtype=Xn.dtype)
-    for r0 in range(0, n, block_size):
+    extra = max(4, k // 4) if extra is None else max(int(extra), 0)
+    cap = min(k + extra, n - 1)
+    X32 = np.ascontiguousarray(Xn, dtype=np.float32)
+    X64 = Xn.astype(np.float64, copy=False)
+    buf = _TopBuffer(n, cap)
+    starts = list(range(0, n, block_size))
+    for bi, r0 in enumerate(starts):
         r1 = min(r0 + block_size, n)
-        rows = np.arange(r0, r1)
-        best_sim = np.full((r1 - r0, k), -np.inf, dtype=Xn.dtype)
-        best_idx = np.full((r1 - r0, k), n, dtype=np.int64)  # sentinel index sorts last
-        for c0 in range(0, n, block_size):
+        A = X32[r0:r1]
+        for c0 in starts[bi:]:
             c1 = min(c0 + block_size, n)
-            S = Xn[r0:r1] @ Xn[c0:c1].T
-            own = (rows >= c0) & (rows < c1)
-            if own.any():
-                S[np.flatnonzero(own), rows[own] - c0] = -np.inf
-            bidx, bsim = _topk_block(S, c0, k)
-            cand_idx = np.concatenate([best_idx, bidx], axis=1)
-            cand_sim = np.concatenate([best_sim, bsim], axis=1)
-            order = np.lexsort((cand_idx, -cand_sim), axis=1)[:, :k]
-            best_idx = np.take_along_axis(cand_idx, order, axis=1)
-            best_sim = np.take_along_axis(cand_sim, order, axis=1)
-        out_idx[r0:r1] = best_idx
-        out_sim[r0:r1] = best_sim
-    return out_idx, out_sim
+            S = _gemm(A, X32[c0:c1])
+            if c0 == r0:
+                np.fill_diagonal(S, -np.inf)
+            buf.update(r0, S, c0)
+            if c0 != r0:
+                buf.update(c0, S.T, r0)
+
+    # exact re-scoring of the float32 candidates near the k-th
+    tol = _f32_dot_tolerance(dim)
+    kth = -np.partition(-buf.vals, k - 1, axis=1)[:, k - 1]
+    bound = kth - 2 * tol
+    certified = (cap == n - 1) | (buf.thr == -np.inf) | (buf.thr < bound)
+    cand = buf.vals >= bound[:, None]
+    cand[~certified] = False
+    ri, cj = np.nonzero(cand)
+    ci = buf.idx[ri, cj]
+    s64 = np.empty(ri.size, dtype=np.float64)
+    step = max(1, (1 << 22) // max(dim, 1))
+    for a in range(0, ri.size, step):
+        s64[a:a + step] = np.einsum("ij,ij->i", X64[ri[a:a + step]], X64[ci[a:a + step]])
+    order = np.lexsort((ci, -s64, ri))
+    ri, ci, s64 = ri[order], ci[order], s64[order]
+    counts = np.bincount(ri, minlength=n)
+    first = np.cumsum(counts) - counts
+    rows_ok = np.flatnonzero(certified)
+    take = first[rows_ok][:, None] + np.arange(k)
+    out_idx = np.empty((n, k), dtype=np.int64)
+    out_sim = np.empty((n, k), dtype=np.float64)
+    out_idx[rows_ok] = ci[take]
+    out_sim[rows_ok] = s64[take]
+    bad = np.flatnonzero(~certified)
+    if bad.size:
+        out_idx[bad], out_sim[bad] = _exact_rows(X64, bad, k, block_size)
+    return out_idx, out_sim.astype(Xn.dtype, copy=False)
 
 
 def _check_codes(codes, n: int, rank: str) -> np.ndarray:

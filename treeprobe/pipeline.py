@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from treeprobe.errors import TreeprobeError
-from treeprobe.mantel import mantel_tree, normalize_rows, taxon_centroids
+from treeprobe.mantel import mantel_tree, taxon_centroids
+from treeprobe.neighbors import l2_normalise
 from treeprobe.taxonomy import RANKS, Taxonomy, clade_structure_from_tree, placeable_mask
 
 DEFAULT_MAPS = ("tsne", "umap")
@@ -43,7 +44,7 @@ def _skips(items: pd.DataFrame, mask: np.ndarray, reason: str) -> pd.DataFrame:
 
 
 def prepare_items(embeddings: np.ndarray, items: pd.DataFrame, ranks: Sequence[str] = RANKS):
-    """Drop rows that cannot be analysed; return (X (n, D) float64, items (n rows), taxonomy, skipped).
+    """Drop rows that cannot be analysed; return (X (n, D) float32, items (n rows), taxonomy, skipped).
 
     Left out and recorded: non-finite or zero embeddings, rows without a top rank.
     """
@@ -77,7 +78,7 @@ def prepare_items(embeddings: np.ndarray, items: pd.DataFrame, ranks: Sequence[s
         raise TreeprobeError(f"all items belong to a single taxon ({tax.taxon_labels(ranks[-1])[0]}): "
                              "there is no tree to compare with")
     skipped_df = pd.concat(skipped, ignore_index=True) if skipped else pd.DataFrame(columns=["item", "reason"])
-    return X[keep].astype(np.float64), items, tax, skipped_df
+    return np.asarray(X[keep], dtype=np.float32), items, tax, skipped_df
 
 
 def analyse_embeddings(
@@ -115,7 +116,7 @@ def analyse_embeddings(
     skipped_all = pd.concat([s for s in (skipped, skipped_now) if s is not None and len(s)], ignore_index=True) \
         if (skipped is not None and len(skipped)) or len(skipped_now) else pd.DataFrame(columns=["item", "reason"])
     N = len(items)
-    Xn = normalize_rows(X)
+    Xn = l2_normalise(X, dtype=np.float32)  # one float32 copy: 2 GB at 1M × 512
 
     # --- tree distances ---------------------------------------------------------
     species = tax.lineages[tax.ranks[-1]].to_numpy()

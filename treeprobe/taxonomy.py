@@ -265,31 +265,45 @@ class CladeStructure:
 
     def depth_levels(self) -> np.ndarray:
         """Number of edges from the root to each node, int64 (n_nodes,)."""
-        d = np.zeros(self.n_nodes, dtype=np.int64)
-        for v in range(1, self.n_nodes):
-            d[v] = d[self.parent[v]] + 1
+        # pointer jumping: d[v] counts the edges from v up to jump[v]; O(n log depth), no Python loop over nodes
+        d = (self.parent >= 0).astype(np.int64)
+        jump = self.parent.copy()
+        idx = np.flatnonzero(jump >= 0)
+        while idx.size:
+            j = jump[idx]
+            d[idx] += d[j]
+            jump[idx] = jump[j]
+            idx = idx[jump[idx] >= 0]
         return d
+
+    def _levels(self) -> list[np.ndarray]:
+        """Node indices grouped by depth (level 0 = the root), each group ascending."""
+        depth = self.depth_levels()
+        order = np.argsort(depth, kind="stable")
+        return np.split(order, np.cumsum(np.bincount(depth))[:-1])
 
     def root_distance(self) -> np.ndarray:
         """Sum of edge lengths from the root to each node, float64 (n_nodes,)."""
         d = np.zeros(self.n_nodes)
-        for v in range(1, self.n_nodes):
-            d[v] = d[self.parent[v]] + self.length[v]
+        for nodes in self._levels()[1:]:  # one vectorised step per depth level, same sums as a pre-order pass
+            d[nodes] = d[self.parent[nodes]] + self.length[nodes]
         return d
 
     def ancestor_matrix(self) -> sp.csr_matrix:
         """Sparse (n_nodes, n_nodes) 0/1 matrix A with A[a, v] = 1 if a is v or an ancestor of v."""
-        rows, cols = [], []
-        anc: list[list[int]] = [[0]]
-        for v in range(1, self.n_nodes):
-            a = anc[self.parent[v]] + [v]
-            anc.append(a)
-            rows.extend(a)
-            cols.extend([v] * len(a))
-        rows.append(0)
-        cols.append(0)
-        data = np.ones(len(rows))
-        return sp.csr_matrix((data, (rows, cols)), shape=(self.n_nodes, self.n_nodes))
+        cols = np.arange(self.n_nodes)
+        cur = cols
+        rows_l, cols_l = [cur], [cols]
+        while True:  # one step up the tree per iteration, for all nodes still below the root
+            cur = self.parent[cur]
+            keep = cur >= 0
+            cur, cols = cur[keep], cols[keep]
+            if not cur.size:
+                break
+            rows_l.append(cur)
+            cols_l.append(cols)
+        rows, cols = np.concatenate(rows_l), np.concatenate(cols_l)
+        return sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(self.n_nodes, self.n_nodes))
 
     def membership(self) -> sp.csr_matrix:
         """Sparse (n_nodes, N) 0/1 matrix: item j lies in the clade below node v."""
@@ -307,8 +321,8 @@ class CladeStructure:
     def accumulate_up(self, values: np.ndarray) -> np.ndarray:
         """Subtree sums: out[v] = Σ of ``values`` over v and its descendants. values: (n_nodes, ...)."""
         out = np.array(values, copy=True)
-        for v in range(self.n_nodes - 1, 0, -1):
-            out[self.parent[v]] += out[v]
+        for nodes in self._levels()[:0:-1]:  # deepest level first: children are final before their parents
+            np.add.at(out, self.parent[nodes], out[nodes])
         return out
 
     def node_distances(self, nodes: np.ndarray) -> np.ndarray:

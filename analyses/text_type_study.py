@@ -1,0 +1,184 @@
+"""Text-type study in miniature: does training on taxonomic captions give embeddings that
+agree more with the tree of life than scientific names alone, or a mix (BioCLIP, Sec. 4.4)?
+
+    python analyses/text_type_study.py --out runs/text_type_study
+
+On the real photos (``../shared/data/multikingdom_photos_index/metadata.csv``):
+
+1. One fixed random split of the photos (``--heldout-frac``, seed ``--split-seed``) into a
+   training set and a held-out set; both written under ``OUT/split/``.
+2. The training photos are written once as webdataset shards, downscaled
+   (``treeprobe-train make-shards --max-size``), so every run decodes small JPEGs.
+3. For every text type (``--text-types``, default taxonomic, scientific, mixed) and seed
+   (``--seeds``, default 0 1 2): ``treeprobe-train`` with the tiny model, the same budget
+   (``--epochs``, ``--batch-size``, ``--lr``), the seed driving init, data order,
+   augmentation and the mixed draws. Untrained models (random init, same seeds) give
+   the baseline row ``untrained``.
+4. Each final checkpoint is loaded with ``treeprobe.models.load_model`` (as ``treeprobe
+   intrinsic --ckpt`` does), the held-out photos are embedded, and
+   ``treeprobe.pipeline.analyse_embeddings`` scores them against the taxonomy (Mantel r
+   image- and species-centroid-level, kNN agreement excess per rank). If the pipeline is
+   missing the script falls back to kNN agreement per rank only.
+5. ``OUT/runs.csv`` (one row per run), ``OUT/summary.csv`` and ``OUT/summary.md``
+   (mean ± sd over seeds per text type).
+
+Caveat (see the data's SOURCE.md): photo source and kingdom are confounded (plants, fungi,
+spiders and butterflies come from different photo sets), so kingdom-level agreement can
+be learned from photo style alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CSV = REPO.parent / "shared" / "data" / "multikingdom_photos_index" / "metadata.csv"
+RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+
+
+def split_items(csv: Path, frac: float, seed: int, out: Path) -> tuple[Path, Path]:
+    """Write ``train.csv`` and ``heldout.csv`` (absolute paths) under ``out``."""
+    from training.data import load_items
+
+    items = load_items(csv)
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(items), bool)
+    held[rng.permutation(len(items))[: int(round(frac * len(items)))]] = True
+    out.mkdir(parents=True, exist_ok=True)
+    items[~held].to_csv(out / "train.csv", index=False)
+    items[held].to_csv(out / "heldout.csv", index=False)
+    return out / "train.csv", out / "heldout.csv"
+
+
+def score(model, preprocess, heldout: pd.DataFrame, seed: int, permutations: int) -> dict:
+    """Held-out metrics: treeprobe's headline numbers (or the kNN fallback)."""
+    from training.evaluate import _light_kwargs, embed_images, knn_metrics, pipeline_headline
+
+    emb = embed_images(model, list(heldout["path"]), preprocess, "cpu", batch_size=128)
+    try:
+        from treeprobe.pipeline import analyse_embeddings
+    except ImportError:
+        res = {f"knn_{r}_agreement_excess": v for r, v in
+               ((k[len("knn_excess_"):], v) for k, v in knn_metrics(emb, heldout).items() if k.startswith("knn_excess_"))}
+        res["metrics_source"] = "kNN fallback (treeprobe.pipeline missing)"
+        return res
+    rep = analyse_embeddings(emb, heldout, seed=seed, **_light_kwargs(analyse_embeddings, permutations))
+    res = pipeline_headline(rep)
+    res["metrics_source"] = "treeprobe.pipeline.analyse_embeddings"
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--data", default=str(DEFAULT_CSV), help="metadata CSV of the photos")
+    p.add_argument("--text-types", nargs="+", default=["taxonomic", "scientific", "mixed"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=12, help="training epochs per run (the budget)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=None, help="model input size (default: tiny's 32 px)")
+    p.add_argument("--max-size", type=int, default=64, help="shards: shorter image side in pixels")
+    p.add_argument("--heldout-frac", type=float, default=0.3)
+    p.add_argument("--split-seed", type=int, default=12345)
+    p.add_argument("--permutations", type=int, default=199, help="Mantel permutations")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from training.cli import main as train_main
+    from training.engine import create_model, seed_everything
+    from training.shards import make_shards
+
+    from treeprobe.models import load_model
+
+    out = Path(a.out)
+    t_all = time.time()
+    train_csv, held_csv = split_items(Path(a.data), a.heldout_frac, a.split_seed, out / "split")
+    heldout = pd.read_csv(held_csv, dtype=str, keep_default_na=False)
+    shards = out / "shards"
+    if not (shards / "manifest.json").is_file():
+        make_shards(train_csv, shards, shard_size=128, max_size=a.max_size, shuffle_seed=a.split_seed)
+    n_train = json.loads((shards / "manifest.json").read_text())["num_samples"]
+    print(f"train {n_train} photos (shards), held-out {len(heldout)} photos", flush=True)
+
+    rows = []
+    runs_csv = out / "runs.csv"
+    for seed in a.seeds:  # untrained baseline: the init every run of this seed starts from
+        seed_everything(seed)
+        model, _, pre_val, *_ = create_model("tiny", image_size=a.image_size)
+        t0 = time.time()
+        rows.append({"text_type": "untrained", "seed": seed, "train_s": 0.0, "final_loss": np.nan,
+                     **score(model.eval(), pre_val, heldout, seed=0, permutations=a.permutations),
+                     "eval_s": round(time.time() - t0, 1)})
+    for tt in a.text_types:
+        for seed in a.seeds:
+            run = out / "runs" / f"{tt}_seed{seed}"
+            targs = ["--data", str(shards), "--out", str(run), "--model", "tiny", "--text-type", tt,
+                     "--seed", str(seed), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
+                     "--lr", str(a.lr), "--warmup", str(a.warmup), "--no-progress", "-q", "--log-every", "5"]
+            if a.image_size:
+                targs += ["--image-size", str(a.image_size)]
+            if a.threads:
+                targs += ["--threads", str(a.threads)]
+            t0 = time.time()
+            rc = train_main(targs)
+            if rc != 0:
+                print(f"training failed for {tt} seed {seed} (rc {rc})", file=sys.stderr)
+                return rc
+            train_s = time.time() - t0
+            log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+            losses = [r["loss"] for r in log if r.get("event") == "train"]
+            lm = load_model(ckpt=str(run / "checkpoints" / f"epoch_{a.epochs}.pt"))
+            t1 = time.time()
+            rows.append({"text_type": tt, "seed": seed, "train_s": round(train_s, 1),
+                         "final_loss": losses[-1] if losses else np.nan,
+                         **score(lm.model, lm.preprocess, heldout, seed=0, permutations=a.permutations),
+                         "eval_s": round(time.time() - t1, 1)})
+            pd.DataFrame(rows).to_csv(runs_csv, index=False)
+            print(f"{tt} seed {seed}: train {train_s:.0f}s, loss {rows[-1]['final_loss']:.3f}", flush=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(runs_csv, index=False)
+
+    metric_cols = [c for c in df.columns if c.endswith("_r") or c.endswith("agreement_excess")] + ["final_loss"]
+    order = ["untrained"] + list(a.text_types)
+    g = df.groupby("text_type", sort=False)[metric_cols]
+    mean, sd = g.mean().reindex(order), g.std(ddof=1).reindex(order)
+    summary = mean.add_suffix("_mean").join(sd.add_suffix("_sd"))
+    summary.insert(0, "n_seeds", df.groupby("text_type").size().reindex(order))
+    summary.to_csv(out / "summary.csv")
+
+    show = [c for c in metric_cols if c.startswith("mantel_") or c.startswith("knn_")] + ["final_loss"]
+    short = {c: c.replace("mantel_", "Mantel ").replace("_spearman_r", " ρ").replace("_pearson_r", " r")
+             .replace("species-centroid", "centroid").replace("knn_", "kNN ").replace("_agreement_excess", "")
+             for c in show}
+    lines = ["| text type | n | " + " | ".join(short[c] for c in show) + " |",
+             "|---|---|" + "---|" * len(show)]
+    for tt in order:
+        cells = []
+        for c in show:
+            m, s = mean.at[tt, c], sd.at[tt, c]
+            cells.append("—" if pd.isna(m) else f"{m:.3f} ± {0.0 if pd.isna(s) else s:.3f}")
+        lines.append(f"| {tt} | {int(summary.at[tt, 'n_seeds'])} | " + " | ".join(cells) + " |")
+    src = df["metrics_source"].iloc[0]
+    text = (f"Held-out photos: {len(heldout)}; training photos: {n_train}; budget {a.epochs} epochs x batch "
+            f"{a.batch_size} (lr {a.lr}); seeds {a.seeds}; metrics: {src} (Mantel {a.permutations} "
+            f"permutations; kNN k=10, agreement excess = (agreement - chance)/(1 - chance)). "
+            f"Mean ± sd over seeds. Total {time.time() - t_all:.0f} s.\n\n" + "\n".join(lines) + "\n")
+    (out / "summary.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

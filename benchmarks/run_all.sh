@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Slow tests and benchmarks: kept out of the default test run (pytest's default is -m 'not slow').
+# Usage: bash benchmarks/run_all.sh [--quick]     (--quick: skip the N = 1,000,000 Mantel run, ~10 min)
+# Results go to benchmarks/out/ (not committed); copy the medians into benchmarks/RESULTS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=benchmarks/out
+mkdir -p "$OUT"
+
+# 1. the slow tests, in the machine's normal environment (OPENBLAS_* as set here)
+"$PY" -m pytest -q -m slow
+
+# 2. benchmarks. OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, where this machine sets them for old OpenBLAS
+#    builds, slow a current numpy: they are unset for the benchmark commands only (see RESULTS.md).
+BENCH_ENV=(env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE)
+
+# Mantel: treeprobe vs scikit-bio at N = 1,000 / 5,000 / 10,000, medians of 3 runs
+"${BENCH_ENV[@]}" "$PY" benchmarks/bench_mantel.py --json "$OUT/mantel.json" | tee "$OUT/mantel.txt"
+# Mantel at N = 1,000,000 (treeprobe alone; one run of ~5-10 min)
+if [[ "${1:-}" != "--quick" ]]; then
+  "${BENCH_ENV[@]}" "$PY" benchmarks/bench_mantel.py --n 1000000 --repeats 1 --json "$OUT/mantel_1m.json" \
+    | tee "$OUT/mantel_1m.txt"
+fi
+# Other benchmark scripts: add them here (each times treeprobe against its anchor in the same run).

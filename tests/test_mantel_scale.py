@@ -1,0 +1,278 @@
+"""The scalable Mantel path: exactness against scikit-bio on several trees and sizes, the tree
+compression, the compiled kernels against their numpy fallback, threads, and the vectorised
+CladeStructure internals against the plain loops they replaced."""
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from ete3 import Tree
+from skbio import DistanceMatrix
+from skbio.stats.distance import mantel as skbio_mantel
+
+from treeprobe.taxonomy import RANKS, CladeStructure, Taxonomy, clade_structure_from_tree
+
+M = importlib.import_module("treeprobe.mantel")  # the module (the package re-exports the function `mantel`)
+INAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "inat2021_taxonomy" / "metadata.csv"
+
+
+def random_taxonomy(n, seed, sizes=(2, 3, 3, 4, 5, 6, 8)):
+    rng = np.random.default_rng(seed)
+    return Taxonomy.from_frame(pd.DataFrame({r: [f"{r}{rng.integers(k)}" for _ in range(n)]
+                                             for r, k in zip(RANKS, sizes)}))
+
+
+def skbio_r(X, cs, method="pearson"):
+    r, _, _ = skbio_mantel(DistanceMatrix(M.cosine_distance_matrix(X)), DistanceMatrix(cs.item_distances()),
+                           method=method, permutations=0)
+    return r
+
+
+def random_tree_structure(n_leaves, n_items, seed, internal_items=0):
+    """An ete3 random tree with random branch lengths; items on random leaves (and, optionally,
+    some on internal nodes)."""
+    rng = np.random.default_rng(seed)
+    t = Tree()
+    t.populate(n_leaves, random_branches=True, branch_range=(0.0, 2.0))
+    for i, node in enumerate(t.traverse("preorder")):
+        node.dist = float(rng.uniform(0.01, 3.0)) if i else 0.0
+    leaves = [l.name for l in t.get_leaves()]
+    names = [leaves[i] for i in rng.integers(0, len(leaves), n_items)]
+    cs, mask = clade_structure_from_tree(t, names)
+    assert mask.all()
+    if internal_items:
+        internal = np.flatnonzero(np.bincount(cs.parent[1:], minlength=cs.n_nodes) > 0)
+        item_node = cs.item_node.copy()
+        item_node[rng.choice(n_items, internal_items, replace=False)] = rng.choice(internal, internal_items)
+        cs = CladeStructure(cs.parent, cs.length, item_node, cs.names)
+    return cs
+
+
+@pytest.mark.parametrize("n,seed", [(30, 0), (250, 1), (1200, 2)])
+def test_pearson_equals_skbio_rank_taxonomy(n, seed):
+    tax = random_taxonomy(n, seed)
+    cs = tax.clade_structure([3, 2, 2, 1.5, 1, 1, 0.25])
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 16)) + 2 * np.eye(16)[tax.codes("order") % 16]
+    assert M.mantel_tree(X, cs, permutations=0).statistic == pytest.approx(skbio_r(X, cs), abs=1e-9)
+    # float32 embeddings: the observed statistic is still exact (float64 from the data as given)
+    X32 = X.astype(np.float32)
+    assert M.mantel_tree(X32, cs, permutations=0).statistic == pytest.approx(skbio_r(X32, cs), abs=1e-9)
+
+
+@pytest.mark.skipif(not INAT.exists(), reason="iNat21 taxonomy not in shared/data")
+def test_pearson_equals_skbio_real_inat_lineages():
+    meta = pd.read_csv(INAT)
+    rng = np.random.default_rng(3)
+    rows = meta.iloc[rng.integers(0, len(meta), 1500)]
+    tax = Taxonomy.from_frame(rows[list(RANKS)])
+    cs = tax.clade_structure()
+    X = rng.normal(size=(1500, 32)).astype(np.float32) + np.eye(32, dtype=np.float32)[tax.codes("class") % 32]
+    res = M.mantel_tree(X, cs, permutations=9)
+    assert res.statistic == pytest.approx(skbio_r(X, cs), abs=1e-9)
+    assert res.statistic > 0.05
+
+
+@pytest.mark.parametrize("internal_items", [0, 25])
+def test_pearson_equals_skbio_newick_tree_with_branch_lengths(internal_items):
+    cs = random_tree_structure(60, 300, seed=4, internal_items=internal_items)
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(300, 12))
+    X += 3 * rng.normal(size=(cs.n_nodes, 12))[cs.item_node]  # related to the tree
+    res = M.mantel_tree(X, cs, permutations=0)
+    assert res.statistic == pytest.approx(skbio_r(X, cs), abs=1e-9)
+    assert res.n_pairs == 300 * 299 // 2
+
+
+def test_subset_with_empty_clades_and_chains():
+    tax = random_taxonomy(400, 6)
+    cs = tax.clade_structure([1, 1, 2, 1, 1, 3, 1]).subset_items(np.arange(0, 400, 7))  # many empty nodes
+    X = np.random.default_rng(7).normal(size=(cs.n_items, 5))
+    comp = M._compress(cs)
+    assert len(comp.parent) < cs.n_nodes
+    assert M.mantel_tree(X, cs, permutations=0).statistic == pytest.approx(skbio_r(X, cs), abs=1e-9)
+
+
+def test_compressed_tree_is_a_post_order_with_the_same_distances():
+    cs = random_tree_structure(40, 150, seed=8, internal_items=10)
+    comp = M._compress(cs)
+    m = len(comp.parent)
+    assert comp.parent[-1] == -1 and (comp.parent[:-1] > np.arange(m - 1)).all()
+    # post-order: the subtree of v is the contiguous range ending at v
+    sub_start = np.arange(m)
+    for v in range(m - 1):
+        sub_start[comp.parent[v]] = min(sub_start[comp.parent[v]], sub_start[v])
+    for v in range(m):
+        inside = np.arange(sub_start[v], v + 1)
+        anc = inside.copy()
+        for _ in range(m):  # every node of the range lies below v
+            anc = np.where(anc == v, v, np.where(anc >= 0, comp.parent[np.maximum(anc, 0)], -1))
+        assert (anc == v).all()
+    node_of_item = np.empty(cs.n_items, dtype=np.int64)
+    node_of_item[comp.order] = np.repeat(np.arange(m), comp.own)
+    cc = CladeStructure(np.r_[-1, (m - 1 - comp.parent[::-1][1:])], comp.w[::-1].copy(),
+                        m - 1 - node_of_item, np.array([""] * m, dtype=object))
+    assert np.allclose(cc.item_distances(), cs.item_distances())
+    sum_t, sum_t2 = M._tree_pair_sums(comp, cs.n_items)
+    T = cs.item_distances()[np.triu_indices(cs.n_items, 1)]
+    assert sum_t == pytest.approx(T.sum(), rel=1e-12)
+    assert sum_t2 == pytest.approx((T ** 2).sum(), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rank", "newick"])
+def test_kernel_numpy_fallback_and_matrix_form_agree_on_permutations(kind, monkeypatch):
+    if kind == "rank":
+        cs = random_taxonomy(150, 9).clade_structure()
+    else:
+        cs = random_tree_structure(30, 150, seed=10, internal_items=5)
+    X = np.random.default_rng(11).normal(size=(150, 6))
+    kw = dict(permutations=60, seed=12, alternative="two-sided")
+    fast = M.mantel_tree(X, cs, perm_dtype=np.float64, n_jobs=1, **kw)
+    assert fast.details["backend"] == "numba"
+    mat = M.mantel(M.cosine_distance_matrix(X), cs.item_distances(), **kw)
+    monkeypatch.setenv("TREEPROBE_NO_NUMBA", "1")
+    slow = M.mantel_tree(X, cs, perm_dtype=np.float64, **kw)
+    slow_mat = M.mantel(M.cosine_distance_matrix(X), cs.item_distances(), **kw)
+    assert slow.details["backend"] == "numpy"
+    assert fast.statistic == pytest.approx(mat.statistic, abs=1e-12)
+    assert fast.p_value == mat.p_value == slow.p_value == slow_mat.p_value
+    assert slow.statistic == pytest.approx(fast.statistic, abs=1e-12)
+
+
+def test_permuted_statistics_threads_and_float32(monkeypatch):
+    """Threads change nothing; float32 permutation data moves permuted r by ~1e-7 at most."""
+    tax = random_taxonomy(2000, 13)
+    cs = tax.clade_structure()
+    X = np.random.default_rng(14).normal(size=(2000, 128))
+    calls = []
+    orig = M._run_permutations
+
+    def spy(*args):
+        out = orig(*args)
+        calls.append((args[4], out.copy()))  # (workers, permuted statistics)
+        return out
+
+    monkeypatch.setattr(M, "_run_permutations", spy)
+    a = M.mantel_tree(X, cs, permutations=40, n_jobs=1)
+    b = M.mantel_tree(X, cs, permutations=40, n_jobs=2)
+    c = M.mantel_tree(X, cs, permutations=40, n_jobs=2, perm_dtype=np.float64)
+    assert [w for w, _ in calls] == [1, 2, 2]
+    assert a.statistic == b.statistic and a.p_value == b.p_value
+    assert b.details["n_jobs"] == 2
+    assert np.array_equal(calls[0][1], calls[1][1])
+    assert a.statistic == pytest.approx(c.statistic, abs=1e-12)
+    assert 0 < np.abs(calls[0][1] - calls[2][1]).max() < 1e-6
+
+
+def test_progress_bar_and_defaults(capsys):
+    tax = random_taxonomy(80, 15)
+    X = np.random.default_rng(16).normal(size=(80, 4))
+    res = M.mantel_tree(X, tax.clade_structure(), permutations=30, progress=True)
+    assert 1 / 31 <= res.p_value <= 1
+    assert res.details["permutation_dtype"] == "float32"
+
+
+def test_cosine_distance_matrix_blocked_is_symmetric_and_exact():
+    X = np.random.default_rng(17).normal(size=(2500, 7))
+    D = M.cosine_distance_matrix(X)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    ref = np.maximum(1 - Xn @ Xn.T, 0)
+    np.fill_diagonal(ref, 0)
+    assert (D == D.T).all() and np.abs(D - ref).max() < 1e-13
+
+
+def test_taxon_centroids_blocked():
+    rng = np.random.default_rng(18)
+    X = rng.normal(size=(20000, 5))
+    codes = rng.integers(0, 37, 20000)
+    C = M.taxon_centroids(X, codes)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    ref = np.array([Xn[codes == c].sum(0) for c in range(37)])
+    assert np.allclose(C, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-12)
+
+
+def test_spearman_estimator_semantics():
+    tax = random_taxonomy(400, 19)
+    X = np.random.default_rng(20).normal(size=(400, 8)) + 2 * np.eye(8)[tax.codes("phylum")]
+    cs = tax.clade_structure()
+    exact = M.mantel_tree(X, cs, method="spearman", permutations=0)
+    est = M.mantel_tree(X, cs, method="spearman", permutations=29, spearman_max_n=200, spearman_repeats=7)
+    d = est.details
+    assert est.estimator == "item-subsample (200 of 400 items, 8 subsamples)"
+    allr = np.array(d["subsample_statistics"])
+    assert est.statistic == pytest.approx(allr.mean())
+    half = (est.ci[1] - est.ci[0]) / 2
+    assert half == pytest.approx(2.3646 * allr.std(ddof=1) / np.sqrt(8), rel=1e-3)  # t(0.975, 7)
+    assert est.ci[0] < exact.statistic < est.ci[1] or abs(est.statistic - exact.statistic) < 3 * half
+    assert d["p_value_subsample_statistic"] == allr[0] and 1 / 30 <= est.p_value <= 1
+    assert est.n_items == 400 and est.n_pairs == 400 * 399 // 2
+    none = M.mantel_tree(X, cs, method="spearman", permutations=0, spearman_max_n=200, spearman_repeats=0)
+    assert none.ci is None and np.isnan(none.p_value)
+
+
+# --- CladeStructure internals: the vectorised versions against the plain loops -----------------------------
+
+
+def _loop_reference(cs):
+    n = cs.n_nodes
+    d = np.zeros(n, dtype=np.int64)
+    rd = np.zeros(n)
+    for v in range(1, n):
+        d[v] = d[cs.parent[v]] + 1
+        rd[v] = rd[cs.parent[v]] + cs.length[v]
+    rows, cols, anc = [], [], [[0]]
+    for v in range(1, n):
+        a = anc[cs.parent[v]] + [v]
+        anc.append(a)
+        rows.extend(a)
+        cols.extend([v] * len(a))
+    A = sp.csr_matrix((np.ones(len(rows) + 1), (rows + [0], cols + [0])), shape=(n, n))
+    return d, rd, A
+
+
+@pytest.mark.parametrize("kind", ["rank", "newick"])
+def test_clade_structure_internals_match_loops(kind):
+    cs = random_taxonomy(300, 21).clade_structure([1, 2, 3, 1, 1, 1, 0.5]) if kind == "rank" \
+        else random_tree_structure(80, 200, seed=22)
+    d, rd, A = _loop_reference(cs)
+    assert np.array_equal(cs.depth_levels(), d)
+    assert np.array_equal(cs.root_distance(), rd)
+    assert (cs.ancestor_matrix() != A).nnz == 0
+    vals = np.random.default_rng(23).normal(size=(cs.n_nodes, 3))
+    assert np.allclose(cs.accumulate_up(vals), A @ vals)
+    assert np.array_equal(cs.items_per_node(), np.asarray(A @ np.bincount(cs.item_node, minlength=cs.n_nodes)))
+
+
+def test_deep_caterpillar_tree():
+    """A 1500-deep chain of internal nodes: pointer jumping and the level passes stay fast and right."""
+    n_int = 1500
+    parent = np.r_[-1, np.arange(n_int - 1), np.arange(n_int)]  # chain, then one leaf per chain node
+    length = np.r_[0.0, np.full(len(parent) - 1, 0.5)]
+    item_node = np.arange(n_int, len(parent))
+    cs = CladeStructure(parent, length, item_node, np.array([""] * len(parent), dtype=object))
+    assert cs.depth_levels().max() == n_int
+    X = np.random.default_rng(24).normal(size=(n_int, 4))
+    sub = np.arange(0, n_int, 6)
+    r_full = M.mantel_tree(X, cs, permutations=3).statistic
+    assert np.isfinite(r_full)
+    assert M.mantel_tree(X[sub], cs.subset_items(sub), permutations=0).statistic == pytest.approx(
+        skbio_r(X[sub], cs.subset_items(sub)), abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INAT.exists(), reason="iNat21 taxonomy not in shared/data")
+@pytest.mark.parametrize("n", [5000, 10000])
+def test_slow_pearson_equals_skbio_at_10k_real_lineages(n):
+    """The benchmark's problem (iNat21 lineages, 512-d float32) against scikit-bio; ~3.5 GB at 10,000."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_mantel import build_problem
+
+    X, cs = build_problem(n, 512, seed=1, embeddings="clustered", metadata=INAT)
+    res = M.mantel_tree(X, cs, permutations=99)
+    assert res.statistic == pytest.approx(skbio_r(X, cs), abs=1e-9)
+    assert res.p_value == pytest.approx(1 / 100)
