@@ -19,10 +19,10 @@ from treeprobe.clustering import (
     purity_score,
     rankwise_clustering,
 )
+from tests._paths import TOL_EMBEDDINGS, real_tol_embeddings
 from treeprobe.errors import TreeprobeError
 
-REAL = Path("/work/shared/data/tol200m_bioclip2_embeddings_1k")
-RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+from treeprobe.taxonomy import RANKS
 
 
 @pytest.fixture(autouse=True)
@@ -33,16 +33,9 @@ def _one_thread():
 
 
 def real_data():
-    """909 rows with a kingdom; codes from cumulative labels ('' = placeholder under its parent)."""
-    if not (REAL / "embeddings.npy").exists():
+    if not (TOL_EMBEDDINGS / "embeddings.npy").exists():
         pytest.skip("real tol200m embeddings not available")
-    df = pd.read_csv(REAL / "metadata.csv", keep_default_na=False, dtype=str)
-    X = np.load(REAL / "embeddings.npy")
-    keep = (df["kingdom"] != "").to_numpy()
-    df = df[keep].reset_index(drop=True)
-    codes = {r: pd.factorize(df[list(RANKS[: i + 1])].agg("|".join, axis=1))[0]
-             for i, r in enumerate(RANKS)}
-    return X[keep], codes
+    return real_tol_embeddings()
 
 
 def planted(n_per=30, n_clusters=6, dim=16, noise=0.05, seed=0):

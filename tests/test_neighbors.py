@@ -7,11 +7,11 @@ import pytest
 from threadpoolctl import threadpool_limits
 from sklearn.neighbors import NearestNeighbors
 
+from tests._paths import TOL_EMBEDDINGS, real_tol_embeddings
 from treeprobe.errors import TreeprobeError
 from treeprobe.neighbors import knn_indices, knn_rank_agreement, l2_normalise
 
-REAL = Path("/work/shared/data/tol200m_bioclip2_embeddings_1k")
-RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+from treeprobe.taxonomy import RANKS
 
 
 @pytest.fixture(autouse=True)
@@ -22,15 +22,9 @@ def _one_thread():
 
 
 def real_data():
-    if not (REAL / "embeddings.npy").exists():
+    if not (TOL_EMBEDDINGS / "embeddings.npy").exists():
         pytest.skip("real tol200m embeddings not available")
-    df = pd.read_csv(REAL / "metadata.csv", keep_default_na=False, dtype=str)
-    X = np.load(REAL / "embeddings.npy")
-    keep = (df["kingdom"] != "").to_numpy()
-    df = df[keep].reset_index(drop=True)
-    codes = {r: pd.factorize(df[list(RANKS[: i + 1])].agg("|".join, axis=1))[0]
-             for i, r in enumerate(RANKS)}
-    return X[keep], codes
+    return real_tol_embeddings()
 
 
 @pytest.mark.parametrize("block_size", [1, 7, 50, 4096])
