@@ -45,7 +45,7 @@ from scipy.spatial.distance import squareform
 
 from treeprobe.errors import TreeprobeError
 from treeprobe.neighbors import l2_normalise
-from treeprobe.taxonomy import CladeStructure
+from treeprobe.taxonomy import CladeStructure, tree_depth
 
 ALTERNATIVES = ("greater", "less", "two-sided")
 METHODS = ("pearson", "spearman")
@@ -325,17 +325,6 @@ def taxon_centroids(X: np.ndarray, codes: np.ndarray) -> np.ndarray:
 # --- the exact clade-sum form -------------------------------------------------
 
 
-def _depth(parent: np.ndarray) -> np.ndarray:
-    """Edges from the root, for a parent array (−1 at the root), by pointer jumping."""
-    depth = (parent >= 0).astype(np.int64)
-    jump = parent.copy()
-    idx = np.flatnonzero(jump >= 0)
-    while idx.size:
-        j = jump[idx]
-        depth[idx] += depth[j]
-        jump[idx] = jump[j]
-        idx = idx[jump[idx] >= 0]
-    return depth
 
 
 @dataclass
@@ -384,7 +373,7 @@ def _compress(clades: CladeStructure) -> _Compressed:
     par = np.full(m, -1, dtype=np.int64)
     top = below[canon[parent[below]] != canon[below]]  # the top node of each chain
     par[idx[canon[top]]] = idx[parent[top]]  # the parent of a chain's top is canonical
-    depth = _depth(par)
+    depth = tree_depth(par)
     by_depth = np.argsort(depth, kind="stable")
     levels = np.split(by_depth, np.cumsum(np.bincount(depth))[:-1])
     # depth-first pre-order position: pre[v] = pre[parent] + 1 + nodes in earlier siblings' subtrees

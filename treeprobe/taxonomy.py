@@ -56,6 +56,22 @@ def placeable_mask(df: pd.DataFrame, ranks: Sequence[str] = RANKS) -> np.ndarray
     return (clean_lineages(df, ranks)[ranks[0]] != "").to_numpy()
 
 
+def tree_depth(parent: np.ndarray) -> np.ndarray:
+    """Edges from the root to each node of a parent array (−1 at the root), int64 (n_nodes,).
+
+    Pointer jumping: d[v] counts the edges from v up to jump[v]; O(n log depth), no Python loop over nodes.
+    """
+    d = (parent >= 0).astype(np.int64)
+    jump = parent.copy()
+    idx = np.flatnonzero(jump >= 0)
+    while idx.size:
+        j = jump[idx]
+        d[idx] += d[j]
+        jump[idx] = jump[j]
+        idx = idx[jump[idx] >= 0]
+    return d
+
+
 class Taxonomy:
     """Lineages of N items over the ranks, with cumulative labels and integer codes.
 
@@ -265,16 +281,7 @@ class CladeStructure:
 
     def depth_levels(self) -> np.ndarray:
         """Number of edges from the root to each node, int64 (n_nodes,)."""
-        # pointer jumping: d[v] counts the edges from v up to jump[v]; O(n log depth), no Python loop over nodes
-        d = (self.parent >= 0).astype(np.int64)
-        jump = self.parent.copy()
-        idx = np.flatnonzero(jump >= 0)
-        while idx.size:
-            j = jump[idx]
-            d[idx] += d[j]
-            jump[idx] = jump[j]
-            idx = idx[jump[idx] >= 0]
-        return d
+        return tree_depth(self.parent)
 
     def _levels(self) -> list[np.ndarray]:
         """Node indices grouped by depth (level 0 = the root), each group ascending."""
