@@ -23,3 +23,12 @@ if [[ "${1:-}" != "--quick" ]]; then
     | tee "$OUT/mantel_1m.txt"
 fi
 # Other benchmark scripts: add them here (each times treeprobe against its anchor in the same run).
+# Extraction end to end vs the bare forward pass (CPU, ViT-B-32 random init, 256 real photos)
+"$PY" benchmarks/bench_extract.py --repeats 3 --json-out "$OUT/extract.json" | tee "$OUT/extract.txt"
+# t-SNE / UMAP vs sklearn, openTSNE and umap-learn (RESULTS_intrinsic.md numbers were taken with OPENBLAS_* set)
+"$PY" benchmarks/bench_maps.py --sizes 5000,20000 --big 100000 --json "$OUT/maps.json" | tee "$OUT/maps.txt"
+# Full `treeprobe intrinsic` at 100K x 512, 10K iNat21 species (data generated once into benchmarks/_data)
+"$PY" benchmarks/make_synthetic_embeddings.py
+"$PY" benchmarks/bench_intrinsic.py --json "$OUT/intrinsic.json" | tee "$OUT/intrinsic.txt"
+# Training throughput vs open_clip's trainer needs a GPU; on the CPU only the smoke test runs:
+"$PY" benchmarks/train_throughput.py --model tiny --batch-size 8 --steps 5 --workers 0 | tee "$OUT/train_smoke.txt"

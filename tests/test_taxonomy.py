@@ -127,3 +127,12 @@ def test_real_multikingdom_lineages():
     assert counts == dict(kingdom=3, phylum=4, **{"class": 8}, order=45, family=133, genus=316, species=465)
     cs = tax.clade_structure()
     assert cs.n_items == 1072 and cs.n_nodes == 1 + sum(counts.values())
+
+
+def test_pair_distances_equal_the_full_matrix():
+    tax = Taxonomy.from_frame(small_frame())
+    cs = tax.clade_structure([5, 4, 3, 2, 1.5, 1, 0.5])
+    D = cs.item_distances()
+    rng = np.random.default_rng(0)
+    i, j = rng.integers(0, tax.n_items, 50), rng.integers(0, tax.n_items, 50)
+    assert np.allclose(cs.pair_distances(cs.item_node[i], cs.item_node[j]), D[i, j])

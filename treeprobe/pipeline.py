@@ -211,12 +211,7 @@ def _pair_sample(Xn: np.ndarray, clades, n_pairs: int, seed: int) -> dict:
     keep = i != j
     i, j = i[keep], j[keep]
     d = 1.0 - np.einsum("ij,ij->i", Xn[i], Xn[j])
-    leaves, inv = np.unique(clades.item_node, return_inverse=True)
-    if len(leaves) <= 20000:
-        T = clades.node_distances(leaves)
-        t = T[inv[i], inv[j]]
-    else:  # too many leaves for a leaf matrix: skip the figure
-        return None
+    t = clades.pair_distances(clades.item_node[i], clades.item_node[j])
     return dict(d_embed=d, d_tree=t)
 
 

@@ -342,6 +342,18 @@ class CladeStructure:
         np.fill_diagonal(D, 0.0)
         return np.maximum(D, 0.0)
 
+    def pair_distances(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Patristic distances between node pairs (u[k], v[k]), float64 (P,); O(P·depth) memory.
+
+        t = r(u) + r(v) − 2·Σ_{common ancestors c, incl. u or v themselves} w_c, r = root distance.
+        """
+        u = np.asarray(u, dtype=np.int64)
+        v = np.asarray(v, dtype=np.int64)
+        A = self.ancestor_matrix().tocsc()
+        shared = np.asarray(A[:, u].multiply(A[:, v]).T @ self.length).ravel()
+        rd = self.root_distance()
+        return np.maximum(rd[u] + rd[v] - 2.0 * shared, 0.0)
+
     def item_distances(self) -> np.ndarray:
         """Patristic distances between all items, float64 (N, N). Needs N² memory."""
         leaves, inv = np.unique(self.item_node, return_inverse=True)
