@@ -104,7 +104,7 @@ def plot_rank_maps(
         ax.set_yticks([])
         ax.set_xlabel(f"{method_name} 1")
         ax.set_ylabel(f"{method_name} 2")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, markerscale=max(1.0, 20 / size),
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, markerscale=min(max(1.0, 20 / size), 6.0),
                   frameon=False, borderaxespad=0.0)
     sup = title or f"{method_name} map by rank"
     if n_total is not None and n_total > n:
