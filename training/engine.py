@@ -190,6 +190,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    control_group: object = None  # a gloo group for CPU-side control messages (stop flag)
 
     @property
     def distributed(self) -> bool:
@@ -212,10 +213,15 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistIn
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"),
-                                init_method="env://", rank=rank, world_size=world)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+    control = None
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"),
+                                    init_method="env://", rank=rank, world_size=world)
+        # control messages go over gloo on CPU tensors, so agreeing on a stop needs no
+        # device synchronisation in the step (an NCCL all-reduce + .item() would stall it)
+        control = dist.new_group(backend="gloo")
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=dev, control_group=control)
 
 
 def _unwrap(model):
@@ -503,10 +509,13 @@ def _train(args) -> dict:
                     n_log += images.shape[0] * di.world_size
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+                    # the loss is read (a device sync) only on logged steps
                     if di.main and (step % args.log_every == 0 or step == total_steps):
+                        loss_value = float(loss.item())
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
                         dt = time.time() - t_log
-                        rec = dict(event="train", step=step, epoch=epoch, loss=float(loss.item()), lr=lr,
+                        rec = dict(event="train", step=step, epoch=epoch, loss=loss_value, lr=lr,
                                    img_s=round(n_log / max(dt, 1e-9), 2), text_type=ttype,
                                    logit_scale=float(_unwrap(model).logit_scale.exp().item()))
                         if di.device.type == "cuda":
@@ -515,8 +524,8 @@ def _train(args) -> dict:
                         t_log, n_log = time.time(), 0
                     want_stop = stop.signum is not None
                     if di.distributed:
-                        flag = torch.tensor([1.0 if want_stop else 0.0], device=di.device)
-                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                        flag = torch.tensor([1 if want_stop else 0], dtype=torch.int32)  # CPU tensor
+                        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=di.control_group)
                         want_stop = bool(flag.item() > 0)
                     end_of_epoch = position >= data.steps_per_epoch
                     if want_stop or (args.max_steps and step >= args.max_steps):
