@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from training.cli import main
+from training.engine import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS_CSV = REPO.parent / "shared" / "data" / "multikingdom_photos_index" / "metadata.csv"
@@ -95,3 +96,15 @@ def test_sigterm_saves_a_checkpoint_equal_to_a_stop_at_that_step(tmp_path):
     assert main(_args(tmp_path / "ref", "--max-steps", str(k), "--threads", "2", limit=64, batch=2)) == 0
     assert _same(_weights(out / "checkpoints" / f"step_{k}.pt"),
                  _weights(tmp_path / "ref" / "checkpoints" / f"step_{k}.pt"))
+
+
+def test_pretrained_local_file_initialises_the_model(tmp_path):
+    # init from a local file (how BioCLIP starts from OpenAI CLIP where the hub is unreachable):
+    # with lr 0 the run's checkpoint holds exactly the weights it was started from
+    assert main(_args(tmp_path / "first", "--max-steps", "1")) == 0
+    init = tmp_path / "first" / "checkpoints" / "step_1.pt"
+    assert main(_args(tmp_path / "second", "--pretrained", str(init), "--lr", "0", "--max-steps", "1")) == 0
+    started = _weights(init)  # one trained step away from the seed's random init
+    assert _same(_weights(tmp_path / "second" / "checkpoints" / "step_1.pt"), started)
+    fresh = create_model("tiny")[0].state_dict()  # had --pretrained been ignored (same seed, lr 0)
+    assert not _same({k: fresh[k] for k in started}, started)
