@@ -7,8 +7,10 @@
 Measures, interleaved within each repetition (the order rotates from one repetition to
 the next, so slow drifts in machine load hit every configuration alike):
 
-* bare: ``model.encode_image`` under ``torch.inference_mode()`` on preprocessed tensors
-  already in memory, the same batches, img/s;
+* bare: the model forward exactly as extraction runs it (``model.encode_image`` with the
+  same autocast and memory format: bf16 + channels_last on CUDA, fp32 on the CPU) under
+  ``torch.inference_mode()`` on preprocessed tensors already on the device, the same
+  batches, img/s;
 * e2e w=K: ``extract_embeddings(..., num_workers=K, cache_dir=None)`` from the JPEG files
   (decode + resize + forward + normalise + collect), img/s from its own wall clock, for each
   ``--workers`` value and each ``--main-threads`` value (torch threads in the main process
@@ -76,14 +78,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from treeprobe.extract import extract_embeddings
+    from treeprobe.extract import _encode, _prepare_model, _resolve_plan, extract_embeddings
     from treeprobe.models import load_model
     from PIL import Image
 
     lm = load_model(ckpt=args.ckpt, model=args.model if not args.ckpt else None, device=args.device)
     if args.ckpt and args.model:
         lm = load_model(ckpt=args.ckpt, model=args.model, device=args.device)
-    model = lm.model.eval()
     paths = pick_paths(args.csv, args.n)
     n, bs = len(paths), args.batch_size
     default_threads = torch.get_num_threads()
@@ -99,11 +100,17 @@ def main(argv=None) -> int:
     x = torch.stack(tensors).to(args.device)
     batches = [x[i:i + bs] for i in range(0, n, bs)]
 
+    # the bare forward runs the model exactly as extraction does (same autocast and memory format:
+    # bf16 autocast + channels_last on CUDA, plain fp32 on the CPU), minus decoding and loading
+    plan = _resolve_plan(lm, args.device)
+    model = _prepare_model(lm, plan)
+    print(f"compute: {plan.compute}, channels_last {plan.channels_last}", flush=True)
+
     def bare() -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
             for b in batches:
-                model.encode_image(b)
+                _encode(model, b, plan)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return n / (time.perf_counter() - t0)
@@ -122,7 +129,7 @@ def main(argv=None) -> int:
             configs.append((label, lambda w=w, th=th: e2e(w, th)))
 
     with torch.inference_mode():  # warm-up (allocator, oneDNN primitive caches)
-        model.encode_image(batches[0])
+        _encode(model, batches[0], plan)
     def cpu_seconds() -> float:
         a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime

@@ -52,11 +52,16 @@ def _check_open_clip_train() -> str | None:
 
 
 def _run(cmd: list[str], log_path: Path, timeout: float) -> tuple[int, float]:
+    """Run ``cmd`` with its output in ``log_path``; ``(returncode, seconds)``, 124 on timeout (the
+    steps logged until then are still read by the callers)."""
     t0 = time.time()
     with open(log_path, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return proc.returncode, time.time() - t0
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    return rc, time.time() - t0
 
 
 def run_ours(a, work: Path) -> dict:

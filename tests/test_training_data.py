@@ -64,3 +64,17 @@ def test_augmentation_is_a_function_of_seed_and_leaves_global_rng_alone():
     c = seeded_transform(pre_train, img, 12)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_loader_workers_tokenize_the_text_types_of_the_run():
+    import open_clip
+
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    items = load_items(PHOTOS_CSV).iloc[:8]
+    plain = build_map_data(items, lambda im: torch.zeros(3, 4, 4), batch_size=4, seed=0)
+    tokens = build_map_data(items, lambda im: torch.zeros(3, 4, 4), batch_size=4, seed=0, workers=2,
+                            tokenize=tok, text_types=("scientific",))
+    for (_, caps), (_, toks) in zip(plain.batches(1, 0), tokens.batches(1, 0)):
+        assert set(toks) == {"scientific"}  # only the run's type is tokenized
+        assert toks["scientific"].shape == (4, 77) and toks["scientific"].dtype == torch.long
+        assert torch.equal(toks["scientific"], tok(caps["scientific"]))

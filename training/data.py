@@ -1,9 +1,12 @@
 """Training data: metadata CSV / iNat21 folders (map-style) and webdataset shards.
 
-Both sources yield batches ``(images, captions)``: ``images`` is a float tensor
-(B, 3, H, W) from open_clip's train transform, ``captions`` a dict mapping every fixed
-text type (:data:`training.text.TEXT_TYPES`) to a list of B caption strings. The engine
-picks the text type for the step and tokenizes.
+Both sources yield batches ``(images, texts)``: ``images`` is a float tensor
+(B, 3, H, W) from open_clip's train transform, ``texts`` a dict mapping each text type the
+run can draw (``text_types``; default every fixed type of :data:`training.text.TEXT_TYPES`)
+to the batch's captions: token ids (B, context_length) when a ``tokenize`` callable is
+given — the engine passes open_clip's tokenizer, so tokenization runs in the loader
+workers, off the training step, as in open_clip's trainer — else lists of B strings. The
+engine picks the text type for the step.
 
 Determinism: the random augmentation of a sample is a pure function of
 ``(seed, epoch, sample id)`` (the transform runs under a forked, re-seeded RNG), and the
@@ -150,6 +153,12 @@ def detect_data_type(path: str | Path) -> str:
     raise DataError(f"training data not found: {path}")
 
 
+def encode_texts(captions: dict[str, list[str]], text_types=TEXT_TYPES, tokenize: Callable | None = None) -> dict:
+    """``{text type: captions}`` for ``text_types``: ``tokenize(captions)`` (token ids,
+    (B, context_length)) when ``tokenize`` is given, else the caption strings."""
+    return {t: tokenize(captions[t]) if tokenize is not None else captions[t] for t in text_types}
+
+
 def caption_table(items: pd.DataFrame) -> dict[str, list[str]]:
     """Text type → caption per row (see :mod:`training.text`)."""
     records = items[list(RANKS) + ["common_name"]].to_dict("records")
@@ -192,10 +201,13 @@ def sample_seed(seed: int, epoch: int, key) -> int:
 
 
 def seeded_transform(transform: Callable, img, seed: int):
-    """Apply ``transform`` with torch + python RNGs temporarily seeded by ``seed``."""
+    """Apply ``transform`` with torch (CPU) + python RNGs temporarily seeded by ``seed``.
+
+    Only the CPU generator is seeded (the transforms draw from it): ``torch.manual_seed``
+    would also seed every accelerator's generators, 60x slower per sample."""
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         try:
             return transform(img)
@@ -205,7 +217,12 @@ def seeded_transform(transform: Callable, img, seed: int):
 
 # ----------------------------------------------------------------------------- map-style
 class CaptionedImages(Dataset):
-    """Map-style dataset over an items frame: ``ds[i]`` → (image tensor (3, H, W), i)."""
+    """Map-style dataset over an items frame: ``ds[i]`` → (image tensor (3, H, W), i).
+    ``collate`` makes a batch's texts (see :func:`encode_texts`) for ``text_types`` with
+    ``tokenize``."""
+
+    text_types: tuple = TEXT_TYPES
+    tokenize: Callable | None = None
 
     def __init__(self, items: pd.DataFrame, transform: Callable, seed: int = 0):
         self.items = items.reset_index(drop=True)
@@ -235,10 +252,11 @@ class CaptionedImages(Dataset):
         raise DataError("no readable image in the dataset")
 
     def collate(self, batch):
-        """list of (image, index) → (images (B,3,H,W), {text type: [B captions]})."""
+        """list of (image, index) → (images (B,3,H,W), {text type: token ids (B, L) or [B captions]})."""
         images = torch.stack([b[0] for b in batch])
         idx = [b[1] for b in batch]
-        return images, {t: [self.captions[t][i] for i in idx] for t in TEXT_TYPES}
+        caps = {t: [self.captions[t][i] for i in idx] for t in self.text_types}
+        return images, encode_texts(caps, self.text_types, self.tokenize)
 
 
 class SkipSampler(DistributedSampler):
@@ -286,9 +304,10 @@ class TrainData:
 
 def build_map_data(items: pd.DataFrame | None, transform: Callable, batch_size: int, seed: int,
                    rank: int = 0, world_size: int = 1, workers: int = 0,
-                   verify: bool = True, kind: str = "csv", dataset: CaptionedImages | None = None) -> TrainData:
+                   verify: bool = True, kind: str = "csv", dataset: CaptionedImages | None = None,
+                   tokenize: Callable | None = None, text_types=TEXT_TYPES) -> TrainData:
     """TrainData for a CSV/iNat items frame (or a ready ``dataset``): per-rank
-    DistributedSampler, drop_last batches."""
+    DistributedSampler, drop_last batches; texts for ``text_types``, tokenized by ``tokenize``."""
     skipped = pd.DataFrame(columns=["item", "reason"])
     if dataset is not None:
         ds = dataset
@@ -296,6 +315,7 @@ def build_map_data(items: pd.DataFrame | None, transform: Callable, batch_size: 
         if verify:
             items, skipped = verify_images(items)
         ds = CaptionedImages(items, transform, seed=seed)
+    ds.tokenize, ds.text_types = tokenize, tuple(text_types)
     if len(ds) < batch_size * world_size:
         raise DataError(f"{len(ds)} usable images < batch size {batch_size} x {world_size} rank(s)")
     sampler = SkipSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -360,8 +380,10 @@ class ShardData:
 
     def __init__(self, spec: str, transform: Callable, batch_size: int, seed: int,
                  num_samples: int | None = None, rank: int = 0, world_size: int = 1,
-                 workers: int = 0, shuffle_buffer: int = 1000):
+                 workers: int = 0, shuffle_buffer: int = 1000, tokenize: Callable | None = None,
+                 text_types=TEXT_TYPES):
         self.urls = list_shards(spec)
+        self.tokenize, self.text_types = tokenize, tuple(text_types)
         n = num_samples or shard_manifest_count(spec)
         if not n:
             raise DataError("shards need --train-num-samples (no manifest.json next to them)")
@@ -399,11 +421,12 @@ class ShardData:
             img = _decode_image(s[img_key])
             x = seeded_transform(self.transform, img, sample_seed(seed, epoch, s["__key__"]))
             texts = meta["texts"]
-            return x, {t: texts[t] for t in TEXT_TYPES}
+            return x, {t: texts[t] for t in self.text_types}
 
         def collate(samples):
             images = torch.stack([s[0] for s in samples])
-            return images, {t: [s[1][t] for s in samples] for t in TEXT_TYPES}
+            caps = {t: [s[1][t] for s in samples] for t in self.text_types}
+            return images, encode_texts(caps, self.text_types, self.tokenize)
 
         return wds.DataPipeline(
             wds.SimpleShardList(self._rank_urls(epoch, rnd)),

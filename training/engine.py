@@ -285,9 +285,13 @@ def _autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _build_data(args, pre_train, di: DistInfo):
+def _build_data(args, pre_train, di: DistInfo, tokenizer=None):
+    """TrainData for ``args.data``; its batches carry token ids of the text types the run
+    can draw (tokenized in the loader workers)."""
     from training.data import ShardData, build_map_data, detect_data_type, load_items
+    from training.text import TEXT_TYPES
 
+    text = dict(tokenize=tokenizer, text_types=TEXT_TYPES if args.text_type == "mixed" else (args.text_type,))
     dtype = args.data_type if args.data_type != "auto" else detect_data_type(args.data)
     if dtype == "synthetic":
         from training.data import SyntheticImages
@@ -296,15 +300,15 @@ def _build_data(args, pre_train, di: DistInfo):
         ds = SyntheticImages(args.train_num_samples or 10 * args.batch_size * di.world_size, pre_train, size,
                              seed=args.seed)
         return build_map_data(None, pre_train, args.batch_size, args.seed, rank=di.rank, world_size=di.world_size,
-                              workers=args.workers, kind="synthetic", dataset=ds)
+                              workers=args.workers, kind="synthetic", dataset=ds, **text)
     if dtype == "wds":
         return ShardData(args.data, pre_train, args.batch_size, args.seed, num_samples=args.train_num_samples,
-                         rank=di.rank, world_size=di.world_size, workers=args.workers).train_data()
+                         rank=di.rank, world_size=di.world_size, workers=args.workers, **text).train_data()
     items = load_items(args.data, dtype)
     if args.limit:
         items = items.iloc[: args.limit]
     return build_map_data(items, pre_train, args.batch_size, args.seed, rank=di.rank,
-                          world_size=di.world_size, workers=args.workers, kind=dtype)
+                          world_size=di.world_size, workers=args.workers, kind=dtype, **text)
 
 
 RESUME_MUST_MATCH = ("model", "batch_size", "epochs", "lr", "warmup", "text_type", "seed", "data",
@@ -364,7 +368,7 @@ def _train(args) -> dict:
         args.model, args.pretrained, device=di.device, image_size=args.image_size, cache_dir=args.cache_dir)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    data = _build_data(args, pre_train, di)
+    data = _build_data(args, pre_train, di, tokenizer)
     total_steps = data.steps_per_epoch * args.epochs
     warmup = args.warmup
     if warmup >= total_steps:
@@ -479,9 +483,9 @@ def _train(args) -> dict:
             for epoch in range(start_epoch, args.epochs):
                 skip = position if epoch == start_epoch else 0
                 position = skip
-                for images, captions in data.batches(epoch, skip):
+                for images, texts_by_type in data.batches(epoch, skip):
                     ttype = text_type_for_step(args.text_type, step, args.seed)
-                    texts = tokenizer(captions[ttype]).to(di.device, non_blocking=True)
+                    texts = texts_by_type[ttype].to(di.device, non_blocking=True)
                     images = images.to(di.device, non_blocking=True)
                     lr = lr_at(step)
                     for g in optimizer.param_groups:
