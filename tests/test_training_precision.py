@@ -104,3 +104,24 @@ def test_grad_checkpointing_run_matches_plain_run(precision_runs, tmp_path):
     b = _weights(precision_runs / "fp32" / "checkpoints" / "epoch_1.pt")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert json.loads((run / "args.json").read_text())["grad_checkpointing"] is True
+
+
+def test_resnet_tower_trains_and_warns_that_it_has_no_grad_checkpointing(tmp_path, caplog):
+    # any open_clip architecture from a config file: a tiny ModifiedResNet image tower
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    path = tmp_path / "tiny-rn.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "rn"
+    with caplog.at_level("WARNING", logger="training"):
+        assert main(["--data", "synthetic", "--train-num-samples", "8", "--batch-size", "4", "--model", str(path),
+                     "--grad-checkpointing", "--out", str(out), "--no-progress", "--warmup", "1"]) == 0
+    assert "has none for ResNet image towers" in caplog.text
+    ck = torch.load(out / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=True)
+    assert ck["step"] == 2 and ck["model_name"] == "tiny-rn" and ck["model_cfg"]["vision_cfg"]["layers"] == [1, 1, 1, 1]
+    from treeprobe.models import load_model
+
+    lm = load_model(ckpt=str(out / "checkpoints" / "epoch_1.pt"))  # architecture from the checkpoint alone
+    with torch.no_grad():
+        z = lm.model.encode_image(torch.randn(2, 3, 32, 32))
+    assert lm.embed_dim == 32 and z.shape == (2, 32) and torch.isfinite(z).all()

@@ -368,6 +368,9 @@ def _train(args) -> dict:
         args.model, args.pretrained, device=di.device, image_size=args.image_size, cache_dir=args.cache_dir)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
+        if type(getattr(model, "visual", None)).__name__ == "ModifiedResNet":
+            log.warning("--grad-checkpointing: open_clip has none for ResNet image towers (%s); only the "
+                        "text tower is checkpointed", model_name)
     data = _build_data(args, pre_train, di, tokenizer)
     total_steps = data.steps_per_epoch * args.epochs
     warmup = args.warmup
