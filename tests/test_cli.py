@@ -214,3 +214,22 @@ def test_report_folder_round_trip_and_figure_redraw(tmp_path, capsys):
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "fig" / "tsne_by_rank.png").stat().st_size > 10000
     assert (tmp_path / "fig" / "mantel_distances.pdf").exists()
+
+
+def test_knn_query_subsample_on_real_embeddings(tmp_path, capsys):
+    exact_out, est_out = str(tmp_path / "exact"), str(tmp_path / "est")
+    assert run(["intrinsic", "--embeddings", PARQUET, "--out", exact_out, *FAST, "--no-centroids"], capsys)[0] == 0
+    args = ["intrinsic", "--embeddings", PARQUET, "--out", est_out, *FAST, "--no-centroids", "--knn-max-queries"]
+    assert run(args + ["300"], capsys)[0] == 0
+    exact = {r["rank"]: r for r in load_report(exact_out)["knn"]}
+    est = {r["rank"]: r for r in load_report(est_out)["knn"]}
+    assert load_report(est_out)["provenance"]["knn_max_queries"] == 300
+    for rank, e in est.items():
+        assert exact[rank]["estimator"] == "exact" and e["estimator"] == "query-subsample"
+        assert e["n_queries"] == 300 and e["n_evaluated"] <= 300 and e["agreement_ci95"] > 0
+        assert abs(e["agreement"] - exact[rank]["agreement"]) <= 2 * e["agreement_ci95"]
+        assert e["chance"] == pytest.approx(exact[rank]["chance"], rel=1e-12)
+    md = open(os.path.join(est_out, "report.md")).read()
+    assert "Estimated from 300 random query items" in md and "agreement_ci95" in md
+    code, _, err = run(args + ["0"], capsys)
+    assert code == 2 and "--knn-max-queries must be positive" in err

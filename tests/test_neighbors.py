@@ -177,3 +177,45 @@ def test_knn_float32_input_is_rescored_in_float64():
     np.testing.assert_array_equal(idx, ref_idx)
     assert sim.dtype == np.float32
     np.testing.assert_allclose(sim, ref_sim, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_knn_of_query_rows_equals_those_rows_of_the_full_search(use_numba, monkeypatch):
+    from treeprobe import neighbors
+
+    monkeypatch.setattr(neighbors, "USE_NUMBA", use_numba)
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(900, 24))[rng.integers(0, 300, 900)] + 0.05 * rng.normal(size=(900, 24))
+    X[10] = X[3]  # exact duplicates: near-ties take the float64 fallback
+    ref_idx, ref_sim = _brute(X, 8)
+    q = np.r_[3, 10, np.sort(rng.choice(900, 200, replace=False))]
+    for bs in (64, 900):
+        idx, sim = knn_indices(X, 8, block_size=bs, queries=q)
+        np.testing.assert_array_equal(idx, ref_idx[q])  # query positions never mistaken for items
+        np.testing.assert_allclose(sim, ref_sim[q], atol=1e-12)
+    with pytest.raises(TreeprobeError, match="queries"):
+        knn_indices(X, 8, queries=np.array([0, 900]))
+
+
+def test_query_subsample_agreement_covers_the_exact_value():
+    rng = np.random.default_rng(5)
+    genus = rng.integers(0, 150, 4000)
+    centres = rng.normal(size=(150, 16))
+    X = centres[genus] + 1.2 * rng.normal(size=(4000, 16))
+    codes = {"family": genus // 5, "genus": genus}
+    exact = knn_rank_agreement(X, codes, k=10).set_index("rank")
+    assert (exact["estimator"] == "exact").all() and exact["agreement_ci95"].isna().all()
+    assert knn_rank_agreement(X, codes, k=10, max_queries=4000).equals(exact.reset_index())
+    est = [knn_rank_agreement(X, codes, k=10, max_queries=400, seed=s).set_index("rank") for s in range(30)]
+    for rank in codes:
+        e = exact.loc[rank]
+        assert 0.2 < e["agreement"] < 0.9  # neither trivial nor saturated
+        a = np.array([d.loc[rank, "agreement"] for d in est])
+        ci = np.array([d.loc[rank, "agreement_ci95"] for d in est])
+        t1, t1ci = (np.array([d.loc[rank, c] for d in est]) for c in ("top1", "top1_ci95"))
+        assert est[0].loc[rank, "estimator"] == "query-subsample" and est[0].loc[rank, "n_queries"] == 400
+        assert (ci > 0).all() and np.ptp(a) > 0
+        assert np.mean(np.abs(a - e["agreement"]) <= ci) >= 0.8  # nominal 95 %
+        assert np.mean(np.abs(t1 - e["top1"]) <= t1ci) >= 0.8
+        assert abs(a.mean() - e["agreement"]) < 2 * ci.mean() / np.sqrt(len(a)) + 1e-3  # unbiased
+        assert all(d.loc[rank, "chance"] == e["chance"] for d in est)  # chance stays exact

@@ -35,14 +35,15 @@ def _insert(vals, idx, g, s, col):
 
 
 def _offer_rows(S, r0, c0, vals, idx, thr):
-    """Row r0 + i gets S[i, j] as the similarity to column c0 + j (self skipped)."""
+    """Buffer row r0 + i gets S[i, j] as the similarity to column c0 + j (self pairs come as
+    -inf from the caller, which never beats a threshold)."""
     b, c = S.shape
     for i in numba.prange(b):
         g = r0 + i
         t = thr[g]
         for j in range(c):
             s = S[i, j]
-            if s > t and c0 + j != g:
+            if s > t:
                 t = _insert(vals, idx, g, s, c0 + j)
         thr[g] = t
 
@@ -61,7 +62,7 @@ def _offer_cols(St, r0, c0, vals, idx, thr):
         for i in range(c):
             for j in range(j0, j1):
                 s = St[i, j]
-                if s > t[j - j0] and c0 + i != r0 + j:
+                if s > t[j - j0]:
                     t[j - j0] = _insert(vals, idx, r0 + j, s, c0 + i)
         for j in range(j0, j1):
             thr[r0 + j] = t[j - j0]

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of every stochastic step (default 0)")
     s.add_argument("--permutations", type=int, default=999, help="Mantel permutations (default 999)")
     s.add_argument("--knn-k", type=int, default=10, help="neighbours for kNN agreement (default 10)")
+    s.add_argument("--knn-max-queries", type=int, default=100_000,
+                   help="above this many items, kNN agreement is estimated (with a 95%% CI) from this many "
+                        "random query items, each with its exact neighbours among all items (default 100000)")
     s.add_argument("--rank-lengths", help="edge length above each rank, 7 comma-separated numbers "
                                           "kingdom..species (default 1 each)")
     s.add_argument("--maps", default="tsne,umap", help="2-D maps to draw: tsne,umap or none (default tsne,umap)")
@@ -95,7 +98,7 @@ def cmd_intrinsic(args) -> int:
     if demo and not args.demo:
         print("treeprobe: no --data or --embeddings given: running the built-in simulated tree of life (--demo)",
               file=sys.stderr)
-    for name in ("permutations", "knn_k", "batch_size", "max_map_points"):
+    for name in ("permutations", "knn_k", "knn_max_queries", "batch_size", "max_map_points"):
         if getattr(args, name) < (0 if name == "permutations" else 1):
             raise TreeprobeError(f"--{name.replace('_', '-')} must be positive")
     report, paths = run_intrinsic(
@@ -103,6 +106,7 @@ def cmd_intrinsic(args) -> int:
         pretrained=args.pretrained, tree=args.tree, out=args.out, demo=demo, cache_dir=args.cache_dir,
         batch_size=args.batch_size, workers=args.workers, device=args.device, figures=not args.no_figures,
         progress=not args.quiet, trust_checkpoint=args.trust_checkpoint, seed=args.seed, permutations=args.permutations, knn_k=args.knn_k,
+        knn_max_queries=args.knn_max_queries,
         rank_lengths=_rank_lengths(args.rank_lengths), maps=_split(args.maps),
         max_map_points=args.max_map_points, cluster_methods=_split(args.cluster_methods),
         centroid_level=not args.no_centroids,

@@ -171,8 +171,9 @@ def _exact_rows(X64: np.ndarray, rows: np.ndarray, k: int, block_size: int):
 
 
 def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine k-nearest neighbours of every row of ``X`` (self excluded).
+                queries=None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine k-nearest neighbours of every row of ``X`` (self excluded), or of the
+    rows listed in ``queries`` (searched against all N rows).
 
     Brute force by blocked matrix products, memory ``O(block_size**2 + N*k)``, never
     ``N x N``. The products run in float32 over the upper triangle of block pairs (each
@@ -196,12 +197,15 @@ def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
         ``2 * block_size**2`` float32 (4096 -> 128 MB) plus the buffers (N * (k + extra) * 12 B).
     extra : int, optional
         Spare candidates per row (default ``max(4, k // 4)``).
+    queries : int array (Q,), optional
+        Row indices to search for (default all N). The work is ``Q x N`` products instead
+        of the ``N x N / 2`` of the full search; the results are the same rows of it.
 
     Returns
     -------
-    indices : int64 (N, k)
+    indices : int64 (N, k) or (Q, k)
         Neighbour indices, most similar first; equal similarities ordered by index.
-    similarities : float (N, k)
+    similarities : float (N, k) or (Q, k)
         Cosine similarities (float32 for float32 input, else float64), descending.
     """
     Xn = l2_normalise(X)
@@ -216,19 +220,37 @@ def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
     cap = min(k + extra, n - 1)
     X32 = np.ascontiguousarray(Xn, dtype=np.float32)
     X64 = Xn.astype(np.float64, copy=False)
-    buf = _TopBuffer(n, cap)
     starts = list(range(0, n, block_size))
-    for bi, r0 in enumerate(starts):
-        r1 = min(r0 + block_size, n)
-        A = X32[r0:r1]
-        for c0 in starts[bi:]:
-            c1 = min(c0 + block_size, n)
-            S = _gemm(A, X32[c0:c1])
-            if c0 == r0:
-                np.fill_diagonal(S, -np.inf)
-            buf.update(r0, S, c0)
-            if c0 != r0:
-                buf.update(c0, S.T, r0)
+    if queries is None:
+        item = np.arange(n)  # the item behind each buffer row
+        buf = _TopBuffer(n, cap)
+        for bi, r0 in enumerate(starts):
+            r1 = min(r0 + block_size, n)
+            A = X32[r0:r1]
+            for c0 in starts[bi:]:
+                c1 = min(c0 + block_size, n)
+                S = _gemm(A, X32[c0:c1])
+                if c0 == r0:
+                    np.fill_diagonal(S, -np.inf)
+                buf.update(r0, S, c0)
+                if c0 != r0:
+                    buf.update(c0, S.T, r0)
+    else:
+        item = np.asarray(queries)
+        if item.ndim != 1 or (item.size and (item.dtype.kind not in "iu" or item.min() < 0 or item.max() >= n)):
+            raise TreeprobeError(f"queries must be a 1-D array of row indices in [0, {n}); got {item!r:.80}")
+        item = item.astype(np.int64)
+        buf = _TopBuffer(item.size, cap)
+        for a in range(0, item.size, block_size):
+            qa = item[a:a + block_size]
+            A = X32[qa]
+            for c0 in starts:
+                c1 = min(c0 + block_size, n)
+                S = _gemm(A, X32[c0:c1])
+                own = np.flatnonzero((qa >= c0) & (qa < c1))
+                S[own, qa[own] - c0] = -np.inf
+                buf.update(a, S, c0)
+    nq = item.size
 
     # exact re-scoring of the float32 candidates near the k-th
     tol = _f32_dot_tolerance(dim)
@@ -242,20 +264,20 @@ def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
     s64 = np.empty(ri.size, dtype=np.float64)
     step = max(1, (1 << 22) // max(dim, 1))
     for a in range(0, ri.size, step):
-        s64[a:a + step] = np.einsum("ij,ij->i", X64[ri[a:a + step]], X64[ci[a:a + step]])
+        s64[a:a + step] = np.einsum("ij,ij->i", X64[item[ri[a:a + step]]], X64[ci[a:a + step]])
     order = np.lexsort((ci, -s64, ri))
     ri, ci, s64 = ri[order], ci[order], s64[order]
-    counts = np.bincount(ri, minlength=n)
+    counts = np.bincount(ri, minlength=nq)
     first = np.cumsum(counts) - counts
     rows_ok = np.flatnonzero(certified)
     take = first[rows_ok][:, None] + np.arange(k)
-    out_idx = np.empty((n, k), dtype=np.int64)
-    out_sim = np.empty((n, k), dtype=np.float64)
+    out_idx = np.empty((nq, k), dtype=np.int64)
+    out_sim = np.empty((nq, k), dtype=np.float64)
     out_idx[rows_ok] = ci[take]
     out_sim[rows_ok] = s64[take]
     bad = np.flatnonzero(~certified)
     if bad.size:
-        out_idx[bad], out_sim[bad] = _exact_rows(X64, bad, k, block_size)
+        out_idx[bad], out_sim[bad] = _exact_rows(X64, item[bad], k, block_size)
     return out_idx, out_sim.astype(Xn.dtype, copy=False)
 
 
@@ -271,10 +293,17 @@ def knn_rank_agreement(
     codes_by_rank: Mapping[str, np.ndarray],
     k: int = 10,
     block_size: int = 4096,
+    max_queries: int | None = None,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Share of each item's k nearest neighbours (cosine) that share its taxon, per rank.
 
     The kNN graph is computed once (:func:`knn_indices`) and reused for every rank.
+    Above ``max_queries`` items the means below are estimated from a uniform random sample
+    of ``max_queries`` query items (seeded), each with its exact k nearest neighbours among
+    all N: ``estimator`` = 'query-subsample' and ``agreement_ci95`` / ``top1_ci95`` give the
+    95 % half-widths (normal approximation, finite-population corrected). The work is then
+    ``max_queries x N`` similarities instead of ``N x N / 2``. ``chance`` is always exact.
 
     For item i in taxon t (size n_t) with neighbours j_1..j_k:
 
@@ -296,11 +325,17 @@ def knn_rank_agreement(
         Taxon code per item at each rank (any integer labels), in rank order.
     k : int
         Neighbours per item, ``k <= N - 1`` (else :class:`TreeprobeError`).
+    max_queries : int, optional
+        Largest N searched in full (None: always in full).
+    seed : int
+        Seed of the query sample.
 
     Returns
     -------
     DataFrame, one row per rank: rank, k, n_taxa, agreement, chance, agreement_excess,
-    top1, n_evaluated, n_excluded_singletons, note ('' or why scores are NaN).
+    top1, n_evaluated (items whose neighbours were scored), n_excluded_singletons (items
+    alone in their taxon, among all N), estimator ('exact' | 'query-subsample'),
+    n_queries, agreement_ci95, top1_ci95 (NaN when exact), note ('' or why scores are NaN).
     """
     X = np.asarray(X)
     if X.ndim != 2:
@@ -309,23 +344,39 @@ def knn_rank_agreement(
     if int(k) >= n:
         raise TreeprobeError(f"k={k} neighbours needs at least k+1={int(k) + 1} items; got {n}")
     codes_by_rank = {r: _check_codes(c, n, r) for r, c in codes_by_rank.items()}
-    nn_idx, _ = knn_indices(X, k, block_size=block_size)
+    sampled = max_queries is not None and n > int(max_queries)
+    if sampled:
+        if int(max_queries) < 2:
+            raise TreeprobeError(f"max_queries must be >= 2; got {max_queries}")
+        queries = np.sort(np.random.default_rng(seed).choice(n, int(max_queries), replace=False))
+    else:
+        queries = np.arange(n)
+    nn_idx, _ = knn_indices(X, k, block_size=block_size, queries=queries if sampled else None)
     rows = []
     for rank, codes in codes_by_rank.items():
         _, inv, counts = np.unique(codes, return_inverse=True, return_counts=True)
         size = counts[inv]  # taxon size per item
-        keep = size > 1
+        keep_all = size > 1
+        n_pop = int(keep_all.sum())  # items that can have a same-taxon neighbour
+        keep = keep_all[queries]
         n_eval = int(keep.sum())
         row = dict(rank=rank, k=int(k), n_taxa=int(counts.size), agreement=np.nan,
                    chance=np.nan, agreement_excess=np.nan, top1=np.nan,
-                   n_evaluated=n_eval, n_excluded_singletons=int(n - n_eval), note="")
+                   n_evaluated=n_eval, n_excluded_singletons=int(n - n_pop),
+                   estimator="query-subsample" if sampled else "exact", n_queries=int(queries.size),
+                   agreement_ci95=np.nan, top1_ci95=np.nan, note="")
         if n_eval == 0:
-            row["note"] = "every taxon has a single item"
+            row["note"] = "every taxon has a single item" if n_pop == 0 else "no sampled item in a taxon of >1"
         else:
-            same = inv[nn_idx[keep]] == inv[keep][:, None]  # (n_eval, k)
+            q = queries[keep]
+            same = inv[nn_idx[keep]] == inv[q][:, None]  # (n_eval, k)
             agreement = float(same.mean())
-            chance = float(np.mean((size[keep] - 1) / (n - 1)))
+            chance = float(np.mean((size[keep_all] - 1) / (n - 1)))  # exact, over all items
             row.update(agreement=agreement, chance=chance, top1=float(same[:, 0].mean()))
+            if sampled and n_eval > 1:
+                fpc = np.sqrt(max(n_pop - n_eval, 0) / max(n_pop - 1, 1))
+                for name, per_item in (("agreement", same.mean(axis=1)), ("top1", same[:, 0])):
+                    row[f"{name}_ci95"] = float(1.96 * per_item.std(ddof=1) / np.sqrt(n_eval) * fpc)
             if chance < 1.0:
                 row["agreement_excess"] = (agreement - chance) / (1.0 - chance)
             if counts.size == 1:

@@ -94,6 +94,7 @@ def analyse_embeddings(
     cluster_methods: Sequence[str] = ("kmeans", "agglomerative"),
     chance_permutations: int = 20,
     knn_k: int = 10,
+    knn_max_queries: int | None = 100_000,
     maps: Sequence[str] = DEFAULT_MAPS,
     max_map_points: int = 20000,
     spearman_max_n: int = 6000,
@@ -171,7 +172,8 @@ def analyse_embeddings(
     timings["clustering_s"] = time.perf_counter() - t
     t = time.perf_counter()
     k = min(knn_k, N - 1)
-    knn = neighbors.knn_rank_agreement(Xn, codes, k=k)
+    # above knn_max_queries items: exact neighbours of a seeded query sample (estimate + 95 % CI)
+    knn = neighbors.knn_rank_agreement(Xn, codes, k=k, max_queries=knn_max_queries, seed=seed)
     timings["knn_s"] = time.perf_counter() - t
 
     # --- 2-D maps ---------------------------------------------------------------------
@@ -191,7 +193,7 @@ def analyse_embeddings(
     timings["total_analysis_s"] = time.perf_counter() - t0
     prov = dict(provenance or {})
     prov.update(
-        seed=seed, permutations=permutations, knn_k=k, n_items=N, embedding_dim=int(X.shape[1]),
+        seed=seed, permutations=permutations, knn_k=k, knn_max_queries=knn_max_queries, n_items=N, embedding_dim=int(X.shape[1]),
         n_taxa={r: tax.n_taxa(r) for r in tax.ranks}, tree=tree_info, timings=timings,
         versions=package_versions(), command=" ".join(sys.argv),
     )

@@ -172,8 +172,15 @@ def render_markdown(report: Report, figures: dict[str, str] | None = None) -> st
     lines += ["", "## Nearest-neighbour rank agreement", "",
               "Share of each item's k nearest neighbours (cosine) in its own taxon; items alone in their taxon are "
               "excluded and counted.", ""]
-    lines.append(_md_table(report.knn, ["rank", "k", "agreement", "chance", "agreement_excess", "top1",
-                                        "n_evaluated", "n_excluded_singletons"]))
+    knn_cols = ["rank", "k", "agreement", "chance", "agreement_excess", "top1", "n_evaluated",
+                "n_excluded_singletons"]
+    if "estimator" in report.knn and (report.knn["estimator"] == "query-subsample").any():
+        n_q = int(report.knn["n_queries"].iloc[0])
+        lines += [f"Estimated from {n_q:,} random query items (each with its exact neighbours among all "
+                  f"items); `agreement_ci95` / `top1_ci95` are 95 % half-widths.", ""]
+        knn_cols[3:3] = ["agreement_ci95"]
+        knn_cols.insert(knn_cols.index("top1") + 1, "top1_ci95")
+    lines.append(_md_table(report.knn, knn_cols))
     lines += ["", "## Taxa per rank", "", _md_table(report.rank_summary, list(report.rank_summary.columns))]
     if figures:
         lines += ["", "## Figures", ""]
