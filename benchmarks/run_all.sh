@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Slow tests and benchmarks: kept out of the default test run (pytest's default is -m 'not slow').
-# Usage: bash benchmarks/run_all.sh [--quick]     (--quick: skip the N = 1,000,000 Mantel run, ~10 min)
+# Usage: bash benchmarks/run_all.sh [--quick]     (--quick: skip the N = 1,000,000 Mantel and kNN runs, ~10 min each)
 # Results go to benchmarks/out/ (not committed); copy the medians into benchmarks/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +30,11 @@ fi
 # Full `treeprobe intrinsic` at 100K x 512, 10K iNat21 species (data generated once into benchmarks/_data)
 "$PY" benchmarks/make_synthetic_embeddings.py
 "$PY" benchmarks/bench_intrinsic.py --json "$OUT/intrinsic.json" | tee "$OUT/intrinsic.txt"
+# kNN agreement: query-subsample estimator vs exact at 100K; the estimator alone at 1M (~10 min)
+"${BENCH_ENV[@]}" "$PY" benchmarks/bench_knn.py --per-species 10 --queries 10000 --exact --json "$OUT/knn_100k.json" \
+  | tee "$OUT/knn_100k.txt"
+if [[ "${1:-}" != "--quick" ]]; then
+  "${BENCH_ENV[@]}" "$PY" benchmarks/bench_knn.py --json "$OUT/knn_1m.json" | tee "$OUT/knn_1m.txt"
+fi
 # Training throughput vs open_clip's trainer needs a GPU; on the CPU only the smoke test runs:
 "$PY" benchmarks/train_throughput.py --model tiny --batch-size 8 --steps 5 --workers 0 | tee "$OUT/train_smoke.txt"

@@ -153,15 +153,25 @@ def _gemm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return A @ B.T
 
 
-def _exact_rows(X64: np.ndarray, rows: np.ndarray, k: int, block_size: int):
+def _f64_products(X: np.ndarray, rows: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """``X[rows] @ X.T`` in float64, (len(rows), N), casting ``X`` chunk by chunk (no
+    float64 copy of the whole of a float32 ``X``)."""
+    A = X[rows].astype(np.float64)
+    S = np.empty((rows.size, X.shape[0]), dtype=np.float64)
+    for c0 in range(0, X.shape[0], chunk):
+        S[:, c0:c0 + chunk] = _gemm(A, X[c0:c0 + chunk].astype(np.float64))
+    return S
+
+
+def _exact_rows(X: np.ndarray, rows: np.ndarray, k: int, block_size: int):
     """Exact float64 top-k (ties by index, self excluded) of ``rows``, by full products."""
-    n = X64.shape[0]
+    n = X.shape[0]
     out_idx = np.empty((rows.size, k), dtype=np.int64)
     out_sim = np.empty((rows.size, k), dtype=np.float64)
     step = max(1, min(rows.size, (1 << 24) // max(n, 1)))
     for a in range(0, rows.size, step):
         rr = rows[a:a + step]
-        S = _gemm(X64[rr], X64)
+        S = _f64_products(X, rr)
         S[np.arange(rr.size), rr] = -np.inf
         cols = np.broadcast_to(np.arange(n), S.shape)
         order = np.lexsort((cols, -S), axis=1)[:, :k]
@@ -218,8 +228,7 @@ def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
     block_size = max(int(block_size), 1)
     extra = max(4, k // 4) if extra is None else max(int(extra), 0)
     cap = min(k + extra, n - 1)
-    X32 = np.ascontiguousarray(Xn, dtype=np.float32)
-    X64 = Xn.astype(np.float64, copy=False)
+    X32 = np.ascontiguousarray(Xn, dtype=np.float32)  # Xn itself for float32 input
     starts = list(range(0, n, block_size))
     if queries is None:
         item = np.arange(n)  # the item behind each buffer row
@@ -264,7 +273,8 @@ def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
     s64 = np.empty(ri.size, dtype=np.float64)
     step = max(1, (1 << 22) // max(dim, 1))
     for a in range(0, ri.size, step):
-        s64[a:a + step] = np.einsum("ij,ij->i", X64[item[ri[a:a + step]]], X64[ci[a:a + step]])
+        s64[a:a + step] = np.einsum("ij,ij->i", Xn[item[ri[a:a + step]]].astype(np.float64),
+                                    Xn[ci[a:a + step]].astype(np.float64))
     order = np.lexsort((ci, -s64, ri))
     ri, ci, s64 = ri[order], ci[order], s64[order]
     counts = np.bincount(ri, minlength=nq)
@@ -277,7 +287,7 @@ def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
     out_sim[rows_ok] = s64[take]
     bad = np.flatnonzero(~certified)
     if bad.size:
-        out_idx[bad], out_sim[bad] = _exact_rows(X64, item[bad], k, block_size)
+        out_idx[bad], out_sim[bad] = _exact_rows(Xn, item[bad], k, block_size)
     return out_idx, out_sim.astype(Xn.dtype, copy=False)
 
 
@@ -302,7 +312,8 @@ def knn_rank_agreement(
     Above ``max_queries`` items the means below are estimated from a uniform random sample
     of ``max_queries`` query items (seeded), each with its exact k nearest neighbours among
     all N: ``estimator`` = 'query-subsample' and ``agreement_ci95`` / ``top1_ci95`` give the
-    95 % half-widths (normal approximation, finite-population corrected). The work is then
+    95 % half-widths (normal approximation, finite-population corrected; ``3/n`` when every
+    sampled item scored the same, e.g. all 1). The work is then
     ``max_queries x N`` similarities instead of ``N x N / 2``. ``chance`` is always exact.
 
     For item i in taxon t (size n_t) with neighbours j_1..j_k:
@@ -376,7 +387,11 @@ def knn_rank_agreement(
             if sampled and n_eval > 1:
                 fpc = np.sqrt(max(n_pop - n_eval, 0) / max(n_pop - 1, 1))
                 for name, per_item in (("agreement", same.mean(axis=1)), ("top1", same[:, 0])):
-                    row[f"{name}_ci95"] = float(1.96 * per_item.std(ddof=1) / np.sqrt(n_eval) * fpc)
+                    sd = per_item.std(ddof=1)
+                    # no spread in the sample (all 0 or all 1): the rule of three, 3/n, bounds the
+                    # population's deviation at 95 % where the normal interval would say 0
+                    half = 1.96 * sd / np.sqrt(n_eval) if sd > 0 else 3.0 / n_eval
+                    row[f"{name}_ci95"] = float(half * fpc)
             if chance < 1.0:
                 row["agreement_excess"] = (agreement - chance) / (1.0 - chance)
             if counts.size == 1:
