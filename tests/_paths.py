@@ -15,10 +15,14 @@ def real_tol_embeddings():
     """The real BioCLIP-2 embeddings with a kingdom (909 of 1,030 rows) and their codes per rank.
 
     Returns (X float32 (909, 768), {rank: int codes (909,)}) with codes of cumulative labels
-    ('' = placeholder under its parent).
+    ('' = placeholder under its parent). Skips the calling test when the data is absent.
     """
     import numpy as np
     import pandas as pd
+    import pytest
+
+    if not (TOL_EMBEDDINGS / "embeddings.npy").exists():
+        pytest.skip("real tol200m embeddings not available")
 
     from treeprobe.taxonomy import RANKS
 

@@ -48,3 +48,15 @@ def tiny_clip_checkpoint(tmp_path_factory):
 # ============================================================================
 # END section: data / models / extract
 # ============================================================================
+
+
+# ============================================================================
+# BEGIN section: shared by the numeric tests (clustering, neighbours)
+# ============================================================================
+@_pytest.fixture
+def one_blas_thread():
+    """Single-threaded BLAS/OpenMP: faster at these sizes and robust on a busy 2-core box."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield

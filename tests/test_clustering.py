@@ -19,23 +19,13 @@ from treeprobe.clustering import (
     purity_score,
     rankwise_clustering,
 )
-from tests._paths import TOL_EMBEDDINGS, real_tol_embeddings
+from tests._paths import real_tol_embeddings
 from treeprobe.errors import TreeprobeError
 
 from treeprobe.taxonomy import RANKS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded BLAS/OpenMP: faster at these sizes and robust on a busy 2-core box."""
-    with threadpool_limits(1):
-        yield
-
-
-def real_data():
-    if not (TOL_EMBEDDINGS / "embeddings.npy").exists():
-        pytest.skip("real tol200m embeddings not available")
-    return real_tol_embeddings()
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def planted(n_per=30, n_clusters=6, dim=16, noise=0.05, seed=0):
@@ -174,7 +164,7 @@ def test_rankwise_clustering_refuses_big_ward_with_note():
 
 
 def test_real_bioclip2_clusters_follow_kingdom_and_class():
-    X, codes = real_data()
+    X, codes = real_tol_embeddings()
     assert X.shape == (909, 768)
     sub = {r: codes[r] for r in ("kingdom", "phylum", "class")}
     df = rankwise_clustering(X, sub, seed=0, n_permutations=5, progress=False)

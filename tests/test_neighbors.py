@@ -4,27 +4,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from threadpoolctl import threadpool_limits
 from sklearn.neighbors import NearestNeighbors
 
-from tests._paths import TOL_EMBEDDINGS, real_tol_embeddings
+from tests._paths import real_tol_embeddings
 from treeprobe.errors import TreeprobeError
 from treeprobe.neighbors import knn_indices, knn_rank_agreement, l2_normalise
 
 from treeprobe.taxonomy import RANKS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded BLAS/OpenMP: faster at these sizes and robust on a busy 2-core box."""
-    with threadpool_limits(1):
-        yield
-
-
-def real_data():
-    if not (TOL_EMBEDDINGS / "embeddings.npy").exists():
-        pytest.skip("real tol200m embeddings not available")
-    return real_tol_embeddings()
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.mark.parametrize("block_size", [1, 7, 50, 4096])
@@ -117,7 +106,7 @@ def test_agreement_singletons_and_single_taxon():
 
 
 def test_real_bioclip2_knn_agreement_far_above_chance():
-    X, codes = real_data()
+    X, codes = real_tol_embeddings()
     df = knn_rank_agreement(X, codes, k=10).set_index("rank")
     assert list(df.index) == list(RANKS)
     king = df.loc["kingdom"]
