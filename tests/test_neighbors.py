@@ -208,3 +208,16 @@ def test_query_subsample_agreement_covers_the_exact_value():
         assert np.mean(np.abs(t1 - e["top1"]) <= t1ci) >= 0.8
         assert abs(a.mean() - e["agreement"]) < 2 * ci.mean() / np.sqrt(len(a)) + 1e-3  # unbiased
         assert all(d.loc[rank, "chance"] == e["chance"] for d in est)  # chance stays exact
+
+
+def test_row_norms_in_chunks_equal_numpy():
+    from treeprobe.neighbors import row_norms
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(1000, 7)).astype(np.float32)
+    X[3, 2], X[700, 0], X[5] = np.nan, np.inf, 0.0
+    finite, norms = row_norms(X, chunk=64)
+    np.testing.assert_array_equal(finite, np.isfinite(X).all(axis=1))
+    ok = finite
+    np.testing.assert_array_equal(norms[ok], np.linalg.norm(X[ok], axis=1))
+    assert norms[5] == 0 and norms[3] == 0 and norms.dtype == np.float32

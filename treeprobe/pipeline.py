@@ -19,7 +19,7 @@ import pandas as pd
 
 from treeprobe.errors import TreeprobeError
 from treeprobe.mantel import mantel_tree, taxon_centroids
-from treeprobe.neighbors import l2_normalise
+from treeprobe.neighbors import l2_normalise, row_norms
 from treeprobe.taxonomy import RANKS, Taxonomy, clade_structure_from_tree, placeable_mask
 
 DEFAULT_MAPS = ("tsne", "umap")
@@ -57,11 +57,10 @@ def prepare_items(embeddings: np.ndarray, items: pd.DataFrame, ranks: Sequence[s
         raise TreeprobeError("no items: the data is empty")
     items = items.reset_index(drop=True)
     skipped = []
-    finite = np.isfinite(X).all(axis=1)
+    finite, norms = row_norms(X)  # in row chunks: no N x D temporaries
     if (~finite).any():
         skipped.append(_skips(items, ~finite, "non-finite embedding"))
-    norm_ok = np.zeros(len(X), dtype=bool)
-    norm_ok[finite] = np.linalg.norm(X[finite], axis=1) > 0
+    norm_ok = finite & (norms > 0)
     zero = finite & ~norm_ok
     if zero.any():
         skipped.append(_skips(items, zero, "zero-norm embedding"))
@@ -78,7 +77,8 @@ def prepare_items(embeddings: np.ndarray, items: pd.DataFrame, ranks: Sequence[s
         raise TreeprobeError(f"all items belong to a single taxon ({tax.taxon_labels(ranks[-1])[0]}): "
                              "there is no tree to compare with")
     skipped_df = pd.concat(skipped, ignore_index=True) if skipped else pd.DataFrame(columns=["item", "reason"])
-    return np.asarray(X[keep], dtype=np.float32), items, tax, skipped_df
+    X = X if keep.all() else X[keep]  # no copy of the caller's array when every row is kept
+    return X.astype(np.float32, copy=False), items, tax, skipped_df
 
 
 def analyse_embeddings(
@@ -118,6 +118,8 @@ def analyse_embeddings(
         if (skipped is not None and len(skipped)) or len(skipped_now) else pd.DataFrame(columns=["item", "reason"])
     N = len(items)
     Xn = l2_normalise(X, dtype=np.float32)  # one float32 copy: 2 GB at 1M × 512
+    dim = int(X.shape[1])
+    del X  # prepare_items' copy, if it made one
 
     # --- tree distances ---------------------------------------------------------
     species = tax.lineages[tax.ranks[-1]].to_numpy()
@@ -173,7 +175,7 @@ def analyse_embeddings(
     t = time.perf_counter()
     k = min(knn_k, N - 1)
     # above knn_max_queries items: exact neighbours of a seeded query sample (estimate + 95 % CI)
-    knn = neighbors.knn_rank_agreement(Xn, codes, k=k, max_queries=knn_max_queries, seed=seed)
+    knn = neighbors.knn_rank_agreement(Xn, codes, k=k, max_queries=knn_max_queries, seed=seed, normalised=True)
     timings["knn_s"] = time.perf_counter() - t
 
     # --- 2-D maps ---------------------------------------------------------------------
@@ -193,7 +195,7 @@ def analyse_embeddings(
     timings["total_analysis_s"] = time.perf_counter() - t0
     prov = dict(provenance or {})
     prov.update(
-        seed=seed, permutations=permutations, knn_k=k, knn_max_queries=knn_max_queries, n_items=N, embedding_dim=int(X.shape[1]),
+        seed=seed, permutations=permutations, knn_k=k, knn_max_queries=knn_max_queries, n_items=N, embedding_dim=dim,
         n_taxa={r: tax.n_taxa(r) for r in tax.ranks}, tree=tree_info, timings=timings,
         versions=package_versions(), command=" ".join(sys.argv),
     )
