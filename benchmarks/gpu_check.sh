@@ -137,6 +137,18 @@ else
   RES_DDP=$((RES_DDP + RES_DDP2))
   RESERVE=$((RES_EXTRACT + RES_DDP))
 
+  # loader workers hand batches over through /dev/shm (a 256-image batch is 154 MB); a small one (a
+  # container's 64 MB default) kills them with a bus error. Grow it if we may, else use fewer workers
+  # (the same for both trainers, so the comparison stays fair) and say so.
+  shm_free() { df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}'; }
+  if [[ "$SMOKE" != 1 ]] && (( $(shm_free || echo 0) < 4096 )); then
+    mount -o remount,size=16G /dev/shm 2>/dev/null && say "remounted /dev/shm with 16G"
+    if (( $(shm_free || echo 0) < 4096 )); then
+      say "WARNING: /dev/shm has $(shm_free || echo '?') MB free: loader workers cut to 2 (train) / 0 2 (extract)"
+      TT=(--model ViT-B-16 --batch-size 256 --workers 2); EX_WORKERS=(0 2); DDP=(--model ViT-B-16 --workers 2)
+    fi
+  fi
+
   # print the tails of train_throughput.py's trainer logs when its stage failed
   tails() { for f in "$1"/ours.log "$1"/open_clip.log; do
               [[ -f "$f" ]] && { say "--- last lines of $f:"; tail -n 30 "$f" | tee -a "$LOG"; }; done; }
