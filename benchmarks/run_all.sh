@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Slow tests and benchmarks: kept out of the default test run (pytest's default is -m 'not slow').
-# Usage: bash benchmarks/run_all.sh [--quick]     (--quick: skip the N = 1,000,000 Mantel and kNN runs, ~10 min each)
+# Usage: bash benchmarks/run_all.sh [--quick]     (--quick: skip the N = 1,000,000 runs: Mantel, kNN, full intrinsic, ~35 min)
 # Results go to benchmarks/out/ (not committed); copy the medians into benchmarks/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +35,10 @@ fi
   | tee "$OUT/knn_100k.txt"
 if [[ "${1:-}" != "--quick" ]]; then
   "${BENCH_ENV[@]}" "$PY" benchmarks/bench_knn.py --json "$OUT/knn_1m.json" | tee "$OUT/knn_1m.txt"
+  # full `treeprobe intrinsic` at 1M x 512 (~17 min; the data, 2 GB, is generated into benchmarks/_data)
+  "$PY" benchmarks/make_synthetic_embeddings.py --per-species 100 --out benchmarks/_data/inat21_synth_1m
+  "$PY" benchmarks/bench_intrinsic.py --data benchmarks/_data/inat21_synth_1m --no-openblas-env \
+    --json "$OUT/intrinsic_1m.json" | tee "$OUT/intrinsic_1m.txt"
 fi
 # Training throughput vs open_clip's trainer needs a GPU; on the CPU only the smoke test runs:
 "$PY" benchmarks/train_throughput.py --model tiny --batch-size 8 --steps 5 --workers 0 | tee "$OUT/train_smoke.txt"
