@@ -8,9 +8,9 @@ On the real photos (``../shared/data/multikingdom_photos_index/metadata.csv``):
 1. One fixed random split of the photos (``--heldout-frac``, seed ``--split-seed``) into a
    training set and a held-out set; both written under ``OUT/split/``.
 2. The training photos are written once as webdataset shards, downscaled
-   (``treeprobe-train make-shards --max-size``), so every run decodes small JPEGs.
+   (``treeprobe make-shards --max-size``), so every run decodes small JPEGs.
 3. For every text type (``--text-types``, default taxonomic, scientific, mixed) and seed
-   (``--seeds``, default 0 1 2): ``treeprobe-train`` with the tiny model, the same budget
+   (``--seeds``, default 0 1 2): ``treeprobe train`` with the tiny model, the same budget
    (``--epochs``, ``--batch-size``, ``--lr``), the seed driving init, data order,
    augmentation and the mixed draws. Untrained models (random init, same seeds) give
    the baseline row ``untrained``.
@@ -40,12 +40,15 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = REPO.parent / "shared" / "data" / "multikingdom_photos_index" / "metadata.csv"
-RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+SHARD_SIZE = 128
+EMBED_BATCH_SIZE = 128
+LOG_EVERY = 5
+__all__ = ["split_items", "score", "main"]
 
 
-def split_items(csv: Path, frac: float, seed: int, out: Path) -> tuple[Path, Path]:
+def split_items(csv: Path, frac: float, *, seed: int, out: Path) -> tuple[Path, Path]:
     """Write ``train.csv`` and ``heldout.csv`` (absolute paths) under ``out``."""
-    from training.data import load_items
+    from treeprobe.training.data import load_items
 
     items = load_items(csv)
     rng = np.random.default_rng(seed)
@@ -57,11 +60,11 @@ def split_items(csv: Path, frac: float, seed: int, out: Path) -> tuple[Path, Pat
     return out / "train.csv", out / "heldout.csv"
 
 
-def score(model, preprocess, heldout: pd.DataFrame, seed: int, permutations: int) -> dict:
+def score(model, preprocess, heldout: pd.DataFrame, *, seed: int, permutations: int) -> dict:
     """Held-out metrics: treeprobe's headline numbers (or the kNN fallback)."""
-    from training.evaluate import _light_kwargs, embed_images, knn_metrics, pipeline_headline
+    from treeprobe.training.evaluate import embed_images, knn_metrics, light_kwargs, pipeline_headline
 
-    emb = embed_images(model, list(heldout["path"]), preprocess, "cpu", batch_size=128)
+    emb = embed_images(model, list(heldout["path"]), preprocess, batch_size=EMBED_BATCH_SIZE)
     try:
         from treeprobe.pipeline import analyse_embeddings
     except ImportError:
@@ -69,13 +72,13 @@ def score(model, preprocess, heldout: pd.DataFrame, seed: int, permutations: int
                ((k[len("knn_excess_"):], v) for k, v in knn_metrics(emb, heldout).items() if k.startswith("knn_excess_"))}
         res["metrics_source"] = "kNN fallback (treeprobe.pipeline missing)"
         return res
-    rep = analyse_embeddings(emb, heldout, seed=seed, **_light_kwargs(analyse_embeddings, permutations))
+    rep = analyse_embeddings(emb, heldout, seed=seed, **light_kwargs(analyse_embeddings, permutations))
     res = pipeline_headline(rep)
     res["metrics_source"] = "treeprobe.pipeline.analyse_embeddings"
     return res
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
@@ -92,72 +95,56 @@ def main(argv=None) -> int:
     p.add_argument("--split-seed", type=int, default=12345)
     p.add_argument("--permutations", type=int, default=199, help="Mantel permutations")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    a = p.parse_args(argv)
+    return p
 
-    import torch
 
-    from training.cli import main as train_main
-    from training.engine import create_model, seed_everything
-    from training.shards import make_shards
+def _untrained_row(a, seed: int, heldout: pd.DataFrame) -> dict:
+    """The baseline: the tiny network at the random init every run of ``seed`` starts from."""
+    from treeprobe.models import create_model
 
+    built = create_model("tiny", image_size=a.image_size, seed=seed)
+    t0 = time.time()
+    return {"text_type": "untrained", "seed": seed, "train_s": 0.0, "final_loss": np.nan,
+            **score(built.model.eval(), built.preprocess_val, heldout, seed=0, permutations=a.permutations),
+            "eval_s": round(time.time() - t0, 1)}
+
+
+def _trained_row(a, tt: str, seed: int, *, shards: Path, heldout: pd.DataFrame) -> dict | None:
+    """Train text type ``tt`` with ``seed`` on the shards and score the final checkpoint (None: it failed)."""
     from treeprobe.models import load_model
+    from treeprobe.training.cli import main as train_main
 
-    out = Path(a.out)
-    t_all = time.time()
-    train_csv, held_csv = split_items(Path(a.data), a.heldout_frac, a.split_seed, out / "split")
-    heldout = pd.read_csv(held_csv, dtype=str, keep_default_na=False)
-    shards = out / "shards"
-    if not (shards / "manifest.json").is_file():
-        make_shards(train_csv, shards, shard_size=128, max_size=a.max_size, shuffle_seed=a.split_seed)
-    n_train = json.loads((shards / "manifest.json").read_text())["num_samples"]
-    print(f"train {n_train} photos (shards), held-out {len(heldout)} photos", flush=True)
+    run = Path(a.out) / "runs" / f"{tt}_seed{seed}"
+    targs = ["--data", str(shards), "--out", str(run), "--model", "tiny", "--text-type", tt,
+             "--seed", str(seed), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
+             "--lr", str(a.lr), "--warmup", str(a.warmup), "--no-progress", "-q", "--log-every", str(LOG_EVERY)]
+    if a.image_size:
+        targs += ["--image-size", str(a.image_size)]
+    if a.threads:
+        targs += ["--threads", str(a.threads)]
+    t0 = time.time()
+    rc = train_main(targs)
+    if rc != 0:
+        print(f"training failed for {tt} seed {seed} (rc {rc})", file=sys.stderr)
+        return None
+    train_s = time.time() - t0
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if r.get("event") == "train"]
+    lm = load_model(ckpt=str(run / "checkpoints" / f"epoch_{a.epochs}.pt"))
+    t1 = time.time()
+    return {"text_type": tt, "seed": seed, "train_s": round(train_s, 1),
+            "final_loss": losses[-1] if losses else np.nan,
+            **score(lm.model, lm.preprocess, heldout, seed=0, permutations=a.permutations),
+            "eval_s": round(time.time() - t1, 1)}
 
-    rows = []
-    runs_csv = out / "runs.csv"
-    for seed in a.seeds:  # untrained baseline: the init every run of this seed starts from
-        seed_everything(seed)
-        model, _, pre_val, *_ = create_model("tiny", image_size=a.image_size)
-        t0 = time.time()
-        rows.append({"text_type": "untrained", "seed": seed, "train_s": 0.0, "final_loss": np.nan,
-                     **score(model.eval(), pre_val, heldout, seed=0, permutations=a.permutations),
-                     "eval_s": round(time.time() - t0, 1)})
-    for tt in a.text_types:
-        for seed in a.seeds:
-            run = out / "runs" / f"{tt}_seed{seed}"
-            targs = ["--data", str(shards), "--out", str(run), "--model", "tiny", "--text-type", tt,
-                     "--seed", str(seed), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
-                     "--lr", str(a.lr), "--warmup", str(a.warmup), "--no-progress", "-q", "--log-every", "5"]
-            if a.image_size:
-                targs += ["--image-size", str(a.image_size)]
-            if a.threads:
-                targs += ["--threads", str(a.threads)]
-            t0 = time.time()
-            rc = train_main(targs)
-            if rc != 0:
-                print(f"training failed for {tt} seed {seed} (rc {rc})", file=sys.stderr)
-                return rc
-            train_s = time.time() - t0
-            log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-            losses = [r["loss"] for r in log if r.get("event") == "train"]
-            lm = load_model(ckpt=str(run / "checkpoints" / f"epoch_{a.epochs}.pt"))
-            t1 = time.time()
-            rows.append({"text_type": tt, "seed": seed, "train_s": round(train_s, 1),
-                         "final_loss": losses[-1] if losses else np.nan,
-                         **score(lm.model, lm.preprocess, heldout, seed=0, permutations=a.permutations),
-                         "eval_s": round(time.time() - t1, 1)})
-            pd.DataFrame(rows).to_csv(runs_csv, index=False)
-            print(f"{tt} seed {seed}: train {train_s:.0f}s, loss {rows[-1]['final_loss']:.3f}", flush=True)
-    df = pd.DataFrame(rows)
-    df.to_csv(runs_csv, index=False)
 
+def _summary_table(df: pd.DataFrame, order: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """(mean/sd per text type, the markdown table lines)."""
     metric_cols = [c for c in df.columns if c.endswith("_r") or c.endswith("agreement_excess")] + ["final_loss"]
-    order = ["untrained"] + list(a.text_types)
     g = df.groupby("text_type", sort=False)[metric_cols]
     mean, sd = g.mean().reindex(order), g.std(ddof=1).reindex(order)
     summary = mean.add_suffix("_mean").join(sd.add_suffix("_sd"))
     summary.insert(0, "n_seeds", df.groupby("text_type").size().reindex(order))
-    summary.to_csv(out / "summary.csv")
-
     show = [c for c in metric_cols if c.startswith("mantel_") or c.startswith("knn_")] + ["final_loss"]
     short = {c: c.replace("mantel_", "Mantel ").replace("_spearman_r", " ρ").replace("_pearson_r", " r")
              .replace("species-centroid", "centroid").replace("knn_", "kNN ").replace("_agreement_excess", "")
@@ -170,6 +157,39 @@ def main(argv=None) -> int:
             m, s = mean.at[tt, c], sd.at[tt, c]
             cells.append("—" if pd.isna(m) else f"{m:.3f} ± {0.0 if pd.isna(s) else s:.3f}")
         lines.append(f"| {tt} | {int(summary.at[tt, 'n_seeds'])} | " + " | ".join(cells) + " |")
+    return summary, lines
+
+
+def main(argv=None) -> int:
+    """Run the study (see the module docstring); exit status."""
+    from treeprobe.training.shards import make_shards
+
+    a = _parser().parse_args(argv)
+    out = Path(a.out)
+    t_all = time.time()
+    train_csv, held_csv = split_items(Path(a.data), a.heldout_frac, seed=a.split_seed, out=out / "split")
+    heldout = pd.read_csv(held_csv, dtype=str, keep_default_na=False)
+    shards = out / "shards"
+    if not (shards / "manifest.json").is_file():
+        make_shards(train_csv, shards, shard_size=SHARD_SIZE, max_size=a.max_size, shuffle_seed=a.split_seed)
+    n_train = json.loads((shards / "manifest.json").read_text())["num_samples"]
+    print(f"train {n_train} photos (shards), held-out {len(heldout)} photos", flush=True)
+
+    rows = [_untrained_row(a, seed, heldout) for seed in a.seeds]
+    runs_csv = out / "runs.csv"
+    for tt in a.text_types:
+        for seed in a.seeds:
+            row = _trained_row(a, tt, seed, shards=shards, heldout=heldout)
+            if row is None:
+                return 1
+            rows.append(row)
+            pd.DataFrame(rows).to_csv(runs_csv, index=False)
+            print(f"{tt} seed {seed}: train {row['train_s']:.0f}s, loss {row['final_loss']:.3f}", flush=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(runs_csv, index=False)
+
+    summary, lines = _summary_table(df, ["untrained"] + list(a.text_types))
+    summary.to_csv(out / "summary.csv")
     src = df["metrics_source"].iloc[0]
     text = (f"Held-out photos: {len(heldout)}; training photos: {n_train}; budget {a.epochs} epochs x batch "
             f"{a.batch_size} (lr {a.lr}); seeds {a.seeds}; metrics: {src} (Mantel {a.permutations} "

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from treeprobe.extract import _encode, _prepare_model, _resolve_plan, extract_embeddings
+    from treeprobe._utils import available_cpus
+    from treeprobe.extract import encode_batch, extract_embeddings, prepare_model, resolve_plan
     from treeprobe.models import load_model
     from PIL import Image
 
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     paths = pick_paths(args.csv, args.n)
     n, bs = len(paths), args.batch_size
     default_threads = torch.get_num_threads()
-    print(f"cpu: {cpu_model()} ({os.cpu_count()} logical cpus), torch {torch.__version__}, "
+    print(f"cpu: {cpu_model()} ({os.cpu_count()} logical cpus, {available_cpus()} available), torch {torch.__version__}, "
           f"{default_threads} torch threads; model {lm.model_name} ({lm.source}); {n} photos, batch {bs}",
           flush=True)
 
@@ -102,15 +103,15 @@ def main(argv=None) -> int:
 
     # the bare forward runs the model exactly as extraction does (same autocast and memory format:
     # bf16 autocast + channels_last on CUDA, plain fp32 on the CPU), minus decoding and loading
-    plan = _resolve_plan(lm, args.device)
-    model = _prepare_model(lm, plan)
+    plan = resolve_plan(lm, args.device)
+    model = prepare_model(lm, plan)
     print(f"compute: {plan.compute}, channels_last {plan.channels_last}", flush=True)
 
     def bare() -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
             for b in batches:
-                _encode(model, b, plan)
+                encode_batch(model, b, plan)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return n / (time.perf_counter() - t0)
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
             configs.append((label, lambda w=w, th=th: e2e(w, th)))
 
     with torch.inference_mode():  # warm-up (allocator, oneDNN primitive caches)
-        _encode(model, batches[0], plan)
+        encode_batch(model, batches[0], plan)
     def cpu_seconds() -> float:
         a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
               f"cpu-ms/img {statistics.median(cpu_ms[label]):.1f}")
     print(f"1-min load average: {load_before[0]:.1f} before, {load_after[0]:.1f} after "
           f"({os.cpu_count()} logical cpus)")
-    out = dict(cpu=cpu_model(), logical_cpus=os.cpu_count(), torch=torch.__version__,
+    out = dict(cpu=cpu_model(), logical_cpus=os.cpu_count(), available_cpus=available_cpus(), torch=torch.__version__,
                torch_threads=default_threads, model=lm.model_name, source=lm.source, n=n, batch_size=bs,
                device=args.device, repeats=args.repeats, runs=runs, cpu_ms_per_img=cpu_ms, medians=med, e2e=summary,
                loadavg_before=load_before, loadavg_after=load_after,

@@ -52,7 +52,7 @@ def _seconds(clock: str) -> float:
 
 def one_run(data: Path, extra: list[str], env: dict, out_root: Path) -> dict:
     out = Path(tempfile.mkdtemp(prefix="run_", dir=out_root))
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "treeprobe.cli", "intrinsic",
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "treeprobe", "intrinsic",
            "--embeddings", str(data / "embeddings.npy"), "--metadata", str(data / "metadata.csv"),
            "--out", str(out / "report"), "--quiet", *extra]
     loads, done = [], threading.Event()

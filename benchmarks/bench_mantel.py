@@ -56,7 +56,8 @@ def build_problem(n: int, dim: int, seed: int, embeddings: str, metadata: Path):
     """(X float32 (n, dim), CladeStructure over the n items) from the iNat21 rank taxonomy."""
     import pandas as pd
 
-    from treeprobe.taxonomy import RANKS, CladeStructure, Taxonomy
+    from treeprobe.taxonomy import RANKS, Taxonomy
+    from treeprobe.tree import CladeStructure
 
     meta = pd.read_csv(metadata)
     tax = Taxonomy.from_frame(meta[list(RANKS)])  # one row per species

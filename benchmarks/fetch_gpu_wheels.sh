@@ -8,12 +8,12 @@
 # The GPU image (python 3.12 at /opt/torch/.venv, torch 2.11 + torchvision 0.26, numpy, pandas, scipy,
 # scikit-learn, timm, huggingface-hub, regex, safetensors, tqdm, pillow, pyyaml, fsspec, ...; see the
 # device notes' KINDS.md) lacks exactly these packages that
-#     import treeprobe, training, open_clip, open_clip_train.main
+#     import treeprobe, treeprobe.training, open_clip, open_clip_train.main
 # needs (found from the imports and each wheel's Requires-Dist, checked below):
 #     open_clip_torch  (open_clip + open_clip_train; Requires-Dist: ftfy, and torch, torchvision, regex, tqdm,
 #                       huggingface-hub, safetensors, timm>=1.0.17, which the image has)
 #     ftfy -> wcwidth  (open_clip's tokenizer imports ftfy)
-#     webdataset -> braceexpand  (open_clip_train.data imports both; training.data imports webdataset lazily
+#     webdataset -> braceexpand  (open_clip_train.data imports both; treeprobe.training.data imports webdataset lazily
 #                       for shards)
 #     ete3             (treeprobe.taxonomy imports it lazily, for Newick trees; sdist only on PyPI, so a pure
 #                       wheel is built here)

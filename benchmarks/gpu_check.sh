@@ -4,13 +4,14 @@
 #     command: bash benchmarks/gpu_check.sh      carry: [".whl"]      timeout_s: 540
 #
 # Stages, in this order, each under its own `timeout`; a failed stage does not stop the next ones:
-#   wheels      install .whl/*.whl into $GPU_CHECK_SITE (/tmp/site); PYTHONPATH = that folder + the repo root
-#   imports     nvidia-smi, torch/CUDA versions, `import treeprobe, training, open_clip, open_clip_train.main`
-#   train       benchmarks/train_throughput.py: ViT-B-16, batch 256, bf16, treeprobe-train vs open_clip_train
+#   wheels      install .whl/*.whl into $GPU_CHECK_SITE (/tmp/site); PYTHONPATH = that folder + a package shim
+#               ($WORK/pkg: treeprobe/ as links to the repo's treeprobe/*, plus treeprobe/training -> training/)
+#   imports     nvidia-smi, torch/CUDA versions, `import treeprobe, treeprobe.training, open_clip, open_clip_train.main`
+#   train       benchmarks/train_throughput.py: ViT-B-16, batch 256, bf16, treeprobe train vs open_clip_train
 #   train_gc    the same with --grad-checkpointing, fewer steps; only when the time left allows it
 #   photos      writes synthetic photo-like JPEGs + metadata.csv to the scratch folder (../shared does not travel)
 #   extract     benchmarks/bench_extract.py on cuda, on those JPEGs (ViT-B-16, random init)
-#   ddp_smoke   torchrun (1 process) `python -m training --data synthetic` with --local-loss --gather-with-grad
+#   ddp_smoke   torchrun (1 process) `python -m treeprobe.training --data synthetic` with --local-loss --gather-with-grad
 #               --grad-checkpointing --precision amp_bf16, a few steps, one checkpoint
 #   ckpt_load   that checkpoint through treeprobe.models.load_model, one forward pass
 #   ddp2        torchrun, 2 processes sharing GPU 0 over gloo (NCCL refuses two ranks on one GPU): DDP +
@@ -78,8 +79,14 @@ else
   record wheels FAILED "no .whl/*.whl here: run 'bash benchmarks/fetch_gpu_wheels.sh' first and carry .whl"
 fi
 # the repo itself goes on the path (a --target install of an editable package would need a .pth file,
-# which Python reads only in site directories, not on PYTHONPATH)
-export PYTHONPATH="$SITE:$REPO"
+# which Python reads only in site directories, not on PYTHONPATH). The repo's top-level training/ installs as
+# treeprobe.training (pyproject's package-dir mapping), which a plain path entry lacks: a shim folder holds
+# treeprobe/ as links to the repo's treeprobe/* plus treeprobe/training -> training/ (always the current files)
+SHIM=$WORK/pkg
+rm -rf "$SHIM" && mkdir -p "$SHIM/treeprobe"
+for f in "$REPO"/treeprobe/*; do ln -s "$f" "$SHIM/treeprobe/"; done
+ln -s "$REPO/training" "$SHIM/treeprobe/training"
+export PYTHONPATH="$SITE:$SHIM"
 say "PYTHONPATH=$PYTHONPATH"
 
 # ---------------------------------------------------------------- environment + imports
@@ -97,8 +104,8 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"GPU 0: {p.name}, {p.total_memory / 2**30:.1f} GiB, capability {p.major}.{p.minor}, "
           f"{torch.cuda.device_count()} device(s), bf16 supported: {torch.cuda.is_bf16_supported()}")
-import treeprobe, training, open_clip, open_clip_train.main  # noqa: E401,F401 - the point of the stage
-for m in (treeprobe, training, open_clip, open_clip_train.main):
+import treeprobe, treeprobe.training, open_clip, open_clip_train.main  # noqa: E401,F401 - the point of the stage
+for m in (treeprobe, treeprobe.training, open_clip, open_clip_train.main):
     print(f"  {m.__name__:<22} {m.__file__}")
 vers = []
 for name in ("torchvision", "open_clip_torch", "timm", "huggingface-hub", "numpy", "pandas", "scipy",
@@ -108,7 +115,7 @@ for name in ("torchvision", "open_clip_torch", "timm", "huggingface-hub", "numpy
     except md.PackageNotFoundError:
         vers.append(f"{name} MISSING")
 print("versions: " + ", ".join(vers))
-import ete3, webdataset  # noqa: E401,F401 - lazily imported by treeprobe.taxonomy / training.data
+import ete3, webdataset  # noqa: E401,F401 - lazily imported by treeprobe.taxonomy / treeprobe.training.data
 print(f"imports took {time.time() - t:.1f}s")
 EOF
 
@@ -201,7 +208,7 @@ EOF
   # ---------------------------------------------------------------- (d) torchrun smoke + checkpoint load
   rm -rf "$WORK/ddp_smoke"
   stage ddp_smoke "$(min 150 $(( $(left) - 30 - RES_DDP2 )))" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
-    -m training --data synthetic --train-num-samples $(( DDP_STEPS * DDP_BS )) --batch-size "$DDP_BS" "${DDP[@]}" --epochs 1 \
+    -m treeprobe.training --data synthetic --train-num-samples $(( DDP_STEPS * DDP_BS )) --batch-size "$DDP_BS" "${DDP[@]}" --epochs 1 \
     --local-loss --gather-with-grad --grad-checkpointing --precision amp_bf16 --lr 5e-4 --warmup 1 --log-every 1 \
     --no-progress --seed 0 --out "$WORK/ddp_smoke"
   [[ -f "$WORK/ddp_smoke/log.jsonl" ]] && cp "$WORK/ddp_smoke/log.jsonl" "$OUT/ddp_smoke_log.jsonl"
@@ -209,7 +216,7 @@ EOF
 import json, sys, time
 from pathlib import Path
 import torch
-from training.checkpoint import find_latest
+from treeprobe.training.checkpoint import find_latest
 from treeprobe.models import load_model
 run, dev = Path(sys.argv[1]), sys.argv[2]
 steps = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r.get("event") == "train"]
@@ -237,7 +244,7 @@ EOF
   rm -rf "$WORK/ddp2"
   if [[ "$SMOKE" == 1 ]]; then D2DEV=cpu; else D2DEV=cuda:0; fi
   stage ddp2 "$(min 120 $(( $(left) - 15 )))" "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
-    -m training --data synthetic --train-num-samples 256 --batch-size 32 --model tiny --workers 2 --epochs 1 \
+    -m treeprobe.training --data synthetic --train-num-samples 256 --batch-size 32 --model tiny --workers 2 --epochs 1 \
     --device "$D2DEV" --dist-backend gloo --local-loss --gather-with-grad --precision amp_bf16 --lr 5e-4 \
     --warmup 1 --log-every 1 --no-progress --seed 0 --out "$WORK/ddp2"
   stage ddp2_check 30 "$PY" - "$WORK/ddp2" "$D2DEV" <<'EOF'

@@ -8,7 +8,7 @@ steps on synthetic data (one blank image through the train transform, as open_cl
 ``--dataset-type synthetic``), one after the other in this process's run, each in its own
 subprocess:
 
-* ours:     ``python -m training --data synthetic --log-every 1 ...`` → per-step ``img_s``
+* ours:     ``python -m treeprobe.training --data synthetic --log-every 1 ...`` (``treeprobe train``) → per-step ``img_s``
             from ``log.jsonl``;
 * open_clip: ``python -m open_clip_train.main --dataset-type synthetic
             --log-every-n-steps 1 ...`` → per-step ``.../s`` from its log lines.
@@ -37,8 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "training" / "configs"
-ALIASES = {"tiny": "treeprobe-tiny"}
+__all__ = ["run_ours", "run_open_clip", "main"]
 
 
 def _check_open_clip_train() -> str | None:
@@ -65,8 +64,9 @@ def _run(cmd: list[str], log_path: Path, timeout: float) -> tuple[int, float]:
 
 
 def run_ours(a, work: Path) -> dict:
+    """Time ``treeprobe train`` (``python -m treeprobe.training``): rc, wall time, per-step img/s."""
     out = work / "ours"
-    cmd = [sys.executable, "-m", "training", "--data", "synthetic", "--train-num-samples",
+    cmd = [sys.executable, "-m", "treeprobe.training", "--data", "synthetic", "--train-num-samples",
            str(a.steps * a.batch_size), "--epochs", "1", "--model", a.model, "--batch-size", str(a.batch_size),
            "--precision", a.precision, "--workers", str(a.workers), "--lr", "5e-4", "--warmup", "1",
            "--log-every", "1", "--no-progress", "--out", str(out), "--seed", "0"]
@@ -87,10 +87,15 @@ _OC_RATE = re.compile(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,")
 
 
 def run_open_clip(a, work: Path) -> dict:
-    name = ALIASES.get(a.model, a.model)
+    """Time open_clip's trainer on the same settings: rc, wall time, per-step img/s."""
+    import treeprobe.training
+    from treeprobe.models import MODEL_ALIASES
+
+    config_dir = Path(treeprobe.training.__file__).resolve().parent / "configs"  # the bundled 'tiny'
+    name = MODEL_ALIASES.get(a.model, a.model)
     boot = ("import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
             "from open_clip_train.main import main; main(sys.argv[1:])")
-    cmd = [sys.executable, "-c", boot, str(CONFIG_DIR), "--dataset-type", "synthetic", "--train-num-samples",
+    cmd = [sys.executable, "-c", boot, str(config_dir), "--dataset-type", "synthetic", "--train-num-samples",
            str(a.steps * a.batch_size), "--epochs", "1", "--model", name, "--batch-size", str(a.batch_size),
            "--precision", a.precision, "--workers", str(a.workers), "--lr", "5e-4", "--warmup", "1",
            "--log-every-n-steps", "1", "--save-frequency", "0", "--logs", str(work / "open_clip_logs"),
@@ -112,6 +117,7 @@ def _summary(rates: list[float], skip: int) -> float | None:
 
 
 def main(argv=None) -> int:
+    """Run both trainers and print the comparison; exit status (3: no open_clip_train)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="ViT-B-16", help="open_clip architecture, or 'tiny' (CPU smoke test)")
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
     res["ratio_ours_over_open_clip"] = round(res["ours_img_s"] / res["open_clip_img_s"], 3) if ok else None
     print(f"device: {device}; model {a.model}, batch {a.batch_size}, {a.precision}, {a.steps} steps "
           f"(median of steps after the first {a.skip})")
-    print(f"treeprobe-train : {res['ours_img_s']} img/s  (rc {ours['rc']}, log {ours['log']})")
+    print(f"treeprobe train : {res['ours_img_s']} img/s  (rc {ours['rc']}, log {ours['log']})")
     print(f"open_clip_train : {res['open_clip_img_s']} img/s  (rc {oc['rc']}, log {oc['log']})")
     print(f"ratio ours/open_clip: {res['ratio_ours_over_open_clip']}")
     compact = {k: v for k, v in res.items() if k not in ("ours", "open_clip")}

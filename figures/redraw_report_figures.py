@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     try:
         report = load_report(args.report_dir)
     except TreeprobeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"treeprobe: error: {exc}", file=sys.stderr)
         return 2
     from pathlib import Path
 

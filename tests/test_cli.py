@@ -75,13 +75,14 @@ def test_same_seed_same_numbers(tmp_path, capsys):
     assert ra["mantel"] == rb["mantel"] and ra["clustering"] == rb["clustering"] and ra["knn"] == rb["knn"]
 
 
-def test_demo_runs_with_no_data(tmp_path, capsys, monkeypatch):
+def test_demo_runs_the_image_path(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TREEPROBE_CACHE", str(tmp_path / "cache"))
     out = str(tmp_path / "demo")
-    code, stdout, err = run(["intrinsic", "--out", out, *FAST], capsys)
+    code, stdout, err = run(["intrinsic", "--demo", "--out", out, *FAST], capsys)
     assert code == 0, err
-    assert "simulated tree of life" in err
     rep = load_report(out)
+    assert rep["provenance"]["data"]["kind"].startswith("demo: synthetic images")
+    assert rep["provenance"]["model"]["digest"]  # the bundled checkpoint embedded the rendered images
     img = {m["method"]: m for m in rep["mantel"] if m["level"] == "image"}
     # known truth: the simulated world is built from the tree
     assert img["pearson"]["statistic"] > 0.2 and img["pearson"]["p_value"] == pytest.approx(1 / 50)
@@ -110,6 +111,47 @@ def test_tree_export_and_user_tree(tmp_path, capsys):
     r2 = {(m["level"], m["method"]): m["statistic"] for m in load_report(out2)["mantel"]}
     assert r1[("image", "pearson")] == pytest.approx(r2[("image", "pearson")], abs=1e-9)
     assert load_report(out2)["provenance"]["tree"]["kind"].startswith("user tree")
+
+
+def test_first_contact_says_what_to_run(tmp_path, capsys):
+    code, stdout, err = run([], capsys)  # bare `treeprobe`
+    assert code == 0 and "treeprobe intrinsic --example bioclip2-1k" in stdout and "--demo" in stdout
+    code, stdout, err = run(["intrinsic", "--out", str(tmp_path / "o")], capsys)  # no input: guidance, no run
+    assert code == 2 and "no input given" in err and "--example bioclip2-1k" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_version(capsys):
+    from treeprobe import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"treeprobe {__version__}"
+
+
+def test_one_cli_mounts_every_command(capsys):
+    from treeprobe.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"intrinsic", "tree", "extract", "train", "make-shards", "export-weights"} <= set(sub.choices)
+
+
+def test_example_runs_without_any_path(tmp_path, capsys):
+    """The bundled real example gives the same numbers as the same file read from ../shared/data."""
+    a, b = str(tmp_path / "example"), str(tmp_path / "file")
+    assert run(["intrinsic", "--example", "bioclip2-1k", "--out", a, *FAST, "--no-figures"], capsys)[0] == 0
+    ra = load_report(a)
+    check_complete(ra, 909)
+    assert ra["skipped"]["count"] == 121
+    if os.path.exists(PARQUET):
+        assert run(["intrinsic", "--embeddings", PARQUET, "--out", b, *FAST, "--no-figures"], capsys)[0] == 0
+        rb = load_report(b)
+        assert ra["mantel"] == rb["mantel"] and ra["knn"] == rb["knn"] and ra["clustering"] == rb["clustering"]
+
+
+def test_two_inputs_are_refused(tmp_path, capsys):
+    code, _, err = run(["intrinsic", "--example", "bioclip2-1k", "--demo", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "pass one input, not --example and --demo" in err
 
 
 def _write_csv(path, rows):

@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from treeprobe.data import (
-    Dataset,
     load_data,
     load_embeddings,
     load_inat_folder,
     load_metadata_csv,
 )
+from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 from treeprobe.taxonomy import RANKS
 
@@ -35,7 +35,7 @@ needs_tol = pytest.mark.skipif(not os.path.exists(TOL_PARQUET), reason="shared d
 def test_multikingdom_csv_real():
     ds = load_data(MULTIKINGDOM_CSV)
     assert len(ds) == 1072
-    assert ds.embeddings is None and len(ds.skipped) == 0
+    assert ds.X is None and len(ds.skipped) == 0
     assert list(ds.items.columns[:8]) == ["path", *RANKS]
     assert {"common_name", "source_dataset", "lineage_source", "life_stage"} <= set(ds.items.columns)
     # paths are absolute and resolved against the CSV's folder; all exist per SOURCE.md
@@ -53,14 +53,15 @@ def test_multikingdom_csv_real():
 @needs_tol
 def test_tol_parquet_real():
     ds = load_embeddings(TOL_PARQUET)
-    assert ds.embeddings.shape == (1030, 768) and ds.embeddings.dtype == np.float32
-    assert len(ds) == 1030 and len(ds.skipped) == 0
-    # the 121 rows without taxonomy are kept, with '' ranks
-    assert (ds.items["kingdom"] == "").sum() == 121
+    assert ds.X.shape == (909, 768) and ds.X.dtype == np.float32
+    # the 121 rows without taxonomy are set aside at construction, each with its reason
+    assert len(ds) == 909 and len(ds.skipped) == 121
+    assert set(ds.skipped["reason"]) == {"no taxonomy (missing kingdom)"}
+    assert (ds.items["kingdom"] != "").all()
     assert (ds.items[list(RANKS)] != "").all(axis=1).sum() == 829
     assert (ds.items["path"] == "").all()
     assert {"uuid", "img_type", "publisher", "scientific_name"} <= set(ds.items.columns)
-    norms = np.linalg.norm(ds.embeddings, axis=1)
+    norms = np.linalg.norm(ds.X, axis=1)
     assert 30 < norms.min() and 45 < np.median(norms) < 57  # stored un-normalised (SOURCE.md: ≈45–57)
 
 
@@ -68,8 +69,9 @@ def test_tol_parquet_real():
 def test_tol_npy_matches_parquet():
     a = load_data(TOL_PARQUET)
     b = load_data(TOL_NPY)  # metadata.csv beside it, mapped by emb_row
-    assert b.embeddings.shape == (1030, 768)
-    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    assert b.X.shape == (909, 768)
+    pd.testing.assert_frame_equal(a.skipped, b.skipped)
+    np.testing.assert_array_equal(a.X, b.X)
     pd.testing.assert_frame_equal(a.items[list(RANKS)], b.items[list(RANKS)])
     assert (b.items["uuid"] == a.items["uuid"]).all()
 
@@ -80,7 +82,7 @@ def test_npy_emb_row_reorders(tmp_path):
     meta.to_csv(tmp_path / "meta.csv", index=False)
     ds = load_embeddings(TOL_NPY, metadata=tmp_path / "meta.csv")
     full = np.load(TOL_NPY)
-    np.testing.assert_array_equal(ds.embeddings, full[[5, 2, 900]])
+    np.testing.assert_array_equal(ds.X, full[[5, 2, 900]])
     assert list(ds.items["emb_row"]) == [5, 2, 900]
 
 
@@ -162,7 +164,7 @@ def _make_inat(root):
 def test_inat_folder(tmp_path):
     a, p, bad, empty = _make_inat(tmp_path)
     ds = load_data(tmp_path)
-    assert isinstance(ds, Dataset) and ds.embeddings is None
+    assert isinstance(ds, TreeData) and ds.X is None
     assert len(ds) == 4
     assert ds.items["path"].tolist() == [
         str(a / "1.jpg"), str(a / "2.PNG"), str(a / "3.jpeg"), str(p / "x.webp")
@@ -222,8 +224,8 @@ def test_nonfinite_and_zero_rows_dropped(tmp_path):
     np.save(tmp_path / "e.npy", e)
     _write_csv(tmp_path / "metadata.csv", _meta_rows(6))
     ds = load_embeddings(tmp_path / "e.npy")
-    assert len(ds) == 3 and ds.embeddings.dtype == np.float32
-    np.testing.assert_array_equal(ds.embeddings, e[[0, 2, 5]].astype(np.float32))
+    assert len(ds) == 3 and ds.X.dtype == np.float32
+    np.testing.assert_array_equal(ds.X, e[[0, 2, 5]].astype(np.float32))
     assert ds.items["species"].tolist() == ["Corvus sp0", "Corvus sp2", "Corvus sp5"]
     assert ds.skipped.values.tolist() == [
         ["row 1", "non-finite embedding"], ["row 3", "zero-norm embedding"], ["row 4", "non-finite embedding"],
@@ -235,7 +237,7 @@ def _parquet(path, embs):
     df = pd.DataFrame({"uuid": [f"u{i}" for i in range(n)], "emb": embs})
     for r in RANKS:
         df[r] = ["Plantae" if r == "kingdom" else f"{r}{i}" for i in range(n)]
-    df.loc[0, list(RANKS)] = None  # a row without taxonomy is kept
+    df.loc[0, list(RANKS)] = None  # a row without taxonomy: set aside, with its reason
     df.to_parquet(path)
 
 
@@ -254,21 +256,23 @@ def test_parquet_rejects_separate_metadata(tmp_path):
 def test_parquet_small(tmp_path):
     _parquet(tmp_path / "e.parquet", [[1.0, 2.0], [0.0, 0.0], [3.0, float("nan")], [5.0, 6.0]])
     ds = load_data(tmp_path / "e.parquet", embeddings=True)
-    np.testing.assert_array_equal(ds.embeddings, np.array([[1, 2], [5, 6]], np.float32))
-    assert ds.items["uuid"].tolist() == ["u0", "u3"]
-    assert ds.items.loc[0, "kingdom"] == "" and ds.items.loc[1, "kingdom"] == "Plantae"
-    assert ds.skipped["reason"].tolist() == ["zero-norm embedding", "non-finite embedding"]
+    np.testing.assert_array_equal(ds.X, np.array([[5, 6]], np.float32))
+    assert ds.items["uuid"].tolist() == ["u3"] and ds.items.loc[0, "kingdom"] == "Plantae"
+    # the loader's skips (source row ids), then TreeData's (position among the loaded rows: u0 is row 0)
+    assert ds.skipped.values.tolist() == [["row 1", "zero-norm embedding"], ["row 2", "non-finite embedding"],
+                                          ["row 0", "no taxonomy (missing kingdom)"]]
 
 
 def test_subset_slices_embeddings(tmp_path):
     _parquet(tmp_path / "e.parquet", [[float(i), 1.0] for i in range(5)])
     ds = load_data(tmp_path / "e.parquet")
-    sub = ds.subset(np.array([True, False, True, False, True]))
-    assert len(sub) == 3 and sub.items["uuid"].tolist() == ["u0", "u2", "u4"]
-    np.testing.assert_array_equal(sub.embeddings[:, 0], [0, 2, 4])
-    assert list(sub.items.index) == [0, 1, 2]
-    assert len(ds) == 5  # original untouched
-    with pytest.raises(ValueError):
+    assert len(ds) == 4  # u0 has no taxonomy
+    sub = ds.subset(np.array([True, False, True, False]))
+    assert len(sub) == 2 and sub.items["uuid"].tolist() == ["u1", "u3"]
+    np.testing.assert_array_equal(sub.X[:, 0], [1, 3])
+    assert list(sub.items.index) == [0, 1]
+    assert len(ds) == 4  # original untouched
+    with pytest.raises(TreeprobeError, match="boolean mask has shape"):
         ds.subset(np.array([True, False]))
 
 

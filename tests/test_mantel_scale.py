@@ -13,7 +13,8 @@ from ete3 import Tree
 from skbio import DistanceMatrix
 from skbio.stats.distance import mantel as skbio_mantel
 
-from treeprobe.taxonomy import RANKS, CladeStructure, Taxonomy, clade_structure_from_tree
+from treeprobe.taxonomy import RANKS, Taxonomy
+from treeprobe.tree import CladeStructure, clade_structure_from_tree
 
 M = importlib.import_module("treeprobe.mantel")  # the module (the package re-exports the function `mantel`)
 INAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "inat2021_taxonomy" / "metadata.csv"

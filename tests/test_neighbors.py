@@ -8,7 +8,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from tests._paths import real_tol_embeddings
 from treeprobe.errors import TreeprobeError
-from treeprobe.neighbors import knn_indices, knn_rank_agreement, l2_normalise
+from treeprobe._utils import l2_normalise
+from treeprobe.neighbors import knn_indices, knn_rank_agreement
 
 from treeprobe.taxonomy import RANKS
 
@@ -211,7 +212,7 @@ def test_query_subsample_agreement_covers_the_exact_value():
 
 
 def test_row_norms_in_chunks_equal_numpy():
-    from treeprobe.neighbors import row_norms
+    from treeprobe._utils import row_norms
 
     rng = np.random.default_rng(2)
     X = rng.normal(size=(1000, 7)).astype(np.float32)

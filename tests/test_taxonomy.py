@@ -7,7 +7,8 @@ import pytest
 from ete3 import Tree
 
 from treeprobe.errors import TreeprobeError
-from treeprobe.taxonomy import (RANKS, CladeStructure, Taxonomy, clade_structure_from_tree, placeable_mask)
+from treeprobe.taxonomy import RANKS, Taxonomy, placeable_mask
+from treeprobe.tree import CladeStructure, clade_structure_from_tree
 
 SHARED = str(SHARED_DATA)
 

@@ -1,7 +1,9 @@
-"""``python -m training`` (also what ``torchrun -m training`` runs)."""
+"""``python -m treeprobe.training`` (also what ``torchrun -m treeprobe.training`` runs)."""
 
 import sys
 
-from training.cli import main
+from treeprobe.training.cli import main
+
+__all__: list[str] = []
 
 sys.exit(main())

@@ -17,8 +17,8 @@ A checkpoint is a dict saved with :func:`torch.save`::
 Everything in it is a tensor or a plain Python type, so ``torch.load(...,
 weights_only=True)`` (open_clip's default) reads it.
 
-Writing goes to a temporary file in the same folder, which is flushed, fsync'ed and
-then ``os.replace``'d onto the final name: a crash or an exception mid-write never
+Writing goes (through :func:`treeprobe._utils.atomic_write`) to a temporary file in the same
+folder, which is flushed, fsync'ed and then ``os.replace``'d onto the final name: a crash or an exception mid-write never
 leaves a truncated checkpoint under the final name. ``latest.json`` in the folder
 points at the newest checkpoint (also written atomically); :func:`find_latest`
 falls back to globbing when it is missing.
@@ -29,18 +29,25 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from treeprobe._utils import atomic_write, atomic_write_text
+from treeprobe.errors import TreeprobeError
+
+#: The pointer file naming the newest checkpoint of a folder.
 LATEST = "latest.json"
+#: Entries of a checkpoint that a weights-only export keeps (besides the state dict).
+EXPORT_KEYS = ("epoch", "step", "model_name", "model_cfg", "text_type", "args")
+_MODULE_PREFIX = "module."
 
 __all__ = [
+    "LATEST",
+    "EXPORT_KEYS",
     "atomic_save",
-    "atomic_write_text",
     "save_checkpoint",
     "load_checkpoint",
     "find_latest",
@@ -52,54 +59,17 @@ __all__ = [
 ]
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` via tmp file + fsync + ``os.replace``."""
-    return _atomic(Path(path), lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    """Write a small text file atomically."""
-    return _atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+    """``torch.save(obj)`` to ``path`` via tmp file + fsync + ``os.replace`` (:func:`treeprobe._utils.atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def plain(obj: Any) -> Any:
-    """Recursively convert to JSON/pickle-safe plain types (Paths → str, tuples → lists)."""
+    """Recursively convert to JSON/pickle-safe plain types (Paths → str, tuples → lists).
+
+    >>> plain({"out": Path("runs/a"), "betas": (0.9, 0.98), "n": np.int64(3)})
+    {'out': 'runs/a', 'betas': [0.9, 0.98], 'n': 3}
+    """
     if isinstance(obj, dict):
         return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -144,24 +114,25 @@ def set_rng_state(state: dict) -> None:
 
 def strip_module_prefix(state_dict: dict) -> dict:
     """Drop DDP's ``module.`` prefix from keys."""
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    n = len(_MODULE_PREFIX)
+    return {(k[n:] if k.startswith(_MODULE_PREFIX) else k): v for k, v in state_dict.items()}
 
 
 def save_checkpoint(ckpt: dict, ckpt_dir: str | os.PathLike, name: str) -> Path:
     """Atomically write ``ckpt_dir/name`` and point ``latest.json`` at it."""
     ckpt_dir = Path(ckpt_dir)
     path = atomic_save(ckpt, ckpt_dir / name)
-    atomic_write_text(
-        json.dumps({"path": name, "step": int(ckpt.get("step", 0)), "epoch": int(ckpt.get("epoch", 0))}) + "\n",
-        ckpt_dir / LATEST,
-    )
+    pointer = {"path": name, "step": int(ckpt.get("step", 0)), "epoch": int(ckpt.get("epoch", 0))}
+    atomic_write_text(ckpt_dir / LATEST, json.dumps(pointer) + "\n")
     return path
 
 
 def find_latest(ckpt_dir: str | os.PathLike) -> Path | None:
     """The newest checkpoint in ``ckpt_dir``: ``latest.json`` if valid, else by glob.
 
-    The glob fallback picks the most recently modified ``*.pt`` file.
+    The glob fallback picks the most recently modified ``*.pt`` file. Not open_clip_train's
+    ``get_latest_checkpoint``: it sorts the names (natural order), so ``step_3.pt`` would win
+    over a later ``epoch_1.pt``, and it reads no pointer written atomically with the checkpoint.
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -192,10 +163,12 @@ def export_weights(src: str | os.PathLike, dst: str | os.PathLike, half: bool = 
     ``text_type`` and ``args``; floating tensors are cast to fp16 when ``half``
     (a model built in fp32 upcasts them on ``load_state_dict``).
     """
+    if not os.path.isfile(src):
+        raise TreeprobeError(f"no such checkpoint file: {src}")
     ck = load_checkpoint(src)
     sd = ck["state_dict"]
     if half:
         sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
-    out = {k: ck[k] for k in ("epoch", "step", "model_name", "model_cfg", "text_type", "args") if k in ck}
+    out = {k: ck[k] for k in EXPORT_KEYS if k in ck}
     out["state_dict"] = sd
     return atomic_save(out, dst)

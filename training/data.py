@@ -2,7 +2,7 @@
 
 Both sources yield batches ``(images, texts)``: ``images`` is a float tensor
 (B, 3, H, W) from open_clip's train transform, ``texts`` a dict mapping each text type the
-run can draw (``text_types``; default every fixed type of :data:`training.text.TEXT_TYPES`)
+run can draw (``text_types``; default every fixed type of :data:`treeprobe.training.text.TEXT_TYPES`)
 to the batch's captions: token ids (B, context_length) when a ``tokenize`` callable is
 given — the engine passes open_clip's tokenizer, so tokenization runs in the loader
 workers, off the training step, as in open_clip's trainer — else lists of B strings. The
@@ -34,99 +34,59 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from training.text import RANKS, TEXT_TYPES, all_captions, clean
+from treeprobe._utils import RANKS
+from treeprobe.errors import TreeprobeError
+from treeprobe.training.text import TEXT_TYPES, all_captions, clean
 
-log = logging.getLogger("training")
+log = logging.getLogger(__package__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+#: Samples held by the shuffle buffer of a shard stream.
+SHUFFLE_BUFFER = 1000
+#: webdataset's minimum fill of the shuffle buffer before it yields (at most the buffer size).
+SHUFFLE_INITIAL = 100
+#: Keys of a shard sample that hold its image.
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_SEED_MASK = 0x7FFFFFFF  # non-negative 31-bit seeds
 
 __all__ = [
+    "SHUFFLE_BUFFER",
     "load_items",
     "detect_data_type",
+    "encode_texts",
     "caption_table",
+    "unreadable_reason",
     "verify_images",
+    "sample_seed",
+    "seeded_transform",
     "CaptionedImages",
     "SkipSampler",
+    "SyntheticImages",
     "TrainData",
     "build_map_data",
-    "ShardData",
     "list_shards",
+    "shard_manifest_count",
+    "ShardData",
 ]
 
 
-class DataError(ValueError):
-    """A problem with the training data the user can fix (bad path, missing columns)."""
-
-
 # ----------------------------------------------------------------------------- items
-def _treeprobe_error():
-    try:
-        from treeprobe.errors import TreeprobeError
-        return TreeprobeError
-    except ImportError:  # pragma: no cover
-        return DataError
-
-
-def _own_metadata_csv(path: Path) -> pd.DataFrame:
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "path" not in df.columns:
-        raise DataError(f"{path}: no 'path' column (columns: {list(df.columns)})")
-    for r in RANKS:
-        if r not in df.columns:
-            df[r] = ""
-        df[r] = df[r].map(clean)
-    base = path.parent
-    df["path"] = [str((base / p).resolve()) if p else "" for p in df["path"]]
-    return df
-
-
-_INAT_DIR = re.compile(r"^\d+_(.+)$")
-
-
-def _own_inat_folder(root: Path) -> pd.DataFrame:
-    rows = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        m = _INAT_DIR.match(d.name)
-        if not m:
-            continue
-        parts = m.group(1).split("_")
-        if len(parts) < 7:
-            continue
-        lineage = dict(zip(RANKS[:6], parts[:6]))
-        lineage["species"] = f"{parts[5]} {' '.join(parts[6:])}"
-        for f in sorted(d.iterdir()):
-            if f.suffix.lower() in IMAGE_EXTS:
-                rows.append({"path": str(f.resolve()), **lineage, "common_name": ""})
-    if not rows:
-        raise DataError(f"{root}: no iNat21-style class folders (NNNNN_Kingdom_..._Genus_epithet) found")
-    return pd.DataFrame(rows)
-
-
 def load_items(path: str | Path, data_type: str = "auto") -> pd.DataFrame:
     """Items (one row per image: absolute ``path``, the 7 ranks, ``common_name``, covariates).
 
-    Uses treeprobe's loaders (:func:`treeprobe.data.load_metadata_csv`,
-    :func:`treeprobe.data.load_inat_folder`) so training reads exactly what treeprobe
-    analyses; falls back to a minimal reader of the same formats if they are absent.
+    Read by treeprobe's loaders (:func:`treeprobe.data.load_metadata_csv`,
+    :func:`treeprobe.data.load_inat_folder`), so training reads exactly what treeprobe analyses.
     """
+    from treeprobe.data import load_inat_folder, load_metadata_csv
+
     path = Path(path)
     if data_type == "auto":
         data_type = detect_data_type(path)
     if data_type not in ("csv", "inat"):
-        raise DataError(f"load_items reads csv/inat data, not {data_type!r}")
+        raise TreeprobeError(f"load_items reads csv/inat data, not {data_type!r}")
     if not path.exists():
-        raise DataError(f"training data not found: {path}")
-    try:
-        import treeprobe.data as tpd
-        loader = tpd.load_metadata_csv if data_type == "csv" else tpd.load_inat_folder
-    except (ImportError, AttributeError):
-        loader = None
-    if loader is not None:
-        ds = loader(str(path))
-        items = ds.items if hasattr(ds, "items") and isinstance(ds.items, pd.DataFrame) else ds
-        items = items.copy()
-    else:
-        items = _own_metadata_csv(path) if data_type == "csv" else _own_inat_folder(path)
+        raise TreeprobeError(f"training data not found: {path}")
+    loader = load_metadata_csv if data_type == "csv" else load_inat_folder
+    items = loader(str(path)).items.copy()
     if "common_name" not in items.columns:
         items["common_name"] = ""
     for r in RANKS + ("common_name",):
@@ -150,7 +110,7 @@ def detect_data_type(path: str | Path) -> str:
         if any(p.glob("*.tar")):
             return "wds"
         return "inat"
-    raise DataError(f"training data not found: {path}")
+    raise TreeprobeError(f"training data not found: {path}")
 
 
 def encode_texts(captions: dict[str, list[str]], text_types=TEXT_TYPES, tokenize: Callable | None = None) -> dict:
@@ -160,14 +120,14 @@ def encode_texts(captions: dict[str, list[str]], text_types=TEXT_TYPES, tokenize
 
 
 def caption_table(items: pd.DataFrame) -> dict[str, list[str]]:
-    """Text type → caption per row (see :mod:`training.text`)."""
+    """Text type → caption per row (see :mod:`treeprobe.training.text`)."""
     records = items[list(RANKS) + ["common_name"]].to_dict("records")
     caps = [all_captions(r) for r in records]
     return {t: [c[t] for c in caps] for t in TEXT_TYPES}
 
 
-def _readable(path: str) -> str:
-    """'' if PIL can open and verify the image, else the reason."""
+def unreadable_reason(path: str) -> str:
+    """'' if PIL can open and verify the image at ``path``, else why not (one line)."""
     if not path:
         return "no image path"
     try:
@@ -188,7 +148,7 @@ def verify_images(items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     caps = caption_table(items)["taxonomic"]
     reasons = []
     for p, c in zip(items["path"], caps):
-        reasons.append("no taxonomy for a caption" if not c else _readable(p))
+        reasons.append("no taxonomy for a caption" if not c else unreadable_reason(p))
     reasons = pd.Series(reasons, index=items.index)
     ok = reasons == ""
     skipped = pd.DataFrame({"item": items.loc[~ok, "path"].values, "reason": reasons[~ok].values})
@@ -197,7 +157,7 @@ def verify_images(items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def sample_seed(seed: int, epoch: int, key) -> int:
     """Seed for the augmentation of one sample: a function of (seed, epoch, key)."""
-    return zlib.crc32(f"{seed}:{epoch}:{key}".encode()) & 0x7FFFFFFF
+    return zlib.crc32(f"{seed}:{epoch}:{key}".encode()) & _SEED_MASK
 
 
 def seeded_transform(transform: Callable, img, seed: int):
@@ -236,6 +196,7 @@ class CaptionedImages(Dataset):
         return len(self.paths)
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentations ``__getitem__`` draws."""
         self.epoch = int(epoch)
 
     def __getitem__(self, i: int):
@@ -249,7 +210,7 @@ class CaptionedImages(Dataset):
                 log.warning("skipping unreadable image %s (%s)", self.paths[j], e)
                 continue
             return seeded_transform(self.transform, img, sample_seed(self.seed, self.epoch, j)), j
-        raise DataError("no readable image in the dataset")
+        raise TreeprobeError("no readable image in the dataset")
 
     def collate(self, batch):
         """list of (image, index) → (images (B,3,H,W), {text type: token ids (B, L) or [B captions]})."""
@@ -281,7 +242,7 @@ class SyntheticImages(CaptionedImages):
     LINEAGE = {"kingdom": "Animalia", "phylum": "Chordata", "class": "Aves", "order": "Passeriformes",
                "family": "Corvidae", "genus": "Pica", "species": "Pica pica", "common_name": "Eurasian magpie"}
 
-    def __init__(self, num_samples: int, transform: Callable, image_size, seed: int = 0):
+    def __init__(self, num_samples: int, transform: Callable, image_size, *, seed: int = 0):
         items = pd.DataFrame([{"path": "", **self.LINEAGE}] * int(num_samples))
         super().__init__(items, transform, seed=seed)
         size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (int(image_size), int(image_size))
@@ -302,7 +263,7 @@ class TrainData:
     kind: str = "csv"
 
 
-def build_map_data(items: pd.DataFrame | None, transform: Callable, batch_size: int, seed: int,
+def build_map_data(items: pd.DataFrame | None, transform: Callable, batch_size: int, *, seed: int,
                    rank: int = 0, world_size: int = 1, workers: int = 0,
                    verify: bool = True, kind: str = "csv", dataset: CaptionedImages | None = None,
                    tokenize: Callable | None = None, text_types=TEXT_TYPES) -> TrainData:
@@ -317,7 +278,7 @@ def build_map_data(items: pd.DataFrame | None, transform: Callable, batch_size: 
         ds = CaptionedImages(items, transform, seed=seed)
     ds.tokenize, ds.text_types = tokenize, tuple(text_types)
     if len(ds) < batch_size * world_size:
-        raise DataError(f"{len(ds)} usable images < batch size {batch_size} x {world_size} rank(s)")
+        raise TreeprobeError(f"{len(ds)} usable images < batch size {batch_size} x {world_size} rank(s)")
     sampler = SkipSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     steps = sampler.num_samples // batch_size
 
@@ -344,7 +305,7 @@ def list_shards(spec: str) -> list[str]:
     else:
         urls = list(wds.shardlists.expand_urls(spec))
     if not urls:
-        raise DataError(f"no .tar shards found for {spec!r}")
+        raise TreeprobeError(f"no .tar shards found for {spec!r}")
     return urls
 
 
@@ -367,7 +328,7 @@ def _decode_image(data: bytes) -> Image.Image:
 
 
 class ShardData:
-    """Webdataset pipeline over tar shards written by ``treeprobe-train make-shards``.
+    """Webdataset pipeline over tar shards written by ``treeprobe make-shards``.
 
     Per epoch the shard list is shuffled with ``(seed, epoch)`` and split across ranks
     (``shards[rank::world]``) and then loader workers; samples pass a shuffle buffer
@@ -378,22 +339,22 @@ class ShardData:
     stream and drops the batches already done (costs their I/O, not their compute).
     """
 
-    def __init__(self, spec: str, transform: Callable, batch_size: int, seed: int,
+    def __init__(self, spec: str, transform: Callable, batch_size: int, *, seed: int,
                  num_samples: int | None = None, rank: int = 0, world_size: int = 1,
-                 workers: int = 0, shuffle_buffer: int = 1000, tokenize: Callable | None = None,
+                 workers: int = 0, shuffle_buffer: int = SHUFFLE_BUFFER, tokenize: Callable | None = None,
                  text_types=TEXT_TYPES):
         self.urls = list_shards(spec)
         self.tokenize, self.text_types = tokenize, tuple(text_types)
         n = num_samples or shard_manifest_count(spec)
         if not n:
-            raise DataError("shards need --train-num-samples (no manifest.json next to them)")
+            raise TreeprobeError("shards need --train-num-samples (no manifest.json next to them)")
         self.num_samples = int(n)
         self.transform, self.batch_size, self.seed = transform, batch_size, int(seed)
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.shuffle_buffer = shuffle_buffer
         self.steps_per_epoch = self.num_samples // (batch_size * world_size)
         if self.steps_per_epoch < 1:
-            raise DataError(f"{self.num_samples} samples < batch size {batch_size} x {world_size} rank(s)")
+            raise TreeprobeError(f"{self.num_samples} samples < batch size {batch_size} x {world_size} rank(s)")
         if len(self.urls) < world_size:
             log.warning("%d shards for %d ranks: some ranks re-read shards", len(self.urls), world_size)
 
@@ -411,10 +372,10 @@ class ShardData:
             info = torch.utils.data.get_worker_info()
             wid = info.id if info is not None else 0
             rng = random.Random(f"{seed}:{epoch}:{rnd}:{rank}:{wid}")
-            return wds.filters._shuffle(src, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
+            return wds.filters._shuffle(src, self.shuffle_buffer, min(SHUFFLE_INITIAL, self.shuffle_buffer), rng)
 
         def to_sample(s):
-            img_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in s), None)
+            img_key = next((k for k in IMAGE_KEYS if k in s), None)
             if img_key is None or "json" not in s:
                 raise ValueError(f"sample {s.get('__key__')} lacks an image or json")
             meta = json.loads(s["json"])
@@ -438,6 +399,7 @@ class ShardData:
         )
 
     def batches(self, epoch: int, skip_batches: int = 0) -> Iterator:
+        """This rank's ``steps_per_epoch`` batches of ``epoch``, the first ``skip_batches`` dropped."""
         def stream():
             rnd = 0
             while True:
@@ -447,7 +409,7 @@ class ShardData:
                     n += 1
                     yield b
                 if n == 0:
-                    raise DataError("the shards yielded no full batch (too few readable samples?)")
+                    raise TreeprobeError("the shards yielded no full batch (too few readable samples?)")
                 rnd += 1
 
         it = stream()
@@ -458,5 +420,6 @@ class ShardData:
                 yield b
 
     def train_data(self) -> TrainData:
+        """This pipeline as the engine's :class:`TrainData`."""
         return TrainData(steps_per_epoch=self.steps_per_epoch, num_samples=self.num_samples,
                          batches=self.batches, kind="wds")

@@ -3,7 +3,7 @@
 Embeds a held-out metadata CSV with the in-memory model and scores it:
 
 * always: kNN rank agreement (:func:`treeprobe.neighbors.knn_rank_agreement`, cosine,
-  k=10) per rank — logged as ``knn_<rank>`` (agreement) and ``knn_excess_<rank>``
+  k = :data:`EVAL_K`) per rank — logged as ``knn_<rank>`` (agreement) and ``knn_excess_<rank>``
   ((agreement − chance)/(1 − chance); 0 = chance, 1 = perfect);
 * when the lead's :func:`treeprobe.pipeline.analyse_embeddings` is importable: its
   report's headline numbers, logged under ``tp_<name>``.
@@ -25,9 +25,20 @@ import pandas as pd
 import torch
 from PIL import Image
 
-log = logging.getLogger("training")
+log = logging.getLogger(__package__)
 
-__all__ = ["embed_images", "knn_metrics", "pipeline_headline", "evaluate"]
+__all__ = ["EVAL_K", "EVAL_PERMUTATIONS", "EVAL_BATCH_SIZE", "preserved_rng", "embed_images", "knn_metrics",
+           "pipeline_headline", "light_kwargs", "evaluate"]
+
+#: Neighbours of the kNN rank agreement.
+EVAL_K = 10
+#: Mantel permutations of the in-training evaluation (``--eval-permutations``).
+EVAL_PERMUTATIONS = 199
+#: Images per forward pass when embedding.
+EVAL_BATCH_SIZE = 64
+#: Permutations for the chance level of the pipeline's kNN agreement (kept low: it runs every eval).
+CHANCE_PERMUTATIONS = 5
+_MAX_DEPTH = 3  # of the report dict flattened into headline numbers
 
 
 @contextlib.contextmanager
@@ -44,8 +55,8 @@ def preserved_rng():
 
 
 @torch.no_grad()
-def embed_images(model, paths: Sequence[str], transform: Callable, device="cpu", batch_size: int = 64,
-                 autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+def embed_images(model, paths: Sequence[str], transform: Callable, *, device="cpu",
+                 batch_size: int = EVAL_BATCH_SIZE, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
     """L2-normalised image embeddings, float32 array (N, embed_dim)."""
     was_training = model.training
     model.eval()
@@ -67,10 +78,12 @@ def embed_images(model, paths: Sequence[str], transform: Callable, device="cpu",
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def knn_metrics(emb: np.ndarray, items: pd.DataFrame, k: int = 10) -> dict:
-    """``knn_<rank>`` and ``knn_excess_<rank>`` for every rank (treeprobe's kNN agreement)."""
+def knn_metrics(emb: np.ndarray, items: pd.DataFrame, k: int = EVAL_K, *, chance: bool = False) -> dict:
+    """``knn_<rank>`` and ``knn_excess_<rank>`` (and ``chance_<rank>`` if ``chance``) for every rank
+    (treeprobe's kNN agreement) of embeddings (N, D) of ``items`` (N rows)."""
+    from treeprobe._utils import RANKS
     from treeprobe.neighbors import knn_rank_agreement
-    from treeprobe.taxonomy import RANKS, Taxonomy
+    from treeprobe.taxonomy import Taxonomy
 
     tax = Taxonomy.from_frame(items)
     k = int(min(k, len(items) - 1))
@@ -79,12 +92,14 @@ def knn_metrics(emb: np.ndarray, items: pd.DataFrame, k: int = 10) -> dict:
     for row in df.itertuples():
         res[f"knn_{row.rank}"] = float(row.agreement)
         res[f"knn_excess_{row.rank}"] = float(row.agreement_excess)
+    if chance:
+        res.update({f"chance_{row.rank}": float(row.chance) for row in df.itertuples()})
     return res
 
 
 def _flatten_numbers(obj, prefix="", out=None, depth=0) -> dict:
     out = {} if out is None else out
-    if depth > 3:
+    if depth > _MAX_DEPTH:
         return out
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -113,21 +128,23 @@ def pipeline_headline(report) -> dict:
     return _flatten_numbers(h or {})
 
 
-def _light_kwargs(fn, permutations: int) -> dict:
+def light_kwargs(fn, permutations: int) -> dict:
     """Fast settings for an in-training evaluation, for the options ``fn`` accepts."""
     import inspect
 
-    want = {"permutations": permutations, "maps": (), "progress": False, "chance_permutations": 5}
+    want = {"permutations": permutations, "maps": (), "progress": False,
+            "chance_permutations": CHANCE_PERMUTATIONS}
     params = inspect.signature(fn).parameters
     return {k: v for k, v in want.items() if k in params}
 
 
-def evaluate(model, items: pd.DataFrame, transform: Callable, device="cpu", seed: int = 0,
-             batch_size: int = 64, autocast_dtype=None, k: int = 10, use_pipeline: bool = True,
-             permutations: int = 199) -> dict:
+def evaluate(model, items: pd.DataFrame, transform: Callable, *, device="cpu", seed: int = 0,
+             batch_size: int = EVAL_BATCH_SIZE, autocast_dtype=None, k: int = EVAL_K, use_pipeline: bool = True,
+             permutations: int = EVAL_PERMUTATIONS) -> dict:
     """Embed ``items`` (absolute ``path`` + ranks) and return headline metrics (flat dict)."""
     with preserved_rng():
-        emb = embed_images(model, list(items["path"]), transform, device, batch_size, autocast_dtype)
+        emb = embed_images(model, list(items["path"]), transform, device=device, batch_size=batch_size,
+                           autocast_dtype=autocast_dtype)
         res = {"eval_n": int(len(items))}
         res.update(knn_metrics(emb, items, k=k))
         if use_pipeline:
@@ -137,7 +154,7 @@ def evaluate(model, items: pd.DataFrame, transform: Callable, device="cpu", seed
                 res["tp_note"] = f"treeprobe.pipeline.analyse_embeddings not available ({e}); kNN metrics only"
             else:
                 try:
-                    report = analyse_embeddings(emb, items, seed=seed, **_light_kwargs(analyse_embeddings,
+                    report = analyse_embeddings(emb, items, seed=seed, **light_kwargs(analyse_embeddings,
                                                                                          permutations))
                     res.update({f"tp_{k_}": v for k_, v in pipeline_headline(report).items()})
                 except Exception as e:  # noqa: BLE001 - evaluation must not kill training

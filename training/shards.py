@@ -11,24 +11,31 @@ Each sample is ``<key>.jpg`` (JPEG bytes; JPEG files are copied as they are unle
 
 plus ``manifest.json`` (``num_samples``, ``shards``, ``text_types``) and ``skipped.csv``
 (unreadable images, rows without taxonomy) in the output folder. Training reads the
-shards with ``treeprobe-train --data DIR`` (count taken from the manifest).
+shards with ``treeprobe train --data DIR`` (count taken from the manifest).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import random
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 
-from training.checkpoint import atomic_write_text, plain
-from training.data import RANKS, _readable, load_items
-from training.text import TEXT_TYPES, all_captions
+from treeprobe._utils import RANKS, atomic_write_text
+from treeprobe.training.checkpoint import plain
+from treeprobe.training.data import load_items, unreadable_reason
+from treeprobe.training.text import TEXT_TYPES, all_captions
 
-__all__ = ["make_shards", "sample_record"]
+__all__ = ["DEFAULT_SHARD_SIZE", "DEFAULT_JPEG_QUALITY", "make_shards", "sample_record"]
+
+#: Samples per tar shard.
+DEFAULT_SHARD_SIZE = 1000
+#: JPEG quality when an image is re-encoded.
+DEFAULT_JPEG_QUALITY = 95
 
 
 def sample_record(row: dict) -> dict:
@@ -57,13 +64,28 @@ def _jpeg_bytes(path: str, max_size: int | None, quality: int) -> bytes:
         return buf.getvalue()
 
 
-def make_shards(data: str | Path, out: str | Path, shard_size: int = 1000, data_type: str = "auto",
-                max_size: int | None = None, quality: int = 95, shuffle_seed: int | None = 0,
+def _sample(row: dict, *, max_size: int | None, quality: int) -> tuple[dict | None, bytes | None, str]:
+    """(json record, JPEG bytes, '') of one row, or (None, None, why it is skipped)."""
+    rec = sample_record(row)
+    if not rec["texts"]["taxonomic"]:
+        return None, None, "no taxonomy for a caption"
+    reason = unreadable_reason(row.get("path", ""))
+    if reason:
+        return None, None, reason
+    try:
+        return rec, _jpeg_bytes(row["path"], max_size, quality), ""
+    except Exception as e:  # noqa: BLE001 - skip what cannot be decoded
+        return None, None, f"unreadable image: {type(e).__name__}: {e}"
+
+
+def make_shards(data: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE, data_type: str = "auto",
+                max_size: int | None = None, quality: int = DEFAULT_JPEG_QUALITY, shuffle_seed: int | None = 0,
                 prefix: str = "shard") -> dict:
     """Write ``out/<prefix>-NNNNNN.tar`` with ``shard_size`` samples each; returns the manifest.
 
-    ``shuffle_seed`` shuffles the row order before writing (None keeps CSV order), so
-    shards mix taxa and shard-level shuffling during training is enough.
+    ``max_size``: downscale so the shorter side is at most this many pixels. ``shuffle_seed``
+    shuffles the row order before writing (None keeps CSV order), so shards mix taxa and
+    shard-level shuffling during training is enough.
     """
     import webdataset as wds
 
@@ -78,16 +100,7 @@ def make_shards(data: str | Path, out: str | Path, shard_size: int = 1000, data_
     with wds.ShardWriter(pattern, maxcount=int(shard_size), verbose=0) as sink:
         for i in order:
             row = items.iloc[i].to_dict()
-            rec = sample_record(row)
-            if not rec["texts"]["taxonomic"]:
-                skipped.append({"item": row.get("path", i), "reason": "no taxonomy for a caption"})
-                continue
-            reason = _readable(row.get("path", ""))
-            if not reason:
-                try:
-                    jpg = _jpeg_bytes(row["path"], max_size, quality)
-                except Exception as e:  # noqa: BLE001 - skip what cannot be decoded
-                    reason = f"unreadable image: {type(e).__name__}: {e}"
+            rec, jpg, reason = _sample(row, max_size=max_size, quality=quality)
             if reason:
                 skipped.append({"item": row.get("path", i), "reason": reason})
                 continue
@@ -95,12 +108,13 @@ def make_shards(data: str | Path, out: str | Path, shard_size: int = 1000, data_
             n += 1
     shards = sorted(p.name for p in out.glob(f"{prefix}-*.tar"))
     # ShardWriter opens the next shard eagerly: drop a trailing empty one
-    if n and len(shards) > -(-n // int(shard_size)):
-        for name in shards[-(-n // int(shard_size)):]:
+    n_shards = math.ceil(n / int(shard_size))
+    if n and len(shards) > n_shards:
+        for name in shards[n_shards:]:
             (out / name).unlink()
-        shards = shards[: -(-n // int(shard_size))]
+        shards = shards[:n_shards]
     manifest = {"num_samples": n, "shards": shards, "shard_size": int(shard_size),
                 "text_types": list(TEXT_TYPES), "source": str(data), "n_skipped": len(skipped)}
-    atomic_write_text(json.dumps(manifest, indent=1) + "\n", out / "manifest.json")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     pd.DataFrame(skipped, columns=["item", "reason"]).to_csv(out / "skipped.csv", index=False)
     return manifest

@@ -36,16 +36,25 @@ import math
 import random
 from typing import Mapping
 
-RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+from treeprobe._utils import RANKS
+from treeprobe.errors import TreeprobeError
+
+#: The fixed text types, in the order ``mixed`` draws from.
 TEXT_TYPES = ("taxonomic", "scientific", "common", "scientific_common", "taxonomic_common")
+#: Every ``--text-type`` value: the fixed types and ``mixed`` (one drawn per batch).
 TEXT_TYPE_CHOICES = TEXT_TYPES + ("mixed",)
+#: The caption around the name part.
 TEMPLATE = "a photo of {}."
+#: The clause that adds a common name to the ``..._common`` types.
+COMMON_CLAUSE = "{} with common name {}"
+_ABOVE_GENUS = RANKS[:5]  # kingdom .. family
 
 __all__ = [
     "RANKS",
     "TEXT_TYPES",
     "TEXT_TYPE_CHOICES",
     "TEMPLATE",
+    "COMMON_CLAUSE",
     "clean",
     "split_binomial",
     "taxonomic_name",
@@ -69,6 +78,7 @@ def clean(value) -> str:
 
 
 def _cap(s: str) -> str:
+    """First letter upper case, the rest lower."""
     return s[:1].upper() + s[1:].lower() if s else s
 
 
@@ -97,7 +107,7 @@ def split_binomial(genus: str, species: str) -> tuple[str, str]:
 
 def taxonomic_name(lineage: Mapping) -> str:
     """``Kingdom Phylum Class Order Family Genus epithet``, empty ranks dropped."""
-    parts = [_cap(clean(lineage.get(r, ""))) for r in RANKS[:5]]
+    parts = [_cap(clean(lineage.get(r, ""))) for r in _ABOVE_GENUS]
     genus, epithet = split_binomial(lineage.get("genus", ""), lineage.get("species", ""))
     parts += [genus, epithet]
     return " ".join(p for p in parts if p)
@@ -108,7 +118,7 @@ def scientific_name(lineage: Mapping) -> str:
     genus, epithet = split_binomial(lineage.get("genus", ""), lineage.get("species", ""))
     if genus:
         return f"{genus} {epithet}".strip()
-    for r in reversed(RANKS[:5]):
+    for r in reversed(_ABOVE_GENUS):
         v = clean(lineage.get(r, ""))
         if v:
             return f"{_cap(v)} {epithet}".strip()
@@ -134,14 +144,26 @@ def caption_body(lineage: Mapping, text_type: str) -> str:
     elif text_type == "taxonomic_common":
         base = taxonomic_name(lineage)
     else:
-        raise ValueError(f"unknown text type {text_type!r}; expected one of {TEXT_TYPES}")
+        raise TreeprobeError(f"unknown text type {text_type!r}; expected one of {TEXT_TYPES}")
     if not com or not base:
         return base or com
-    return f"{base} with common name {com}"
+    return COMMON_CLAUSE.format(base, com)
 
 
 def make_caption(lineage: Mapping, text_type: str) -> str:
-    """``a photo of {body}.`` for a fixed text type; ``''`` if the lineage is empty."""
+    """``a photo of {body}.`` for a fixed text type; ``''`` if the lineage is empty.
+
+    >>> magpie = {"kingdom": "Animalia", "phylum": "Chordata", "class": "Aves", "order": "Passeriformes",
+    ...           "family": "Corvidae", "genus": "Pica", "species": "Pica pica", "common_name": "Eurasian magpie"}
+    >>> make_caption(magpie, "taxonomic")
+    'a photo of Animalia Chordata Aves Passeriformes Corvidae Pica pica.'
+    >>> make_caption(magpie, "scientific_common")
+    'a photo of Pica pica with common name Eurasian magpie.'
+    >>> make_caption({"genus": "Pica", "species": "Pica pica"}, "common")  # no common name: scientific
+    'a photo of Pica pica.'
+    >>> make_caption({}, "taxonomic")
+    ''
+    """
     body = caption_body(lineage, text_type)
     return TEMPLATE.format(body) if body else ""
 
@@ -157,10 +179,15 @@ def text_type_for_step(text_type: str, step: int, seed: int = 0) -> str:
     Fixed types are returned unchanged. ``mixed`` draws one of :data:`TEXT_TYPES`
     uniformly with a generator seeded by ``(seed, step)`` only, so every rank of a
     distributed run and every rerun/resume picks the same type for the same step.
+
+    >>> text_type_for_step("scientific", 7)
+    'scientific'
+    >>> [text_type_for_step("mixed", step, seed=0) for step in range(4)]
+    ['common', 'taxonomic_common', 'common', 'taxonomic']
     """
     if text_type != "mixed":
         if text_type not in TEXT_TYPES:
-            raise ValueError(f"unknown text type {text_type!r}; expected one of {TEXT_TYPE_CHOICES}")
+            raise TreeprobeError(f"unknown text type {text_type!r}; expected one of {TEXT_TYPE_CHOICES}")
         return text_type
     rng = random.Random(f"treeprobe-mixed:{int(seed)}:{int(step)}")
     return rng.choice(TEXT_TYPES)

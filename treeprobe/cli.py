@@ -1,70 +1,112 @@
-"""``treeprobe`` command line: ``intrinsic`` (the analysis) and ``tree`` (taxonomy → Newick).
+"""The ``treeprobe`` command line: one program, one subcommand per job.
 
-Input problems end with one line ``treeprobe: error: ...`` and exit status 2 (no traceback).
+``treeprobe intrinsic`` (the analysis), ``treeprobe tree`` (taxonomy → Newick), ``treeprobe extract``
+(embed images into the cache, also under torchrun), ``treeprobe train`` / ``make-shards`` /
+``export-weights`` (the BioCLIP-style trainer; ``treeprobe-train`` is an alias of ``treeprobe train``).
+
+Input problems end with one line ``treeprobe: error: ...`` and exit status 2 (no traceback);
+an interrupt exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import inspect
 import sys
 
 from treeprobe.errors import TreeprobeError
 
+__all__ = ["main", "build_parser", "FIRST_CONTACT"]
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="treeprobe",
-        description="Does a vision model's representation agree with the tree of life?",
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+FIRST_CONTACT = """\
+treeprobe: does a vision model's representation agree with the tree of life?
+
+Try it on the bundled real example (1,030 BioCLIP 2 embeddings of TreeOfLife-200M images):
+  treeprobe intrinsic --example bioclip2-1k --out out/bioclip2
+Run the full image path on synthetic species with the bundled demo checkpoint:
+  treeprobe intrinsic --demo --out out/demo
+Your own data:
+  treeprobe intrinsic --embeddings emb.parquet --out out/mine          (or emb.npy --metadata meta.csv)
+  treeprobe intrinsic --ckpt model.pt --data images.csv --out out/mine  (images + an open_clip checkpoint)
+Other commands: tree, extract, train, make-shards, export-weights (treeprobe COMMAND --help).
+"""
+
+
+def _default(fn, name: str):
+    """The default of parameter ``name`` of ``fn``: argparse defaults are read, never repeated."""
+    return inspect.signature(fn).parameters[name].default
+
+
+def _version() -> str:
+    from treeprobe import __version__
+
+    return __version__
+
+
+def _add_intrinsic(sub) -> None:
+    from treeprobe import tl
+    from treeprobe.datasets import EXAMPLES
+    from treeprobe.pipeline import load_inputs
 
     a = sub.add_parser(
         "intrinsic",
         help="embed images (or read embeddings) and report agreement with the taxonomy",
         description="Extract embeddings (or read precomputed ones), then report how well they agree with the "
                     "taxonomy: Mantel correlation with tree distance (permutation p-values), rank-wise "
-                    "clustering purity/NMI/AMI/ARI with chance baselines, kNN rank agreement, t-SNE/UMAP maps. "
-                    "With no data, runs the built-in simulated tree of life (--demo).",
+                    "clustering purity/NMI/AMI/ARI with chance baselines, kNN rank agreement, t-SNE/UMAP maps.",
+        epilog=FIRST_CONTACT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = a.add_argument_group("inputs")
+    src = a.add_argument_group("inputs (one of)")
+    src.add_argument("--example", choices=sorted(EXAMPLES),
+                     help="a bundled real example: bioclip2-1k (1,030 BioCLIP 2 embeddings with lineages)")
     src.add_argument("--data", help="metadata CSV (path + kingdom..species, paths relative to the CSV), an "
                                     "iNat21-style image folder, or an embeddings file (.npy / .parquet)")
     src.add_argument("--embeddings", help="precomputed embeddings: .npy (with --metadata or a metadata.csv beside "
                                           "it) or .parquet with an 'emb' column and rank columns")
     src.add_argument("--metadata", help="metadata CSV for a .npy embeddings file")
+    src.add_argument("--demo", action="store_true",
+                     help="synthetic images of a simulated tree of life, embedded by the bundled demo checkpoint")
     src.add_argument("--tree", help="Newick phylogeny with branch lengths, leaves named by species binomial; its "
                                     "patristic distances replace the rank taxonomy's in the Mantel tests")
-    src.add_argument("--demo", action="store_true", help="run on the built-in simulated tree of life")
-    m = a.add_argument_group("model")
+    m = a.add_argument_group("model (for images)")
     m.add_argument("--ckpt", help="open_clip checkpoint (.pt with state_dict, bare state dict, .safetensors) "
                                   "or an hf-hub:ORG/NAME id")
     m.add_argument("--model", help="open_clip architecture (e.g. ViT-B-16) when the checkpoint does not name it")
     m.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai) for --model")
     m.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a torch checkpoint holding non-tensor Python objects (unpickling runs its code)")
-    m.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    m.add_argument("--workers", type=int, default=0, help="DataLoader workers for image decoding (default 0)")
+    bs, wk = _default(load_inputs, "batch_size"), _default(load_inputs, "workers")
+    m.add_argument("--batch-size", type=int, default=bs, help=f"images per forward pass (default {bs})")
+    m.add_argument("--workers", type=int, default=wk, help=f"DataLoader workers for image decoding (default {wk})")
     m.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     m.add_argument("--cache-dir", help="embedding cache folder (default $TREEPROBE_CACHE or ~/.cache/treeprobe)")
     s = a.add_argument_group("analysis")
-    s.add_argument("--seed", type=int, default=0, help="seed of every stochastic step (default 0)")
-    s.add_argument("--permutations", type=int, default=999, help="Mantel permutations (default 999)")
-    s.add_argument("--knn-k", type=int, default=10, help="neighbours for kNN agreement (default 10)")
-    s.add_argument("--knn-max-queries", type=int, default=100_000,
+    d = {k: _default(tl.intrinsic, k) for k in ("seed", "permutations", "knn_k", "knn_max_queries",
+                                                "max_map_points", "maps", "cluster_methods")}
+    s.add_argument("--seed", type=int, default=d["seed"], help=f"seed of every stochastic step (default {d['seed']})")
+    s.add_argument("--permutations", type=int, default=d["permutations"],
+                   help=f"Mantel permutations (default {d['permutations']})")
+    s.add_argument("--knn-k", type=int, default=d["knn_k"], help=f"neighbours for kNN agreement (default {d['knn_k']})")
+    s.add_argument("--knn-max-queries", type=int, default=d["knn_max_queries"],
                    help="above this many items, kNN agreement is estimated (with a 95%% CI) from this many "
-                        "random query items, each with its exact neighbours among all items (default 100000)")
+                        f"random query items, each with its exact neighbours among all items (default {d['knn_max_queries']})")
     s.add_argument("--rank-lengths", help="edge length above each rank, 7 comma-separated numbers "
                                           "kingdom..species (default 1 each)")
-    s.add_argument("--maps", default="tsne,umap", help="2-D maps to draw: tsne,umap or none (default tsne,umap)")
-    s.add_argument("--max-map-points", type=int, default=20000, help="subsample maps above this many points")
-    s.add_argument("--cluster-methods", default="kmeans,agglomerative", help="kmeans,agglomerative (default both)")
+    s.add_argument("--maps", default=",".join(d["maps"]),
+                   help=f"2-D maps to draw: tsne,umap or none (default {','.join(d['maps'])})")
+    s.add_argument("--max-map-points", type=int, default=d["max_map_points"],
+                   help=f"subsample maps above this many points (default {d['max_map_points']})")
+    s.add_argument("--cluster-methods", default=",".join(d["cluster_methods"]),
+                   help=f"clustering methods (default {','.join(d['cluster_methods'])})")
     s.add_argument("--no-centroids", action="store_true", help="skip the species-centroid Mantel tests")
     o = a.add_argument_group("output")
     o.add_argument("--out", default="treeprobe_out", help="output folder (default ./treeprobe_out)")
     o.add_argument("--no-figures", action="store_true", help="write numbers only")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=cmd_intrinsic)
 
+
+def _add_tree(sub) -> None:
     t = sub.add_parser("tree", help="export the taxonomy of a data set as Newick",
                        description="Build the rank taxonomy of a data set (metadata CSV, iNat21 folder or "
                                    "embeddings file) and write it as Newick (internal nodes named, one unit per rank).")
@@ -72,6 +114,24 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--metadata", help="metadata CSV for a .npy file")
     t.add_argument("--rank-lengths", help="7 comma-separated edge lengths kingdom..species")
     t.add_argument("--out", required=True, help="output .nwk file")
+    t.set_defaults(func=cmd_tree)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``treeprobe`` parser with every subcommand (each sets ``func(args) -> int``)."""
+    from treeprobe.extract_dist import add_subcommands as add_extract
+    import treeprobe.training.cli as _t  # TEMP until the training helper lands
+    add_training = getattr(_t, "add_subcommands", lambda sub: None)
+
+    p = argparse.ArgumentParser(prog="treeprobe",
+                                description="Does a vision model's representation agree with the tree of life?",
+                                epilog=FIRST_CONTACT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"treeprobe {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_intrinsic(sub)
+    _add_tree(sub)
+    add_extract(sub)
+    add_training(sub)
     return p
 
 
@@ -92,24 +152,25 @@ def _split(text: str) -> tuple[str, ...]:
 
 
 def cmd_intrinsic(args) -> int:
+    """``treeprobe intrinsic``: check the options, run, print the headline numbers."""
     from treeprobe.pipeline import run_intrinsic
 
-    demo = args.demo or (args.data is None and args.embeddings is None)
-    if demo and not args.demo:
-        print("treeprobe: no --data or --embeddings given: running the built-in simulated tree of life (--demo)",
-              file=sys.stderr)
+    if not (args.example or args.data or args.embeddings or args.demo):
+        sys.stderr.write("treeprobe intrinsic: no input given.\n\n" + FIRST_CONTACT)
+        return 2
     for name in ("permutations", "knn_k", "knn_max_queries", "batch_size", "max_map_points"):
         if getattr(args, name) < (0 if name == "permutations" else 1):
             raise TreeprobeError(f"--{name.replace('_', '-')} must be positive")
+    progress = not args.quiet
+    inputs = dict(example=args.example, data=args.data, embeddings=args.embeddings, metadata=args.metadata,
+                  demo=args.demo, ckpt=args.ckpt, model=args.model, pretrained=args.pretrained,
+                  cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                  progress=progress, trust_checkpoint=args.trust_checkpoint)
     report, paths = run_intrinsic(
-        data=args.data, embeddings=args.embeddings, metadata=args.metadata, ckpt=args.ckpt, model=args.model,
-        pretrained=args.pretrained, tree=args.tree, out=args.out, demo=demo, cache_dir=args.cache_dir,
-        batch_size=args.batch_size, workers=args.workers, device=args.device, figures=not args.no_figures,
-        progress=not args.quiet, trust_checkpoint=args.trust_checkpoint, seed=args.seed, permutations=args.permutations, knn_k=args.knn_k,
-        knn_max_queries=args.knn_max_queries,
-        rank_lengths=_rank_lengths(args.rank_lengths), maps=_split(args.maps),
-        max_map_points=args.max_map_points, cluster_methods=_split(args.cluster_methods),
-        centroid_level=not args.no_centroids,
+        out=args.out, tree=args.tree, figures=not args.no_figures, inputs=inputs, progress=progress,
+        seed=args.seed, permutations=args.permutations, knn_k=args.knn_k, knn_max_queries=args.knn_max_queries,
+        rank_lengths=_rank_lengths(args.rank_lengths), maps=_split(args.maps), max_map_points=args.max_map_points,
+        cluster_methods=_split(args.cluster_methods), centroid_level=not args.no_centroids,
     )
     _print_summary(report, paths)
     return 0
@@ -128,38 +189,32 @@ def _print_summary(report, paths) -> None:
 
 
 def cmd_tree(args) -> int:
+    """``treeprobe tree``: the data set's rank taxonomy as a Newick file."""
     from treeprobe import data as data_mod
-    from treeprobe.taxonomy import Taxonomy, placeable_mask
+    from treeprobe._utils import atomic_write_text
 
-    if args.metadata:
-        ds = data_mod.load_embeddings(args.data, metadata=args.metadata)
-    else:
-        ds = data_mod.load_data(args.data)
-    items = ds.items[placeable_mask(ds.items)]
-    if len(items) == 0:
-        raise TreeprobeError("no item has a kingdom: no taxonomy to export")
-    tax = Taxonomy.from_frame(items)
-    nwk = tax.to_newick(_rank_lengths(args.rank_lengths))
-    out = args.out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as fh:
-        fh.write(nwk + "\n")
-    os.replace(out + ".tmp", out)
-    print(f"wrote {out}: {tax.n_taxa('species')} species, {len(items)} items "
-          f"({len(ds.items) - len(items)} without kingdom left out)")
+    ds = data_mod.load_embeddings(args.data, metadata=args.metadata) if args.metadata else data_mod.load_data(args.data)
+    tax = ds.taxonomy
+    atomic_write_text(args.out, tax.to_newick(_rank_lengths(args.rank_lengths)) + "\n")
+    n_no_kingdom = int(ds.skipped["reason"].astype(str).str.startswith("no taxonomy").sum())
+    print(f"wrote {args.out}: {tax.n_taxa('species')} species, {len(ds)} items "
+          f"({n_no_kingdom} without kingdom left out)")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    """Run ``treeprobe`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        sys.stdout.write(FIRST_CONTACT)
+        return 0
     try:
-        if args.command == "intrinsic":
-            return cmd_intrinsic(args)
-        return cmd_tree(args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
     except TreeprobeError as exc:
         print(f"treeprobe: error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,8 @@ from scipy import sparse
 from scipy.special import gammaln
 
 from treeprobe.errors import TreeprobeError
-from treeprobe.neighbors import l2_normalise
+from treeprobe._utils import SEED_BOUND, l2_normalise
+from treeprobe._validation import check_choice, check_codes
 
 __all__ = [
     "purity_score",
@@ -34,9 +35,36 @@ __all__ = [
     "rankwise_clustering",
     "adjusted_mutual_info",
     "expected_mutual_info",
+    "kmeans_plusplus_seeds",
+    "METHODS",
+    "SCORES",
+    "MINIBATCH_THRESHOLD",
+    "MAX_AGGLOMERATIVE",
+    "N_INIT",
 ]
 
+#: Clustering methods of :func:`cluster_labels` and :func:`rankwise_clustering`.
 METHODS = ("kmeans", "agglomerative")
+#: Above this many items k-means is mini-batch k-means in float32 (:func:`_kmeans_large`). Full
+#: ``KMeans`` is exact and quick up to tens of thousands of items but impractical beyond (with
+#: scikit-learn's k-means++ it takes hours at k = 10,000 species, N = 100,000).
+MINIBATCH_THRESHOLD = 50_000
+#: Largest N for Ward clustering: its N(N−1)/2 float64 pairwise distances are 0.4 GB at 10,000
+#: (and grow with N²: 10 GB at 50,000).
+MAX_AGGLOMERATIVE = 10_000
+#: Default k-means restarts (``n_init``): the best of 4 seedings by inertia.
+N_INIT = 4
+
+# Mini-batch k-means settings (see _kmeans_large for the measurements behind them):
+_MIN_BATCH = 32768  # smallest batch (rows); batches are max(this, 4k), at most N
+_MIN_SEED_SAMPLE = 10_000  # rows sampled for the k-means++ seeding: max(3k, this), at most N
+_SEED_DIM = 64  # principal components the k-means++ seeding works in
+_KPP_MAX_K = 1000  # above this k, seeds are k distinct random rows (Forgy), not k-means++
+_MULTI_INIT_MAX_K = 256  # n_init seedings are compared only up to this k (one seeding above)
+_MAX_EPOCHS = 3  # passes over the data
+# (pair, n_ij) terms per vectorised chunk of the expected mutual information: 4M float64 terms,
+# ~32 MB per temporary array.
+_EMI_CHUNK_TERMS = 1 << 22
 
 _SCORERS = {
     "purity": lambda t, p: purity_score(t, p),
@@ -44,6 +72,8 @@ _SCORERS = {
     "ami": lambda t, p: adjusted_mutual_info(t, p),
     "ari": adjusted_rand_score,
 }
+#: Scores :func:`clustering_scores` and :func:`chance_baseline` compute.
+SCORES = tuple(_SCORERS)
 _EPS = np.finfo("float64").eps
 
 
@@ -52,6 +82,11 @@ def purity_score(labels_true, labels_pred) -> float:
 
     ``labels_true`` and ``labels_pred`` are label arrays of shape (N,). 1 means every
     cluster holds a single class (trivially so when every item is its own cluster).
+
+    >>> purity_score([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2])  # clusters {0,0} {0,1} {1,1}: (2 + 1 + 2) / 6
+    0.8333333333333334
+    >>> purity_score([0, 0, 1, 1], [0, 1, 2, 3])  # singletons are pure by construction
+    1.0
     """
     c = contingency_matrix(labels_true, labels_pred, sparse=True)  # classes x clusters
     return float(np.asarray(c.max(axis=0).todense()).sum() / c.sum())
@@ -66,14 +101,16 @@ def _entropy_counts(counts) -> float:
     return float(-np.sum((pi / pi_sum) * (np.log(pi) - np.log(pi_sum))))
 
 
-def expected_mutual_info(a, b, n: int, max_terms: int = 1 << 22) -> float:
-    """Expected mutual information (nats) of two random labellings with class sizes ``a`` and ``b``.
+def expected_mutual_info(a, b, n: int, *, max_terms: int = _EMI_CHUNK_TERMS) -> float:
+    """Expected mutual information (nats) of two random labellings of ``n`` items with class
+    sizes ``a`` (int, (n_classes,)) and ``b`` (int, (n_clusters,)).
 
     The hypergeometric model of Vinh, Epps & Bailey (2010), term for term as in
     scikit-learn's ``expected_mutual_information``, but summed once per pair of *distinct*
     sizes (a, b) weighted by how often each pair occurs: the same value, at a cost of
     (#distinct a) x (#distinct b) x min(a, b) instead of (#classes) x (#clusters) x min(a, b)
     (k = 10,000 species of 10 images: 3 minutes in scikit-learn, milliseconds here).
+    ``max_terms`` bounds the terms summed per vectorised chunk (memory, not the result).
     """
     a = np.asarray(a, dtype=np.int64).ravel()
     b = np.asarray(b, dtype=np.int64).ravel()
@@ -119,9 +156,9 @@ def _ami_from(mi: float, emi: float, h_true: float, h_pred: float) -> float:
 
 
 def adjusted_mutual_info(labels_true, labels_pred) -> float:
-    """Adjusted mutual information (arithmetic normalisation), equal to scikit-learn's
-    ``adjusted_mutual_info_score`` (to rounding) but with :func:`expected_mutual_info`, so
-    it stays fast at thousands of classes and clusters."""
+    """Adjusted mutual information (arithmetic normalisation) of two labellings (N,), ≤ 1 with
+    0 at chance: equal to scikit-learn's ``adjusted_mutual_info_score`` (to rounding) but with
+    :func:`expected_mutual_info`, so it stays fast at thousands of classes and clusters."""
     labels_true = np.asarray(labels_true)
     labels_pred = np.asarray(labels_pred)
     _, ti, a = np.unique(labels_true, return_inverse=True, return_counts=True)
@@ -161,6 +198,7 @@ class _PermutationScorer:
         self._emi = None
 
     def scores(self, perm: np.ndarray | None, names) -> dict[str, float]:
+        """The scores ``names`` of (labels_true[perm], labels_pred); perm None: unpermuted."""
         ti = self.ti if perm is None else self.ti[perm]
         c = _contingency(ti, self.pi, self.a.size, self.b.size)
         n, out = self.n, {}
@@ -194,9 +232,10 @@ class _PermutationScorer:
         return out
 
 
-def kmeans_plusplus_seeds(Z: np.ndarray, k: int, rng: np.random.Generator,
+def kmeans_plusplus_seeds(Z: np.ndarray, k: int, rng: np.random.Generator, *,
                           n_trials: int | None = None) -> np.ndarray:
-    """Row indices of ``k`` k-means++ seeds of ``Z`` (m, d): D^2 sampling (Arthur & Vassilvitskii 2007).
+    """Row indices (int64 (k,)) of ``k`` k-means++ seeds of ``Z`` (m, d): D^2 sampling
+    (Arthur & Vassilvitskii 2007), drawn from ``rng``.
 
     Greedy like scikit-learn's: each step draws ``n_trials`` candidates (default
     2 + int(ln k)) and keeps the one that lowers the potential most. Written for many
@@ -247,8 +286,8 @@ def _pca_project(X: np.ndarray, d: int) -> np.ndarray:
 
 
 def _kmeans_large(Xn: np.ndarray, k: int, seed: int, n_init: int, *, batch_size: int | None = None,
-                  max_epochs: int = 3, seed_dim: int = 64, seed_sample: int | None = None,
-                  seed_trials: int | None = None, kpp_max_k: int = 1000) -> np.ndarray:
+                  max_epochs: int = _MAX_EPOCHS, seed_dim: int = _SEED_DIM, seed_sample: int | None = None,
+                  seed_trials: int | None = None, kpp_max_k: int = _KPP_MAX_K) -> np.ndarray:
     """Mini-batch k-means for large N and k: float32, few epochs, cheap seeding.
 
     1. Seeds, for k <= ``kpp_max_k`` (1000): greedy k-means++ (:func:`kmeans_plusplus_seeds`)
@@ -270,35 +309,43 @@ def _kmeans_large(Xn: np.ndarray, k: int, seed: int, n_init: int, *, batch_size:
     Cost: about (max_epochs + 1) * N * k * D multiply-adds in float32 BLAS; memory
     O(N * D + k * D + batch_size * k).
     """
-    n, dim = Xn.shape
+    n = Xn.shape[0]
     X32 = np.ascontiguousarray(Xn, dtype=np.float32)
-    batch = min(n, max(32768, 4 * k)) if batch_size is None else int(batch_size)
-    m = min(n, max(3 * k, 10_000) if seed_sample is None else max(int(seed_sample), k))
-    runs = max(int(n_init), 1) if k <= 256 else 1
+    batch = min(n, max(_MIN_BATCH, 4 * k)) if batch_size is None else int(batch_size)
+    m = min(n, max(3 * k, _MIN_SEED_SAMPLE) if seed_sample is None else max(int(seed_sample), k))
+    runs = max(int(n_init), 1) if k <= _MULTI_INIT_MAX_K else 1
     rng = np.random.default_rng(seed)
     if k > kpp_max_k:
         init = X32[np.sort(rng.choice(n, size=k, replace=False))]
     else:
-        sample = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
-        Xs = X32[sample]
-        d = min(seed_dim, dim, m)
-        Z = _pca_project(Xs, d) if d < dim else Xs
-        best_inertia = np.inf
-        for _ in range(runs):  # like scikit-learn's MiniBatchKMeans n_init: best seeds on the sample
-            with threadpool_limits(1):  # one small product per seed: threads only add overhead
-                cand = Xs[kmeans_plusplus_seeds(Z, k, rng, n_trials=seed_trials)]
-            if runs == 1:
-                init = cand
-                break
-            d2 = (np.einsum("ij,ij->i", Xs, Xs)[:, None] + np.einsum("ij,ij->i", cand, cand)[None, :]
-                  - 2.0 * (Xs @ cand.T)).min(axis=1)
-            inertia = float(np.maximum(d2, 0).sum())
-            if inertia < best_inertia:
-                init, best_inertia = cand, inertia
+        init = _best_kpp_seeds(X32, k, rng, m, runs, seed_dim, seed_trials)
     km = MiniBatchKMeans(n_clusters=k, init=init, n_init=1, batch_size=batch, max_iter=max_epochs,
-                         random_state=int(rng.integers(2**31)))
+                         random_state=int(rng.integers(SEED_BOUND)))
     best_labels = km.fit(X32).labels_.astype(np.int64)
     return best_labels
+
+
+def _best_kpp_seeds(X32: np.ndarray, k: int, rng: np.random.Generator, m: int, runs: int, seed_dim: int,
+                    seed_trials: int | None) -> np.ndarray:
+    """Step 1 and 3 of :func:`_kmeans_large`: the rows (k, D) of the best of ``runs`` k-means++
+    seedings (lowest inertia) on a random sample of ``m`` rows, seeded in ``seed_dim`` PCA dims."""
+    n, dim = X32.shape
+    sample = np.sort(rng.choice(n, size=m, replace=False)) if m < n else np.arange(n)
+    Xs = X32[sample]
+    d = min(seed_dim, dim, m)
+    Z = _pca_project(Xs, d) if d < dim else Xs
+    best_inertia = np.inf
+    for _ in range(runs):  # like scikit-learn's MiniBatchKMeans n_init: best seeds on the sample
+        with threadpool_limits(1):  # one small product per seed: threads only add overhead
+            cand = Xs[kmeans_plusplus_seeds(Z, k, rng, n_trials=seed_trials)]
+        if runs == 1:
+            return cand
+        d2 = (np.einsum("ij,ij->i", Xs, Xs)[:, None] + np.einsum("ij,ij->i", cand, cand)[None, :]
+              - 2.0 * (Xs @ cand.T)).min(axis=1)
+        inertia = float(np.maximum(d2, 0).sum())
+        if inertia < best_inertia:
+            init, best_inertia = cand, inertia
+    return init
 
 
 def _ward_cuts(Xn: np.ndarray, ks: Sequence[int]) -> dict[int, np.ndarray]:
@@ -325,11 +372,11 @@ def cluster_labels(
     X,
     k: int,
     method: str = "kmeans",
-    seed: int = 0,
     *,
-    n_init: int = 4,
-    minibatch_threshold: int = 50_000,
-    max_agglomerative: int = 10_000,
+    seed: int = 0,
+    n_init: int = N_INIT,
+    minibatch_threshold: int = MINIBATCH_THRESHOLD,
+    max_agglomerative: int = MAX_AGGLOMERATIVE,
     n_threads: int | None = None,
 ) -> np.ndarray:
     """Cluster the L2-normalised rows of ``X`` (N, D) into ``k`` clusters; int64 labels (N,).
@@ -353,6 +400,7 @@ def cluster_labels(
 
 
 def _cluster_labels(X, k, method, seed, n_init, minibatch_threshold, max_agglomerative):
+    check_choice(method, "clustering method", METHODS)
     Xn = l2_normalise(X)
     n = Xn.shape[0]
     k = int(k)
@@ -360,12 +408,10 @@ def _cluster_labels(X, k, method, seed, n_init, minibatch_threshold, max_agglome
         raise TreeprobeError(f"number of clusters must be in 1..N={n}; got {k}")
     if method == "kmeans":
         return _kmeans(Xn, k, seed, n_init, minibatch_threshold)
-    if method == "agglomerative":
-        _check_agglomerative_size(n, max_agglomerative)
-        if k == 1:
-            return np.zeros(n, dtype=np.int64)
-        return _ward_cuts(Xn, [k])[k]
-    raise TreeprobeError(f"unknown clustering method {method!r}; choose from {METHODS}")
+    _check_agglomerative_size(n, max_agglomerative)
+    if k == 1:
+        return np.zeros(n, dtype=np.int64)
+    return _ward_cuts(Xn, [k])[k]
 
 
 def _kmeans(Xn: np.ndarray, k: int, seed: int, n_init: int, minibatch_threshold: int) -> np.ndarray:
@@ -377,7 +423,7 @@ def _kmeans(Xn: np.ndarray, k: int, seed: int, n_init: int, minibatch_threshold:
 
 
 def clustering_scores(labels_true, labels_pred) -> dict[str, float]:
-    """Purity, NMI (arithmetic normalisation), AMI and ARI of a clustering, as floats.
+    """Purity, NMI (arithmetic normalisation), AMI and ARI of a clustering (label arrays (N,)), as floats.
 
     Ranges: purity (0, 1]; NMI [0, 1]; AMI and ARI ≤ 1 with 0 = chance level.
     """
@@ -388,10 +434,11 @@ def chance_baseline(
     labels_true,
     labels_pred,
     n_permutations: int = 20,
+    *,
     seed: int = 0,
-    scores: Sequence[str] = ("purity", "nmi", "ami", "ari"),
+    scores: Sequence[str] = SCORES,
 ) -> dict[str, float]:
-    """Scores of the clustering next to their values under random permutation.
+    """Scores of the clustering (label arrays (N,)) next to their values under random permutation.
 
     ``labels_true`` is permuted ``n_permutations`` times (``np.random.default_rng(seed)``),
     which keeps the number and sizes of both classes and clusters: a random clustering
@@ -433,18 +480,19 @@ _COLUMNS = [
     "purity", "purity_chance", "purity_chance_sd", "purity_excess",
     "nmi", "nmi_chance", "nmi_chance_sd", "ami", "ari", "ari_chance", "ari_chance_sd", "note",
 ]
+_CHANCE_SCORES = ("purity", "nmi", "ari")  # the chance values rankwise_clustering reports
 
 
 def rankwise_clustering(
     X,
     codes_by_rank: Mapping[str, np.ndarray],
+    *,
     methods: Sequence[str] = METHODS,
     seed: int = 0,
     n_permutations: int = 20,
-    *,
-    n_init: int = 4,
-    minibatch_threshold: int = 50_000,
-    max_agglomerative: int = 10_000,
+    n_init: int = N_INIT,
+    minibatch_threshold: int = MINIBATCH_THRESHOLD,
+    max_agglomerative: int = MAX_AGGLOMERATIVE,
     n_threads: int | None = None,
     progress: bool | None = None,
 ) -> pd.DataFrame:
@@ -469,39 +517,43 @@ def rankwise_clustering(
                                     minibatch_threshold, max_agglomerative, progress)
 
 
+def _skip_note(k: int, n: int) -> str:
+    """Why a rank with ``k`` taxa over ``n`` items is not clustered ('' if it is)."""
+    if k == 1:
+        return "single taxon"
+    if k >= n:
+        return "k >= n_items (every item its own taxon)"
+    return ""
+
+
+def _ward_for_ranks(Xn: np.ndarray, ks: Sequence[int], max_agglomerative: int):
+    """(Ward labels by k, or None if refused for size; the note saying why)."""
+    try:
+        _check_agglomerative_size(Xn.shape[0], max_agglomerative)
+        return (_ward_cuts(Xn, ks) if ks else {}), ""
+    except TreeprobeError as e:
+        return None, f"agglomerative skipped: {e}"
+
+
 def _rankwise_clustering(X, codes_by_rank, methods, seed, n_permutations, n_init,
                          minibatch_threshold, max_agglomerative, progress):
     from tqdm.auto import tqdm
 
     for m in methods:
-        if m not in METHODS:
-            raise TreeprobeError(f"unknown clustering method {m!r}; choose from {METHODS}")
+        check_choice(m, "clustering method", METHODS)
     Xn = l2_normalise(X)
     n = Xn.shape[0]
     prepared = {}
     for rank, codes in codes_by_rank.items():
-        codes = np.asarray(codes)
-        if codes.shape != (n,):
-            raise TreeprobeError(f"codes for rank {rank!r} have shape {codes.shape}; expected ({n},)")
+        codes = check_codes(codes, n, rank)
         _, counts = np.unique(codes, return_counts=True)
         prepared[rank] = (codes, counts)
-
-    def note_for(k: int) -> str:
-        if k == 1:
-            return "single taxon"
-        if k >= n:
-            return "k >= n_items (every item its own taxon)"
-        return ""
 
     ward: dict[int, np.ndarray] | None = None
     ward_note = ""
     if "agglomerative" in methods:
-        ks = [c.size for _, c in prepared.values() if not note_for(c.size)]
-        try:
-            _check_agglomerative_size(n, max_agglomerative)
-            ward = _ward_cuts(Xn, ks) if ks else {}
-        except TreeprobeError as e:
-            ward_note = f"agglomerative skipped: {e}"
+        ks = [c.size for _, c in prepared.values() if not _skip_note(c.size, n)]
+        ward, ward_note = _ward_for_ranks(Xn, ks, max_agglomerative)
 
     # k-means works on float32 rows above the mini-batch threshold (one copy for all ranks)
     Xk = np.ascontiguousarray(Xn, dtype=np.float32) if n > minibatch_threshold else Xn
@@ -513,17 +565,13 @@ def _rankwise_clustering(X, codes_by_rank, methods, seed, n_permutations, n_init
         for method in methods:
             row = dict.fromkeys(_COLUMNS, np.nan)
             row.update(rank=rank, method=method, k=k, n_items=n,
-                       n_singleton_taxa=int((counts == 1).sum()), note=note_for(k))
+                       n_singleton_taxa=int((counts == 1).sum()), note=_skip_note(k, n))
             if method == "agglomerative" and ward is None and not row["note"]:
                 row["note"] = ward_note
             if not row["note"]:
-                if method == "kmeans":
-                    pred = _kmeans(Xk, k, seed, n_init, minibatch_threshold)
-                else:
-                    pred = ward[k]
+                pred = _kmeans(Xk, k, seed, n_init, minibatch_threshold) if method == "kmeans" else ward[k]
                 row.update(clustering_scores(codes, pred))
-                base = chance_baseline(codes, pred, n_permutations, seed,
-                                       scores=("purity", "nmi", "ari"))
+                base = chance_baseline(codes, pred, n_permutations, seed=seed, scores=_CHANCE_SCORES)
                 row.update({key: val for key, val in base.items() if key in _COLUMNS})
             rows.append(row)
     return pd.DataFrame(rows, columns=_COLUMNS)

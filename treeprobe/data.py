@@ -1,10 +1,10 @@
 """Loaders: metadata CSV, iNat21-style image folder, precomputed embeddings (.npy + CSV, .parquet).
 
-Every loader returns a :class:`Dataset`. Pure I/O: nothing here computes anything
-about the taxonomy beyond cleaning the rank strings. Problems with the input raise
+Every loader returns a :class:`~treeprobe.core.TreeData`. Pure I/O: nothing here computes
+anything about the taxonomy beyond cleaning the rank strings. Problems with the input raise
 :class:`~treeprobe.errors.TreeprobeError` with a one-line message.
 
-``Dataset.items`` always has
+``TreeData.items`` always has
 
 * ``path`` -- absolute path string of the image, ``''`` when there is no image
   (e.g. precomputed embeddings);
@@ -12,69 +12,24 @@ about the taxonomy beyond cleaning the rank strings. Problems with the input rai
   ``''`` where missing (``species`` holds the binomial);
 * every other input column, kept unchanged as covariates.
 
-``Dataset.skipped`` lists what a loader dropped, with columns ``item`` (the path,
-or ``row <i>`` with i the 0-based row in the source file when there is no path)
-and ``reason``.
+``TreeData.skipped`` lists what was left out, with columns ``item`` (the path, or ``row <i>``;
+for embeddings files i is the 0-based row in the source file) and ``reason``: what the loader
+dropped (missing, non-finite or zero embeddings, unparseable folders), then the rows TreeData
+sets aside (no kingdom: ``row <i>`` is then the position among the loaded rows).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
-
 import numpy as np
 import pandas as pd
 
+from treeprobe._utils import IMAGE_EXTENSIONS, RANKS
+from treeprobe.core import SKIPPED_COLUMNS, TreeData, empty_skipped
 from treeprobe.errors import TreeprobeError
-from treeprobe.taxonomy import RANKS, clean_lineages
+from treeprobe.taxonomy import clean_lineages
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-SKIPPED_COLUMNS = ("item", "reason")
-
-
-def _empty_skipped() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=object) for c in SKIPPED_COLUMNS})
-
-
-@dataclass
-class Dataset:
-    """N items with lineages, optional embeddings and a record of what was dropped.
-
-    items: DataFrame (N rows), index 0..N-1; see the module docstring for columns.
-    embeddings: float32 array (N, D) in the source's own units (not normalised), or None
-        when the items are images still to be embedded.
-    skipped: DataFrame with columns ``item``, ``reason``.
-    source: absolute path of the file or folder the data came from.
-    """
-
-    items: pd.DataFrame
-    embeddings: np.ndarray | None
-    skipped: pd.DataFrame
-    source: str
-
-    def __post_init__(self):
-        if self.embeddings is not None and len(self.embeddings) != len(self.items):
-            raise ValueError(
-                f"embeddings have {len(self.embeddings)} rows but items have {len(self.items)}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def subset(self, mask) -> "Dataset":
-        """A new Dataset with the rows selected by ``mask`` (bool (N,) or integer indices).
-
-        Embeddings are sliced alongside; ``skipped`` and ``source`` are carried over.
-        """
-        idx = np.asarray(mask)
-        if idx.dtype == bool:
-            if idx.shape != (len(self),):
-                raise ValueError(f"boolean mask has shape {idx.shape}, expected ({len(self)},)")
-            idx = np.flatnonzero(idx)
-        items = self.items.iloc[idx].reset_index(drop=True)
-        emb = None if self.embeddings is None else self.embeddings[idx]
-        return replace(self, items=items, embeddings=emb, skipped=self.skipped.copy())
-
+__all__ = ["load_data", "load_embeddings", "load_inat_folder", "load_metadata_csv"]
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -135,17 +90,17 @@ def _read_csv(path: str) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- loaders
 
 
-def load_metadata_csv(path) -> Dataset:
+def load_metadata_csv(path) -> TreeData:
     """Images listed in a CSV with columns ``path`` + the 7 ranks (+ any covariates).
 
     Relative paths are resolved against the CSV's folder. Rows whose image is missing
     are kept (extraction records them). Rank/path column names match case-insensitively.
-    Returns a Dataset with ``embeddings=None``.
+    Returns a TreeData with ``X=None``.
     """
     path = _require_file(path)
     df = _canonical_rank_columns(_read_csv(path), f"metadata CSV {path}", need_path=True)
     items = _finish_items(df, os.path.dirname(path))
-    return Dataset(items=items, embeddings=None, skipped=_empty_skipped(), source=path)
+    return TreeData(None, items, skipped=empty_skipped(), source=path)
 
 
 def _parse_inat_folder_name(name: str) -> dict | None:
@@ -166,14 +121,14 @@ def _parse_inat_folder_name(name: str) -> dict | None:
     }
 
 
-def load_inat_folder(root) -> Dataset:
+def load_inat_folder(root) -> TreeData:
     """An iNat21-style folder: one subfolder per species named
     ``<id>_<Kingdom>_<Phylum>_<Class>_<Order>_<Family>_<Genus>_<epithet>`` holding images
-    (.jpg/.jpeg/.png/.webp, any case; not recursive).
+    (``treeprobe._utils.IMAGE_EXTENSIONS``, any case; not recursive).
 
     Covariates: ``category_id`` (int, the folder's number) and ``folder`` (its name).
     Subfolders whose name does not parse, or that hold no images, go to ``skipped``.
-    Returns a Dataset with ``embeddings=None``; images are not opened here.
+    Returns a TreeData with ``X=None``; images are not opened here.
     """
     root = _require_file(root)
     if not os.path.isdir(root):
@@ -209,10 +164,10 @@ def load_inat_folder(root) -> Dataset:
             f"no iNat-style class folders (<id>_<Kingdom>_..._<Genus>_<epithet>) found in {root}{hint}"
         )
     if not rows:
-        raise TreeprobeError(f"no images (.jpg/.jpeg/.png/.webp) in the class folders of {root}")
+        raise TreeprobeError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
     items = _finish_items(pd.DataFrame(rows), root)
-    skipped_df = pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)) if skipped else _empty_skipped()
-    return Dataset(items=items, embeddings=None, skipped=skipped_df, source=root)
+    skipped_df = pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)) if skipped else empty_skipped()
+    return TreeData(None, items, skipped=skipped_df, source=root)
 
 
 def _stack_parquet_embeddings(path: str):
@@ -291,7 +246,7 @@ def _load_npy(path: str, metadata) -> tuple[pd.DataFrame, np.ndarray, str]:
     return df, emb, os.path.dirname(metadata)
 
 
-def load_embeddings(path, metadata=None) -> Dataset:
+def load_embeddings(path, metadata=None) -> TreeData:
     """Precomputed embeddings with lineages.
 
     * ``.npy`` (N, D) + a metadata CSV (``metadata=``, else ``metadata.csv`` beside the
@@ -301,7 +256,7 @@ def load_embeddings(path, metadata=None) -> Dataset:
       every other column is kept as a covariate.
 
     Rows with a non-finite or all-zero embedding (or a null ``emb``) are dropped and
-    recorded in ``skipped``. Rows without taxonomy are kept. Embeddings: float32 (N, D),
+    recorded in ``skipped``; so are rows without a kingdom (set aside by TreeData). Embeddings: float32 (N, D),
     as stored (not normalised).
     """
     path = _require_file(path)
@@ -333,17 +288,17 @@ def load_embeddings(path, metadata=None) -> Dataset:
     for i in np.flatnonzero(zero):
         skipped.append((int(row_ids[i]), "zero-norm embedding", df["path"].iat[i]))
     records = [(p or f"row {row}", reason) for row, reason, p in sorted(skipped, key=lambda r: r[0])]
-    skipped_df = pd.DataFrame(records, columns=list(SKIPPED_COLUMNS)) if records else _empty_skipped()
+    skipped_df = pd.DataFrame(records, columns=list(SKIPPED_COLUMNS)) if records else empty_skipped()
     if not keep.all():
         df = df.iloc[np.flatnonzero(keep)].reset_index(drop=True)
         emb = emb[keep]
     if len(df) == 0:
         raise TreeprobeError(f"no usable embeddings in {path} (all {len(records)} rows skipped)")
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    return Dataset(items=df, embeddings=emb, skipped=skipped_df, source=path)
+    return TreeData(emb, df, skipped=skipped_df, source=path)
 
 
-def load_data(path, embeddings: bool = False) -> Dataset:
+def load_data(path, embeddings: bool = False) -> TreeData:
     """Load whatever ``path`` is: a folder → :func:`load_inat_folder`; ``.csv`` →
     :func:`load_metadata_csv`; ``.npy``/``.parquet`` → :func:`load_embeddings`.
 
@@ -364,7 +319,7 @@ def load_data(path, embeddings: bool = False) -> Dataset:
         raise TreeprobeError(
             f"don't know how to read {path}: expected an image folder, a .csv, a .npy or a .parquet"
         )
-    if embeddings and ds.embeddings is None:
+    if embeddings and ds.X is None:
         raise TreeprobeError(
             f"{path} lists images, not embeddings: pass a .npy (+ metadata.csv) or .parquet, "
             f"or extract embeddings with a model first"

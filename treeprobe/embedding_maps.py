@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 
 from treeprobe.errors import TreeprobeError
-from treeprobe.neighbors import l2_normalise
+from treeprobe._utils import l2_normalise
 
 __all__ = ["subsample_index", "tsne_2d", "umap_2d"]
 

@@ -7,5 +7,8 @@ a traceback; the Python API lets it propagate like any exception.
 """
 
 
+__all__ = ["TreeprobeError"]
+
+
 class TreeprobeError(Exception):
     """A clear, one-line problem with the input that the user can fix."""

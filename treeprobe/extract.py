@@ -20,7 +20,7 @@ fp32 keys are those of earlier versions). A repeated call with the same inputs r
 cache instead of running the model. With ``autocast='auto'`` a cache made under another
 autocast setting for the same inputs is accepted too (e.g. a bf16 GPU extraction read
 back on a CPU machine); ``ExtractionResult.compute`` says how the embeddings were made.
-Cache files are written atomically (temporary file + ``os.replace``).
+Cache files are written atomically (:func:`treeprobe._utils.atomic_write`).
 
 Resume. While a cached run is in progress, every ``chunk_batches`` batches (or every
 ``chunk_seconds``) the finished batches are written as a chunk into the folder
@@ -28,6 +28,13 @@ Resume. While a cached run is in progress, every ``chunk_batches`` batches (or e
 started again with the same inputs reads those chunks and embeds only what is left,
 in the same batches, so the result is identical to an uninterrupted run with the same
 ``batch_size``. The folder is removed when the cache file is written.
+
+Building blocks. Besides :func:`extract_embeddings`, the steps it is made of are public so
+that :mod:`treeprobe.extract_dist` (sharded extraction) and the benchmarks use the same code:
+:class:`RunOptions` (batching, workers, resume chunking) and :func:`resolve_plan` (device,
+dtypes), :func:`embed_paths` (the batch loop with resume chunks), the cache files
+(:func:`cache_keys`, :func:`cache_file_for`, :func:`read_cache`, :func:`write_cache`) and the
+one-batch forward (:func:`prepare_model`, :func:`encode_batch`).
 """
 
 from __future__ import annotations
@@ -39,21 +46,47 @@ import shutil
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from treeprobe._utils import atomic_write, one_line
+from treeprobe._validation import check_choice, check_int
 from treeprobe.errors import TreeprobeError
 from treeprobe.models import LoadedModel
 
+__all__ = [
+    "AUTOCAST_CHOICES", "CACHE_VERSION", "DEFAULT_BATCH_SIZE", "DEFAULT_CHUNK_IMAGES", "DEFAULT_CHUNK_SECONDS",
+    "DEFAULT_NUM_WORKERS", "DEFAULT_PREFETCH_FACTOR", "ExtractionResult", "Plan", "RunOptions",
+    "accepted_autocast_tags", "cache_file_for", "cache_key", "cache_keys", "check_paths", "embed_paths",
+    "encode_batch", "extract_embeddings", "no_images_error", "partial_dir_for", "path_strings", "prepare_model",
+    "read_cache", "read_first_cache", "resolve_plan", "write_cache",
+]
+
+#: Version number inside every cache key; bump it when the cache format or the numbers change.
 CACHE_VERSION = 1
+#: Values of the ``autocast`` argument (see the module docstring).
 AUTOCAST_CHOICES = ("auto", "off", "bf16", "fp16")
-DEFAULT_CHUNK_IMAGES = 8192  # images per resume chunk (chunk_batches = this // batch_size)
-DEFAULT_CHUNK_SECONDS = 120.0  # ... or whatever was embedded in this long, whichever comes first
+#: Images per forward pass.
+DEFAULT_BATCH_SIZE = 64
+#: DataLoader worker processes that decode images (0: the calling process decodes).
+DEFAULT_NUM_WORKERS = 0
+#: Batches each DataLoader worker prepares ahead (torch's own default).
+DEFAULT_PREFETCH_FACTOR = 2
+#: Images per resume chunk (``chunk_batches`` defaults to this // batch_size) ...
+DEFAULT_CHUNK_IMAGES = 8192
+#: ... or whatever was embedded in this many seconds, whichever comes first.
+DEFAULT_CHUNK_SECONDS = 120.0
+
+_CHUNK_PREFIX, _CHUNK_SUFFIX = "chunk-", ".npz"
+_CACHE_SUFFIX, _PARTIAL_SUFFIX = ".npz", ".partial"
+_MISSING_FILE = "missing file"
+_NON_FINITE = "non-finite embedding from the model"
+_TAG_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -73,6 +106,32 @@ class ExtractionResult:
     cache_hit: bool
     seconds: float
     compute: str = "fp32"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the batch loop runs: images per batch, decoding workers (``prefetch_factor`` batches
+    ahead each; None: 2), torch threads (None: leave as is), progress bar, resume chunk size
+    (``chunk_batches`` batches, None: 8192 images' worth, or ``chunk_seconds`` s)."""
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    num_workers: int = DEFAULT_NUM_WORKERS
+    prefetch_factor: int | None = None
+    threads: int | None = None
+    progress: bool = True
+    chunk_batches: int | None = None
+    chunk_seconds: float = DEFAULT_CHUNK_SECONDS
+
+    def __post_init__(self):
+        check_int(self.batch_size, "batch_size", minimum=1)
+        check_int(self.num_workers, "num_workers", minimum=0)
+
+    @property
+    def batches_per_chunk(self) -> int:
+        """Batches per resume chunk (at least 1)."""
+        if self.chunk_batches is not None:
+            return self.chunk_batches
+        return max(1, DEFAULT_CHUNK_IMAGES // self.batch_size)
 
 
 # ----------------------------------------------------------------------------- images
@@ -96,21 +155,16 @@ class _ImageFiles(Dataset):
         i = int(j if self.indices is None else self.indices[j])
         path = self.paths[i]
         if not path or not os.path.isfile(path):
-            return i, None, "missing file"
+            return i, None, _MISSING_FILE
         try:
             with Image.open(path) as img:
                 rgb = img.convert("RGB")
         except Exception as e:  # noqa: BLE001 - any decoder failure is a skipped image
-            return i, None, f"cannot decode image: {_one_line(e)}"
+            return i, None, f"cannot decode image: {one_line(e)}"
         try:
             return i, self.preprocess(rgb), None
         except Exception as e:  # noqa: BLE001
-            return i, None, f"cannot preprocess image: {_one_line(e)}"
-
-
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+            return i, None, f"cannot preprocess image: {one_line(e)}"
 
 
 def _collate(batch):
@@ -136,25 +190,42 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(old)
 
 
+def path_strings(paths: Sequence) -> list[str]:
+    """``paths`` as a list of str (``os.fspath``; None → ``''``, which reads as a missing file)."""
+    return [os.fspath(p) if p is not None else "" for p in paths]
+
+
+def check_paths(paths: Sequence) -> list[str]:
+    """:func:`path_strings` of ``paths``; raises TreeprobeError when there are none."""
+    paths = path_strings(paths)
+    if len(paths) == 0:
+        raise TreeprobeError("no images to embed (empty list of paths)")
+    return paths
+
+
 # ----------------------------------------------------------------------------- settings
 
 
 @dataclass
-class _Plan:
-    """Resolved runtime settings of one extraction."""
+class Plan:
+    """Resolved runtime settings of one extraction: device, dtype of the image batch, autocast
+    dtype (None: no autocast), cache-key tag of an autocast chosen here (not by the precision),
+    memory format and the model's precision."""
 
     device: torch.device
     in_dtype: torch.dtype
-    amp_dtype: torch.dtype | None  # autocast dtype, None for none
-    autocast_tag: str | None  # cache-key tag of an autocast chosen here (not by the precision)
+    amp_dtype: torch.dtype | None
+    autocast_tag: str | None
     channels_last: bool
     precision: str
 
     @property
     def compute(self) -> str:
+        """How embeddings are computed: the precision, plus ``+autocast_<tag>`` for a chosen autocast."""
         return self.precision + (f"+autocast_{self.autocast_tag}" if self.autocast_tag else "")
 
     def autocast(self):
+        """The autocast context of this plan (a no-op without autocast)."""
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
@@ -169,38 +240,38 @@ def _input_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
-_TAG_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _resolve_device(device) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
 
 
-def _resolve_plan(loaded: LoadedModel, device, autocast: str = "auto", channels_last=None) -> _Plan:
-    """Pick device, input dtype, autocast and memory format for ``loaded``."""
+def _autocast_tag(precision: str, autocast: str, device: torch.device) -> str | None:
+    """The autocast an fp32 model runs under ('bf16', 'fp16' or None); other precisions: None."""
+    if precision != "fp32" or autocast == "off":
+        return None
+    if autocast != "auto":
+        return autocast
+    if device.type != "cuda":
+        return None
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve_plan(loaded: LoadedModel, device=None, *, autocast: str = "auto", channels_last=None) -> Plan:
+    """Pick device (None: CUDA if available), input dtype, autocast and memory format for ``loaded``."""
     if autocast is None or autocast is False:
         autocast = "off"
-    if autocast not in AUTOCAST_CHOICES:
-        raise TreeprobeError(f"unknown autocast {autocast!r}; use one of {', '.join(AUTOCAST_CHOICES)}")
+    check_choice(autocast, "autocast", AUTOCAST_CHOICES)
     device = _resolve_device(device)
     precision = getattr(loaded, "precision", "fp32") or "fp32"
-    in_dtype = _input_dtype(precision)
-    amp_dtype, tag = None, None
+    tag = _autocast_tag(precision, autocast, device)
     if precision.startswith("amp"):  # the precision itself asks for autocast (open_clip's amp / amp_bf16)
         amp_dtype = torch.bfloat16 if "bf16" in precision else torch.float16
-    elif precision == "fp32":
-        if autocast == "auto":
-            if device.type == "cuda":
-                tag = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif autocast != "off":
-            tag = autocast
+    else:  # (fp16/bf16/pure_* models already run in low precision: no autocast on top)
         amp_dtype = _TAG_DTYPE.get(tag)
-    # (fp16/bf16/pure_* models already run in low precision: no autocast on top)
     if channels_last is None:
         channels_last = device.type == "cuda" and not _is_vit(loaded.model)
-    return _Plan(device, in_dtype, amp_dtype, tag, bool(channels_last), precision)
+    return Plan(device, _input_dtype(precision), amp_dtype, tag, bool(channels_last), precision)
 
 
 def _is_vit(model) -> bool:
@@ -211,8 +282,8 @@ def _is_vit(model) -> bool:
     return isinstance(getattr(model, "visual", None), VisionTransformer)
 
 
-def _autocast_fallbacks(loaded: LoadedModel, autocast: str, plan: _Plan) -> list[str | None]:
-    """Autocast tags whose cache files a lookup accepts, preferred first."""
+def accepted_autocast_tags(autocast: str, plan: Plan) -> list[str | None]:
+    """Autocast tags whose cache files a lookup accepts, preferred first (all of them for 'auto' + fp32)."""
     if autocast != "auto" or plan.precision != "fp32":
         return [plan.autocast_tag]
     return [plan.autocast_tag] + [t for t in (None, "bf16", "fp16") if t != plan.autocast_tag]
@@ -232,11 +303,12 @@ def _listing(paths: Sequence[str]) -> list:
     return listing
 
 
-def _cache_keys(loaded: LoadedModel, paths: Sequence[str], tags: Sequence[str | None]) -> list[str]:
-    """Cache keys for several autocast tags; the file listing is stat'ed and serialised once.
+def cache_keys(loaded: LoadedModel, paths: Sequence[str], tags: Sequence[str | None]) -> list[str]:
+    """sha256 hex cache keys of ``paths`` for each autocast tag; the listing is stat'ed once.
 
     Each key is sha256 of ``json.dumps(payload, sort_keys=True)`` where payload holds version,
-    digest, model_name, listing, preprocess (repr), precision and, when not None, autocast.
+    digest, model_name, listing (path, size, mtime_ns), preprocess (repr), precision and, when
+    not None, autocast.
     """
     listing_json = json.dumps(_listing(paths)).encode()
     keys = []
@@ -259,57 +331,62 @@ def _cache_keys(loaded: LoadedModel, paths: Sequence[str], tags: Sequence[str | 
     return keys
 
 
-def _cache_key(loaded: LoadedModel, paths: Sequence[str], autocast_tag: str | None = None) -> str:
-    """sha256 hex over model identity, the ordered file listing, transform, precision (and autocast)."""
-    return _cache_keys(loaded, paths, [autocast_tag])[0]
+def cache_key(loaded: LoadedModel, paths: Sequence[str], autocast_tag: str | None = None) -> str:
+    """The sha256 hex cache key of ``paths`` for one autocast tag (see :func:`cache_keys`)."""
+    return cache_keys(loaded, paths, [autocast_tag])[0]
 
 
 def cache_file_for(cache_dir, key: str) -> str:
-    return os.path.join(os.fspath(cache_dir), f"embeddings-{key}.npz")
+    """Path of the cache file of ``key`` in ``cache_dir``: ``embeddings-<key>.npz``."""
+    return os.path.join(os.fspath(cache_dir), f"embeddings-{key}{_CACHE_SUFFIX}")
 
 
-def _read_cache(file: str, n: int):
-    """→ (embeddings, ok, failures, compute) or None (with a warning) when damaged."""
+def read_cache(file: str, n: int, *, default_compute: str | None = None) -> ExtractionResult | None:
+    """A cache (or shard) file of ``n`` paths as a cache hit (``seconds`` 0), or None with a warning
+    when it is damaged; ``compute`` is ``default_compute`` for files that do not record it."""
     try:
         with np.load(file, allow_pickle=False) as z:
             emb, ok = z["embeddings"].astype(np.float32), z["ok"].astype(bool)
             items, reasons = z["failure_item"].tolist(), z["failure_reason"].tolist()
             compute = str(z["compute"]) if "compute" in z.files else None
     except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed, not fatal
-        warnings.warn(f"ignoring unreadable cache file {file}: {_one_line(e)}", stacklevel=3)
+        warnings.warn(f"ignoring unreadable cache file {file}: {one_line(e)}", stacklevel=3)
         return None
     if ok.shape != (n,) or emb.shape[0] != int(ok.sum()):
         warnings.warn(f"ignoring inconsistent cache file {file}", stacklevel=3)
         return None
-    return emb, ok, pd.DataFrame({"item": items, "reason": reasons}, dtype=object), compute
+    failures = pd.DataFrame({"item": items, "reason": reasons}, dtype=object)
+    return ExtractionResult(emb, ok, failures, cache_hit=True, seconds=0.0, compute=compute or default_compute)
 
 
-def _atomic_savez(file: str, **arrays) -> None:
-    """np.savez to a temporary file in the same folder, then os.replace (readers never see half a file)."""
-    os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
-    tmp = f"{file}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def read_first_cache(files: Sequence[str], n: int, *, default_compute: str | None = None) -> ExtractionResult | None:
+    """:func:`read_cache` of the first of ``files`` that exists and reads, else None."""
+    for file in files:
+        if os.path.exists(file):
+            cached = read_cache(file, n, default_compute=default_compute)
+            if cached is not None:
+                return cached
+    return None
 
 
-def _write_cache(file: str, emb: np.ndarray, ok: np.ndarray, failures: pd.DataFrame,
-                 compute: str | None = None, **extra) -> None:
-    """Write a cache (or shard) file atomically."""
+def _savez(file: str, arrays: dict) -> None:
+    """``np.savez`` written atomically (readers never see half a file)."""
+    atomic_write(file, lambda f: np.savez(f, **arrays))
+
+
+def write_cache(file: str, result: ExtractionResult, *, extra: dict | None = None) -> None:
+    """Write ``result`` (embeddings, ok, failures, compute unless None) and ``extra`` arrays as a
+    cache (or shard) file, atomically."""
     arrays = dict(
-        embeddings=np.ascontiguousarray(emb, dtype=np.float32),
-        ok=np.asarray(ok, dtype=bool),
-        failure_item=np.asarray(failures["item"].tolist(), dtype=str),
-        failure_reason=np.asarray(failures["reason"].tolist(), dtype=str),
-        **extra,
+        embeddings=np.ascontiguousarray(result.embeddings, dtype=np.float32),
+        ok=np.asarray(result.ok, dtype=bool),
+        failure_item=np.asarray(result.failures["item"].tolist(), dtype=str),
+        failure_reason=np.asarray(result.failures["reason"].tolist(), dtype=str),
+        **(extra or {}),
     )
-    if compute is not None:
-        arrays["compute"] = np.asarray(compute)
-    _atomic_savez(file, **arrays)
+    if result.compute is not None:
+        arrays["compute"] = np.asarray(result.compute)
+    _savez(file, arrays)
 
 
 def _failures_frame(paths: Sequence[str], failed: dict) -> pd.DataFrame:
@@ -324,76 +401,160 @@ def _failures_frame(paths: Sequence[str], failed: dict) -> pd.DataFrame:
 
 def partial_dir_for(file: str) -> str:
     """The resume folder of a cache or shard file: ``<file without .npz>.partial``."""
-    return (file[:-4] if file.endswith(".npz") else file) + ".partial"
+    return (file[:-len(_CACHE_SUFFIX)] if file.endswith(_CACHE_SUFFIX) else file) + _PARTIAL_SUFFIX
 
 
-def _read_partials(pdir: str, n: int):
-    """Chunks in ``pdir`` → (done bool (n,), [(ok indices, embeddings)], {index: reason}, next seq)."""
-    done = np.zeros(n, dtype=bool)
-    pieces: list[tuple[np.ndarray, np.ndarray]] = []
-    failed: dict[int, str] = {}
-    next_seq = 0
-    if not os.path.isdir(pdir):
-        return done, pieces, failed, next_seq
+@dataclass
+class _Collected:
+    """What is embedded so far: ``done`` bool (n,), pieces [(ok indices, float32 (k, D))] and
+    ``failed`` {index: reason}; ``next_seq`` is the number of the next resume chunk."""
+
+    done: np.ndarray
+    pieces: list
+    failed: dict
+    next_seq: int = 0
+
+    def add(self, piece, bad) -> None:
+        self.pieces.append(piece)
+        self.failed.update(bad)
+
+    def result(self, paths: Sequence[str], dim: int, compute: str) -> ExtractionResult:
+        """The collected pieces in input order (``seconds`` 0)."""
+        ok = np.zeros(len(paths), dtype=bool)
+        pieces = [p for p in self.pieces if p[0].size]
+        if pieces:
+            order = np.concatenate([i for i, _ in pieces])
+            emb = np.concatenate([e for _, e in pieces]).astype(np.float32, copy=False)
+            ok[order] = True
+            emb = np.ascontiguousarray(emb[np.argsort(order, kind="stable")])
+        else:
+            emb = np.zeros((0, dim), np.float32)
+        return ExtractionResult(emb, ok, _failures_frame(paths, self.failed), cache_hit=False, seconds=0.0,
+                                compute=compute)
+
+
+def _load_chunk(file: str):
+    """(items, ok indices, embeddings, failure indices, failure reasons) of a chunk, or None (warned)."""
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            return (z["items"].astype(np.int64), z["ok_index"].astype(np.int64),
+                    z["embeddings"].astype(np.float32), z["failure_index"].astype(np.int64),
+                    z["failure_reason"].tolist())
+    except Exception as e:  # noqa: BLE001 - a damaged chunk is recomputed
+        warnings.warn(f"ignoring unreadable resume chunk {file}: {one_line(e)}", stacklevel=4)
+        return None
+
+
+def _chunk_fits(chunk, done: np.ndarray, dim: int | None) -> bool:
+    """Whether a chunk's items are new, in range, unique and match its embeddings and failures."""
+    items, oi, emb, fi, _ = chunk
+    n = done.size
+    return bool(
+        items.size and items.min() >= 0 and items.max() < n and not done[items].any()
+        and len(np.unique(items)) == items.size and emb.shape[0] == oi.size
+        and (emb.shape[0] == 0 or (emb.ndim == 2 and (dim is None or emb.shape[1] == dim)))
+        and set(oi.tolist()) | set(fi.tolist()) == set(items.tolist())
+    )
+
+
+def _chunk_seq(name: str) -> int | None:
+    """The number of a chunk file name ``chunk-NNNNNN.npz``, or None for other names."""
+    if not (name.startswith(_CHUNK_PREFIX) and name.endswith(_CHUNK_SUFFIX)):
+        return None
+    try:
+        return int(name[len(_CHUNK_PREFIX):-len(_CHUNK_SUFFIX)])
+    except ValueError:
+        return None
+
+
+def _read_partials(pdir: str | None, n: int) -> _Collected:
+    """What the resume chunks in ``pdir`` (None: no folder) hold for a listing of ``n`` paths."""
+    got = _Collected(np.zeros(n, dtype=bool), [], {})
+    if pdir is None or not os.path.isdir(pdir):
+        return got
     dim = None
     for name in sorted(os.listdir(pdir)):
-        if not (name.startswith("chunk-") and name.endswith(".npz")):
+        seq = _chunk_seq(name)
+        if seq is None:
             continue
-        try:
-            next_seq = max(next_seq, int(name[6:-4]) + 1)
-        except ValueError:
-            continue
+        got.next_seq = max(got.next_seq, seq + 1)
         file = os.path.join(pdir, name)
-        try:
-            with np.load(file, allow_pickle=False) as z:
-                items = z["items"].astype(np.int64)
-                oi, emb = z["ok_index"].astype(np.int64), z["embeddings"].astype(np.float32)
-                fi, fr = z["failure_index"].astype(np.int64), z["failure_reason"].tolist()
-        except Exception as e:  # noqa: BLE001 - a damaged chunk is recomputed
-            warnings.warn(f"ignoring unreadable resume chunk {file}: {_one_line(e)}", stacklevel=3)
+        chunk = _load_chunk(file)
+        if chunk is None:
             continue
-        sane = (
-            items.size and items.min() >= 0 and items.max() < n and not done[items].any()
-            and len(np.unique(items)) == items.size and emb.shape[0] == oi.size
-            and (emb.shape[0] == 0 or (emb.ndim == 2 and (dim is None or emb.shape[1] == dim)))
-            and set(oi.tolist()) | set(fi.tolist()) == set(items.tolist())
-        )
-        if not sane:
+        if not _chunk_fits(chunk, got.done, dim):
             warnings.warn(f"ignoring inconsistent resume chunk {file}", stacklevel=3)
             continue
+        items, oi, emb, fi, fr = chunk
         if emb.shape[0]:
             dim = emb.shape[1]
-        done[items] = True
-        pieces.append((oi, emb))
-        failed.update(zip(fi.tolist(), fr))
-    return done, pieces, failed, next_seq
+        got.done[items] = True
+        got.add((oi, emb), zip(fi.tolist(), fr))
+    return got
 
 
-def _write_chunk(pdir: str, seq: int, items, pieces, failed_items) -> None:
-    oi = np.concatenate([i for i, _ in pieces]) if pieces else np.zeros(0, np.int64)
-    emb = np.concatenate([e for _, e in pieces]) if pieces else np.zeros((0, 0), np.float32)
-    _atomic_savez(
-        os.path.join(pdir, f"chunk-{seq:06d}.npz"),
-        items=np.asarray(items, dtype=np.int64),
-        ok_index=oi.astype(np.int64),
-        embeddings=emb.astype(np.float32),
-        failure_index=np.asarray([i for i, _ in failed_items], dtype=np.int64),
-        failure_reason=np.asarray([r for _, r in failed_items], dtype=str),
-    )
+class _ChunkWriter:
+    """The batches finished since the last resume chunk; :meth:`write` saves them as
+    ``chunk-<seq>.npz`` in ``partial_dir`` (None: no resume, nothing is kept)."""
+
+    def __init__(self, partial_dir: str | None, seq: int, options: RunOptions):
+        self.partial_dir, self.seq = partial_dir, seq
+        self.batches_per_chunk, self.seconds = options.batches_per_chunk, options.chunk_seconds
+        self._start()
+
+    def _start(self) -> None:
+        self.items: list[np.ndarray] = []
+        self.pieces: list[tuple[np.ndarray, np.ndarray]] = []
+        self.failed: list[tuple[int, str]] = []
+        self.batches, self.t0 = 0, time.monotonic()
+
+    def add_batch(self, idx: torch.Tensor, failed: list) -> None:
+        """A batch was loaded: its decoded item indices and its failures."""
+        if self.partial_dir is None:
+            return
+        self.failed.extend(failed)
+        self.items.append(np.concatenate([idx.numpy(), np.asarray([i for i, _ in failed], np.int64)]))
+        self.batches += 1
+
+    def add(self, piece, bad) -> None:
+        """A batch's embeddings came back: (ok indices, embeddings) and non-finite failures."""
+        if self.partial_dir is not None:
+            self.pieces.append(piece)
+            self.failed.extend(bad)
+
+    def due(self) -> bool:
+        """True when the batches since the last chunk should be written now."""
+        return self.partial_dir is not None and (
+            self.batches >= self.batches_per_chunk or time.monotonic() - self.t0 >= self.seconds)
+
+    def write(self) -> None:
+        """Save the batches since the last chunk as the next chunk file."""
+        oi = np.concatenate([i for i, _ in self.pieces]) if self.pieces else np.zeros(0, np.int64)
+        emb = np.concatenate([e for _, e in self.pieces]) if self.pieces else np.zeros((0, 0), np.float32)
+        _savez(os.path.join(self.partial_dir, f"{_CHUNK_PREFIX}{self.seq:06d}{_CHUNK_SUFFIX}"), dict(
+            items=np.concatenate(self.items).astype(np.int64),
+            ok_index=oi.astype(np.int64),
+            embeddings=emb.astype(np.float32),
+            failure_index=np.asarray([i for i, _ in self.failed], dtype=np.int64),
+            failure_reason=np.asarray([r for _, r in self.failed], dtype=str),
+        ))
+        self.seq += 1
+        self._start()
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-def _prepare_model(loaded: LoadedModel, plan: _Plan):
+def prepare_model(loaded: LoadedModel, plan: Plan) -> torch.nn.Module:
+    """``loaded.model`` on the plan's device, in eval mode and the plan's memory format."""
     model = loaded.model.to(plan.device).eval()
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def _encode(model, images: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """One batch → L2-normalised float32 features (on the model's device)."""
+def encode_batch(model, images: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """One batch (B, 3, H, W) → L2-normalised float32 features (B, D) on the model's device."""
     images = images.to(device=plan.device, dtype=plan.in_dtype, non_blocking=True)
     if plan.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -415,126 +576,103 @@ class _HostCopy:
         else:
             self.host, self.event = feats, None
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
+    def result(self):
+        """((ok indices, float32 (k, D)), [(index, reason)] for non-finite or zero features)."""
         if self.event is not None:
             self.event.synchronize()
-        return self.idx.numpy(), self.host.numpy()
+        idx, feats = self.idx.numpy(), self.host.numpy()
+        finite = np.isfinite(feats).all(axis=1) & (np.abs(feats).sum(axis=1) > 0)
+        bad = [(int(i), _NON_FINITE) for i in idx[~finite]]
+        return (idx[finite], np.array(feats[finite], dtype=np.float32)), bad
 
 
-def _run(loaded: LoadedModel, paths: Sequence[str], plan: _Plan, *, batch_size: int, num_workers: int,
-         prefetch_factor: int | None, threads: int | None, progress: bool, partial_dir: str | None,
-         chunk_batches: int | None, chunk_seconds: float, desc: str = "embedding images"):
-    """Embed ``paths`` → (embeddings (N_ok, D) in input order, ok (N,), {index: reason}).
+def _loader(loaded: LoadedModel, paths: Sequence[str], indices: np.ndarray, plan: Plan,
+            options: RunOptions) -> DataLoader:
+    kw = dict(batch_size=options.batch_size, shuffle=False, num_workers=options.num_workers,
+              collate_fn=_collate, pin_memory=plan.device.type == "cuda")
+    if options.num_workers > 0:
+        kw["prefetch_factor"] = options.prefetch_factor or DEFAULT_PREFETCH_FACTOR
+    return DataLoader(_ImageFiles(paths, loaded.preprocess, indices=indices), **kw)
+
+
+def _batches(loader: DataLoader, num_workers: int) -> Iterator:
+    """The loader's batches; decoding in this process runs with one torch thread for the small
+    per-image tensor ops (ToTensor, Normalize), which are much slower with several threads."""
+    it = iter(loader)
+    while True:
+        with _torch_threads(1 if num_workers == 0 else None):
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def _embed_remaining(loaded: LoadedModel, paths: Sequence[str], plan: Plan, options: RunOptions,
+                     got: _Collected, chunks: _ChunkWriter, desc: str) -> None:
+    """Embed the paths not ``got.done`` into ``got``, handing every batch to ``chunks`` too."""
+    from tqdm.auto import tqdm
+
+    remaining = np.flatnonzero(~got.done)
+    model = prepare_model(loaded, plan)
+    loader = _loader(loaded, paths, remaining, plan, options)
+
+    def finish(copy: _HostCopy) -> None:
+        piece, bad = copy.result()
+        got.add(piece, bad)
+        chunks.add(piece, bad)
+
+    n = len(paths)
+    with tqdm(total=n, initial=n - remaining.size, desc=desc, unit="img", disable=not options.progress) as bar, \
+            _torch_threads(options.threads), torch.inference_mode():
+        pending: _HostCopy | None = None
+        for idx, images, batch_failed in _batches(loader, options.num_workers):
+            got.failed.update(batch_failed)
+            chunks.add_batch(idx, batch_failed)
+            if images is not None:
+                copy = _HostCopy(idx, encode_batch(model, images, plan))
+                if pending is not None:  # let the GPU run this batch while the last one comes back
+                    finish(pending)
+                pending = copy
+            bar.update(len(idx) + len(batch_failed))
+            if chunks.due():
+                if pending is not None:
+                    finish(pending)
+                    pending = None
+                chunks.write()
+        if pending is not None:
+            finish(pending)
+
+
+def embed_paths(loaded: LoadedModel, paths: Sequence[str], plan: Plan, *, options: RunOptions = RunOptions(),
+                partial_dir: str | None = None, desc: str = "embedding images") -> ExtractionResult:
+    """Embed ``paths`` → embeddings (N_ok, D) in input order, ok (N,), failures (``seconds`` 0).
 
     Never raises for unreadable images, not even when none is readable (the callers decide).
     With ``partial_dir``, finished batches are saved there in chunks and a run that finds
     chunks there embeds only the remaining images.
     """
-    n = len(paths)
-    if partial_dir is not None:
-        done, pieces, failed, seq = _read_partials(partial_dir, n)
-    else:
-        done, pieces, failed, seq = np.zeros(n, dtype=bool), [], {}, 0
-    remaining = np.flatnonzero(~done)
-    if chunk_batches is None:
-        chunk_batches = max(1, DEFAULT_CHUNK_IMAGES // batch_size)
-
-    if remaining.size:
-        model = _prepare_model(loaded, plan)
-        kw = dict(batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
-                  pin_memory=plan.device.type == "cuda")
-        if num_workers > 0:
-            kw["prefetch_factor"] = prefetch_factor or 2
-        loader = DataLoader(_ImageFiles(paths, loaded.preprocess, indices=remaining), **kw)
-        from tqdm.auto import tqdm
-
-        # chunk being assembled: processed item indices, (ok idx, emb) pieces, failures
-        c_items: list[np.ndarray] = []
-        c_pieces: list[tuple[np.ndarray, np.ndarray]] = []
-        c_failed: list[tuple[int, str]] = []
-        c_batches, c_t0 = 0, time.monotonic()
-
-        def finish(copy: _HostCopy):
-            idx, feats = copy.result()
-            finite = np.isfinite(feats).all(axis=1) & (np.abs(feats).sum(axis=1) > 0)
-            bad = [(int(i), "non-finite embedding from the model") for i in idx[~finite]]
-            failed.update(bad)
-            c_failed.extend(bad)
-            piece = (idx[finite], np.array(feats[finite], dtype=np.float32))
-            pieces.append(piece)
-            c_pieces.append(piece)
-
-        with tqdm(total=n, initial=n - remaining.size, desc=desc, unit="img", disable=not progress) as bar, \
-                _torch_threads(threads), torch.inference_mode():
-            it = iter(loader)
-            pending: _HostCopy | None = None
-            while True:
-                # decoding in the main process: one torch thread for the small per-image tensor
-                # ops (ToTensor, Normalize), which are much slower with several threads
-                with _torch_threads(1 if num_workers == 0 else None):
-                    batch = next(it, None)
-                if batch is None:
-                    break
-                idx, images, batch_failed = batch
-                failed.update(batch_failed)
-                c_failed.extend(batch_failed)
-                c_items.append(np.concatenate([idx.numpy(), np.asarray([i for i, _ in batch_failed], np.int64)]))
-                if images is not None:
-                    copy = _HostCopy(idx, _encode(model, images, plan))
-                    if pending is not None:  # let the GPU run this batch while the last one comes back
-                        finish(pending)
-                    pending = copy
-                bar.update(len(idx) + len(batch_failed))
-                c_batches += 1
-                if partial_dir is not None and (
-                        c_batches >= chunk_batches or time.monotonic() - c_t0 >= chunk_seconds):
-                    if pending is not None:
-                        finish(pending)
-                        pending = None
-                    _write_chunk(partial_dir, seq, np.concatenate(c_items), c_pieces, c_failed)
-                    seq += 1
-                    c_items, c_pieces, c_failed, c_batches, c_t0 = [], [], [], 0, time.monotonic()
-            if pending is not None:
-                finish(pending)
-
-    ok = np.zeros(n, dtype=bool)
-    pieces = [p for p in pieces if p[0].size]
-    if not pieces:
-        return np.zeros((0, loaded.embed_dim), np.float32), ok, failed
-    order = np.concatenate([i for i, _ in pieces])
-    emb = np.concatenate([e for _, e in pieces]).astype(np.float32, copy=False)
-    ok[order] = True
-    emb = np.ascontiguousarray(emb[np.argsort(order, kind="stable")])
-    return emb, ok, failed
+    got = _read_partials(partial_dir, len(paths))
+    if not got.done.all():
+        chunks = _ChunkWriter(partial_dir, got.next_seq, options)
+        _embed_remaining(loaded, paths, plan, options, got, chunks, desc)
+    return got.result(paths, loaded.embed_dim, plan.compute)
 
 
-def _no_images_error(paths, failed) -> TreeprobeError:
-    first = min(failed)
-    return TreeprobeError(
-        f"no readable images among {len(paths)} paths (e.g. {paths[first] or '<empty path>'}: {failed[first]})"
-    )
-
-
-def _check_args(paths, batch_size, num_workers):
-    paths = [os.fspath(p) if p is not None else "" for p in paths]
-    if len(paths) == 0:
-        raise TreeprobeError("no images to embed (empty list of paths)")
-    if batch_size < 1:
-        raise TreeprobeError(f"batch_size must be at least 1, got {batch_size}")
-    if num_workers < 0:
-        raise TreeprobeError(f"num_workers must be 0 or more, got {num_workers}")
-    return paths
+def no_images_error(n_paths: int, failures: pd.DataFrame) -> TreeprobeError:
+    """The error for a listing of ``n_paths`` where every image failed (``failures`` in input order)."""
+    item, reason = failures["item"].iloc[0], failures["reason"].iloc[0]
+    return TreeprobeError(f"no readable images among {n_paths} paths (e.g. {item or '<empty path>'}: {reason})")
 
 
 def extract_embeddings(
     loaded: LoadedModel,
     paths: Sequence[str],
-    batch_size: int = 64,
-    num_workers: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    *,
+    num_workers: int = DEFAULT_NUM_WORKERS,
     cache_dir=None,
     device=None,
     progress: bool = True,
-    *,
     autocast: str = "auto",
     channels_last: bool | None = None,
     prefetch_factor: int | None = None,
@@ -543,11 +681,9 @@ def extract_embeddings(
     chunk_batches: int | None = None,
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
 ) -> ExtractionResult:
-    """Embed the images at ``paths`` with ``loaded.model``.
+    """Embed the images at ``paths`` → float32 (N_ok, D) unit-norm embeddings in input order.
 
-    Returns float32 (N_ok, D) unit-norm embeddings for the readable images, in input
-    order, with ``ok`` (N,) marking which paths they belong to. Raises TreeprobeError when
-    no image can be read.
+    ``ok`` (N,) marks which paths they belong to. Raises TreeprobeError when no image can be read.
 
     device: None → CUDA when available, else CPU (the model is moved there).
     num_workers: DataLoader worker processes that decode and resize (0: in this process);
@@ -560,33 +696,29 @@ def extract_embeddings(
         (default 8192 images' worth) or ``chunk_seconds`` and pick up an interrupted run.
     """
     t0 = time.perf_counter()
-    paths = _check_args(paths, batch_size, num_workers)
-    n = len(paths)
-    plan = _resolve_plan(loaded, device, autocast, channels_last)
+    options = RunOptions(batch_size=batch_size, num_workers=num_workers, prefetch_factor=prefetch_factor,
+                         threads=threads, progress=progress, chunk_batches=chunk_batches, chunk_seconds=chunk_seconds)
+    paths = check_paths(paths)
+    plan = resolve_plan(loaded, device, autocast=autocast, channels_last=channels_last)
+    if cache_dir is None:
+        return _run_and_store(loaded, paths, plan, options=options, t0=t0)
+    files = [cache_file_for(cache_dir, key)
+             for key in cache_keys(loaded, paths, accepted_autocast_tags(autocast, plan))]
+    cached = read_first_cache(files, len(paths), default_compute=plan.precision)
+    if cached is not None:
+        return replace(cached, seconds=time.perf_counter() - t0)
+    return _run_and_store(loaded, paths, plan, options=options, t0=t0, cache_file=files[0], resume=resume)
 
-    cache_file = None
-    if cache_dir is not None:
-        tags = _autocast_fallbacks(loaded, autocast, plan)
-        keys = _cache_keys(loaded, paths, tags)
-        cache_file = cache_file_for(cache_dir, keys[0])
-        for key in keys:
-            file = cache_file_for(cache_dir, key)
-            if os.path.exists(file):
-                cached = _read_cache(file, n)
-                if cached is not None:
-                    emb, ok, failures, compute = cached
-                    return ExtractionResult(emb, ok, failures, True, time.perf_counter() - t0,
-                                            compute or plan.precision)
 
+def _run_and_store(loaded: LoadedModel, paths: list[str], plan: Plan, *, options: RunOptions, t0: float,
+                      cache_file: str | None = None, resume: bool = True) -> ExtractionResult:
+    """Run the model on ``paths`` and write ``cache_file`` (None: no cache); raises when none is readable."""
     partial = partial_dir_for(cache_file) if (cache_file is not None and resume) else None
-    emb, ok, failed = _run(loaded, paths, plan, batch_size=batch_size, num_workers=num_workers,
-                           prefetch_factor=prefetch_factor, threads=threads, progress=progress,
-                           partial_dir=partial, chunk_batches=chunk_batches, chunk_seconds=chunk_seconds)
-    if not ok.any():
-        raise _no_images_error(paths, failed)
-    failures = _failures_frame(paths, failed)
+    res = embed_paths(loaded, paths, plan, options=options, partial_dir=partial)
+    if not res.ok.any():
+        raise no_images_error(len(paths), res.failures)
     if cache_file is not None:
-        _write_cache(cache_file, emb, ok, failures, plan.compute)
+        write_cache(cache_file, res)
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
-    return ExtractionResult(emb, ok, failures, False, time.perf_counter() - t0, plan.compute)
+    return replace(res, seconds=time.perf_counter() - t0)

@@ -29,13 +29,13 @@ result).
 p-values follow scikit-bio: (#{permuted r at least as extreme} + 1) / (permutations + 1).
 
 The permutation loops run compiled (numba, a dependency of umap-learn) on ``n_jobs``
-threads; without numba (or with ``TREEPROBE_NO_NUMBA=1``) a numpy fallback gives the
-same numbers, more slowly.
+threads; without numba (or with ``TREEPROBE_NO_NUMBA=1``: :func:`treeprobe._utils.numba_enabled`)
+a numpy fallback gives the same numbers, more slowly.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -44,13 +44,40 @@ import scipy.stats
 from scipy.spatial.distance import squareform
 
 from treeprobe.errors import TreeprobeError
-from treeprobe.neighbors import l2_normalise
-from treeprobe.taxonomy import CladeStructure, tree_depth
+from treeprobe._utils import SEED_BOUND, available_cpus, l2_normalise, numba_enabled
+from treeprobe._validation import check_choice, check_embeddings, check_int
+from treeprobe.tree import CladeStructure, tree_depth
 
+__all__ = [
+    "MantelResult", "mantel", "mantel_tree", "permutation_p_value", "cosine_distance_matrix",
+    "taxon_centroids", "tree_distance_matrix", "ALTERNATIVES", "METHODS", "SPEARMAN_MAX_N", "SPEARMAN_REPEATS",
+]
+
+#: Alternative hypotheses of the permutation p-value (as in scikit-bio).
 ALTERNATIVES = ("greater", "less", "two-sided")
+#: Correlations the Mantel tests compute.
 METHODS = ("pearson", "spearman")
+#: Default largest N for the exact Spearman test of :func:`mantel_tree` (it builds N×N matrices:
+#: measured 1.75 GB peak and ~0.1 s of one core per permutation at 6000; 7 GB at 12,000).
+SPEARMAN_MAX_N = 6000
+#: Default number of extra subsamples behind the Spearman estimate above ``spearman_max_n``.
+SPEARMAN_REPEATS = 5
 
 _BLOCK_ROWS = 8192  # rows per block in the float64 passes over X (8192 × 512 × 8 B = 32 MB)
+# Work per permutation (multiply-adds: N·D for the tree form, n²/2 for the matrix form) below which
+# the permutations run on one thread: at 2e5 one permutation takes under 1 ms of one core
+# (measured 0.7 ms at N = 2000, D = 100, drawing the permutation included) and 2 threads gained nothing.
+_MIN_THREAD_WORK = 2e5
+# Permutations go to the threads in chunks of about this much work (~7 ms of one core at the rate above), so the
+# hand-over cost (a future per chunk) is amortised; chunks stay small enough to balance the threads.
+_CHUNK_WORK = 2e6
+# Elements per row block of the numpy fallback of the matrix-form permutation (16 MB of float64).
+_NUMPY_PAIR_BLOCK = 2_000_000
+# Rows per block of cosine_distance_matrix: a 2048 × N float64 product (16 MB per 1000 columns).
+_COSINE_BLOCK_ROWS = 2048
+# A distance whose pairwise variance is below this fraction of its mean square is taken as constant
+# (the correlation is then undefined); far above float64 rounding of the sums, far below any real spread.
+_CONSTANT_VARIANCE = 1e-12
 
 
 @dataclass
@@ -75,22 +102,27 @@ class MantelResult:
     details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The result as a JSON-ready dict (``ci`` as a list or None)."""
         d = asdict(self)
         d["ci"] = list(self.ci) if self.ci is not None else None
         return d
 
 
 def _check_args(method: str, alternative: str, permutations: int):
-    if method not in METHODS:
-        raise TreeprobeError(f"unknown Mantel method {method!r}; choose from {', '.join(METHODS)}")
-    if alternative not in ALTERNATIVES:
-        raise TreeprobeError(f"unknown alternative {alternative!r}; choose from {', '.join(ALTERNATIVES)}")
-    if permutations < 0:
-        raise TreeprobeError("permutations must be >= 0")
+    check_choice(method, "Mantel method", METHODS)
+    check_choice(alternative, "alternative", ALTERNATIVES)
+    check_int(permutations, "permutations", minimum=0)
 
 
 def permutation_p_value(observed: float, permuted: np.ndarray, alternative: str) -> float:
-    """(#{permuted at least as extreme as observed} + 1) / (len(permuted) + 1); NaN if none."""
+    """(#{permuted at least as extreme as observed} + 1) / (len(permuted) + 1); NaN if none.
+
+    ``permuted``: (P,) statistics under permutation; ``alternative``: one of :data:`ALTERNATIVES`
+    ("two-sided" compares absolute values).
+
+    >>> permutation_p_value(0.5, [0.1, 0.5, -0.6, 0.2], "greater")
+    0.4
+    """
     permuted = np.asarray(permuted)
     if permuted.size == 0 or not np.isfinite(observed):
         return float("nan")
@@ -105,35 +137,33 @@ def permutation_p_value(observed: float, permuted: np.ndarray, alternative: str)
 
 # --- compiled kernels and the permutation loop -----------------------------------------
 
-_KERNELS: list = []  # [module or None], resolved once
+@functools.lru_cache(maxsize=None)
+def _load_kernels():
+    """The numba kernels module, compiled (or loaded from cache) once; None if numba fails."""
+    try:
+        from treeprobe import _mantel_kernels as k
+
+        try:  # the prefetch hint is an LLVM intrinsic: fall back to the plain loop if it fails to build
+            k.warm_up()
+            k.clade_term_fast = k.clade_term
+        except Exception:  # pragma: no cover - depends on the llvmlite version
+            k.clade_term_fast = k.clade_term_noprefetch()
+        return k
+    except Exception:  # pragma: no cover - numba not installed or broken
+        return None
 
 
 def _kernels():
-    """The numba kernels module, or None (numba missing, failing, or TREEPROBE_NO_NUMBA=1)."""
-    if os.environ.get("TREEPROBE_NO_NUMBA", "") not in ("", "0"):
-        return None
-    if not _KERNELS:
-        try:
-            from treeprobe import _mantel_kernels as k
-
-            try:  # the prefetch hint is an LLVM intrinsic: fall back to the plain loop if it fails to build
-                k.warm_up()
-                k.clade_term_fast = k.clade_term
-            except Exception:  # pragma: no cover - depends on the llvmlite version
-                k.clade_term_fast = k.clade_term_noprefetch()
-            _KERNELS.append(k)
-        except Exception:  # pragma: no cover - numba not installed or broken
-            _KERNELS.append(None)
-    return _KERNELS[0]
+    """The numba kernels module, or None (numba missing or failing, or TREEPROBE_NO_NUMBA set)."""
+    return _load_kernels() if numba_enabled() else None
 
 
 def _n_workers(n_jobs: int | None, permutations: int, work_per_permutation: float) -> int:
+    """Threads for the permutations: ``n_jobs`` (None or <= 0: every CPU this process may use),
+    1 for small problems, never more than ``permutations``."""
     if n_jobs is None or n_jobs <= 0:
-        try:
-            n_jobs = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not Linux
-            n_jobs = os.cpu_count() or 1
-    if work_per_permutation < 2e5:  # threads cost more than they save on tiny problems
+        n_jobs = available_cpus()
+    if work_per_permutation < _MIN_THREAD_WORK:  # threads cost more than they save on tiny problems
         n_jobs = 1
     return max(1, min(int(n_jobs), permutations))
 
@@ -161,7 +191,7 @@ def _run_permutations(one, n: int, permutations: int, rng: np.random.Generator, 
             return out
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        chunk = int(np.clip(2e6 // max(work_per_permutation, 1.0), 1, max(1, permutations // (4 * workers))))
+        chunk = int(np.clip(_CHUNK_WORK // max(work_per_permutation, 1.0), 1, max(1, permutations // (4 * workers))))
 
         def run_chunk(perms, wid):
             return [one(p, wid) for p in perms]
@@ -210,7 +240,7 @@ def _pair_sum_numpy(Xsq: np.ndarray, ys: np.ndarray, perm: np.ndarray) -> float:
     """Σ_{i<j} Xsq[perm[i], perm[j]] · ys[k(i, j)] in row blocks (numpy fallback of the kernel)."""
     n = len(perm)
     total = 0.0
-    b = max(1, 2_000_000 // n)
+    b = max(1, _NUMPY_PAIR_BLOCK // n)
     k = 0
     cols = np.arange(n)
     for i0 in range(0, n - 1, b):
@@ -223,9 +253,9 @@ def _pair_sum_numpy(Xsq: np.ndarray, ys: np.ndarray, perm: np.ndarray) -> float:
     return total
 
 
-def mantel(x, y, method: str = "pearson", permutations: int = 999, alternative: str = "two-sided",
+def mantel(x, y, *, method: str = "pearson", permutations: int = 999, alternative: str = "two-sided",
            seed: int | None = 0, n_jobs: int | None = None, progress: bool = False) -> MantelResult:
-    """Mantel test between two distance matrices (square (n, n) or condensed).
+    """Mantel test between two distance matrices (square (n, n) or condensed (n(n−1)/2,)).
 
     r is the Pearson (or Spearman: Pearson of average ranks) correlation of the
     upper triangles; the p-value permutes rows and columns of ``x`` jointly
@@ -233,6 +263,14 @@ def mantel(x, y, method: str = "pearson", permutations: int = 999, alternative: 
     Memory: about 5·8·n² bytes (the two square matrices, condensed copies and ranks;
     ~1.5 GB at n = 6000); each permutation costs O(n²) time (~0.1 s of one core at n = 6000),
     on ``n_jobs`` threads (None: all cores). See :func:`mantel_tree` for embeddings against a tree at scale.
+
+    Four points on a line against a tree of two pairs:
+
+    >>> x = [[0, 1, 2, 3], [1, 0, 1, 2], [2, 1, 0, 1], [3, 2, 1, 0]]
+    >>> y = [[0, 1, 4, 4], [1, 0, 4, 4], [4, 4, 0, 1], [4, 4, 1, 0]]
+    >>> res = mantel(x, y, permutations=23, seed=0)
+    >>> round(res.statistic, 4), round(res.p_value, 4), res.n_pairs
+    (0.6325, 0.1667, 6)
     """
     _check_args(method, alternative, permutations)
     X = _as_square(x, "x")
@@ -264,10 +302,10 @@ def mantel(x, y, method: str = "pearson", permutations: int = 999, alternative: 
     del xf
     K = _kernels()
     pair_sum = K.pair_sum if K is not None else _pair_sum_numpy
-    workers = _n_workers(n_jobs, permutations, n * n / 2.0)
+    work = n * n / 2.0
+    workers = _n_workers(n_jobs, permutations, work)
     perm_stats = _run_permutations(lambda p, _w: pair_sum(X, ys, p) / nx, n, permutations,
-                                   np.random.default_rng(seed), workers, progress, "Mantel permutations",
-                                   n * n / 2.0)
+                                   np.random.default_rng(seed), workers, progress, "Mantel permutations", work)
     return MantelResult(
         statistic=r, p_value=permutation_p_value(r, perm_stats, alternative), method=method,
         alternative=alternative, permutations=permutations, n_items=n, n_pairs=n * (n - 1) // 2,
@@ -275,7 +313,7 @@ def mantel(x, y, method: str = "pearson", permutations: int = 999, alternative: 
 
 
 def cosine_distance_matrix(X: np.ndarray) -> np.ndarray:
-    """1 − cos(x_i, x_j) for rows of X (N, D), float64 (N, N), zero diagonal.
+    """1 − cos(x_i, x_j) for rows of X (N, D), float64 (N, N), zero diagonal, values in [0, 2].
 
     Computed in row blocks (general matrix products, never ``X @ X.T``, whose OpenBLAS
     syrk kernel crashes from about N = 33,000 on 2 threads).
@@ -283,7 +321,7 @@ def cosine_distance_matrix(X: np.ndarray) -> np.ndarray:
     Xn = l2_normalise(X, dtype=np.float64)
     N = len(Xn)
     D = np.empty((N, N))
-    b = 2048
+    b = _COSINE_BLOCK_ROWS
     for i in range(0, N, b):  # upper block row, mirrored: exactly symmetric
         blk = Xn[i:i + b] @ Xn[i:].T  # (b, N − i): never the (N, N) self-product
         d = blk[:, :len(blk)]
@@ -304,12 +342,13 @@ def _check_norms(norms: np.ndarray) -> None:
 
 
 def taxon_centroids(X: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Unit-norm mean of the unit-normalised rows of X per taxon code, float64 (n_taxa, D).
+    """Unit-norm mean of the unit-normalised rows of X (N, D) per taxon code (codes: int (N,),
+    0..n_taxa−1), float64 (n_taxa, D); a code with no item gets a zero row.
 
     Row blocks: memory O(n_taxa·D + block·D), no float64 copy of X.
     """
-    X = np.asarray(X)
     codes = np.asarray(codes)
+    X = check_embeddings(X, n_rows=len(codes))
     n_taxa = int(codes.max()) + 1
     C = np.zeros((n_taxa, X.shape[1]))
     for i in range(0, len(X), _BLOCK_ROWS):
@@ -323,8 +362,6 @@ def taxon_centroids(X: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
 
 # --- the exact clade-sum form -------------------------------------------------
-
-
 
 
 @dataclass
@@ -348,7 +385,28 @@ class _Compressed:
     levels: list
 
 
+def _preorder(par: np.ndarray, levels: list) -> np.ndarray:
+    """Depth-first pre-order position of every node of the parent array ``par`` (m,), int64 (m,);
+    ``levels``: node indices by depth, root first. pre[v] = pre[parent] + 1 + the number of nodes
+    in the subtrees of v's earlier siblings (siblings ordered by index)."""
+    m = len(par)
+    nsub = np.ones(m, dtype=np.int64)  # subtree sizes
+    for nodes in levels[:0:-1]:
+        np.add.at(nsub, par[nodes], nsub[nodes])
+    sib = np.lexsort((np.arange(m), par))[1:]  # non-root nodes grouped by parent (root sorts first)
+    csum = np.cumsum(nsub[sib])
+    first = np.r_[True, par[sib][1:] != par[sib][:-1]]
+    base = np.maximum.accumulate(np.where(first, csum - nsub[sib], 0))
+    off = np.zeros(m, dtype=np.int64)
+    off[sib] = csum - nsub[sib] - base
+    pre = np.zeros(m, dtype=np.int64)
+    for nodes in levels[1:]:
+        pre[nodes] = pre[par[nodes]] + 1 + off[nodes]
+    return pre
+
+
 def _compress(clades: CladeStructure) -> _Compressed:
+    """The :class:`_Compressed` form of ``clades`` (empty clades dropped, single-child chains merged)."""
     n = clades.n_nodes
     parent = clades.parent
     size = clades.items_per_node()
@@ -376,20 +434,7 @@ def _compress(clades: CladeStructure) -> _Compressed:
     depth = tree_depth(par)
     by_depth = np.argsort(depth, kind="stable")
     levels = np.split(by_depth, np.cumsum(np.bincount(depth))[:-1])
-    # depth-first pre-order position: pre[v] = pre[parent] + 1 + nodes in earlier siblings' subtrees
-    nsub = np.ones(m, dtype=np.int64)
-    for nodes in levels[:0:-1]:
-        np.add.at(nsub, par[nodes], nsub[nodes])
-    sib = np.lexsort((np.arange(m), par))[1:]  # non-root nodes grouped by parent (root sorts first)
-    csum = np.cumsum(nsub[sib])
-    first = np.r_[True, par[sib][1:] != par[sib][:-1]]
-    base = np.maximum.accumulate(np.where(first, csum - nsub[sib], 0))
-    off = np.zeros(m, dtype=np.int64)
-    off[sib] = csum - nsub[sib] - base
-    pre = np.zeros(m, dtype=np.int64)
-    for nodes in levels[1:]:
-        pre[nodes] = pre[par[nodes]] + 1 + off[nodes]
-    new = m - 1 - pre  # reversed pre-order: a post-order (children in reverse), root last
+    new = m - 1 - _preorder(par, levels)  # reversed pre-order: a post-order (children in reverse), root last
     cparent = np.full(m, -1, dtype=np.int64)
     cparent[new[par >= 0]] = new[par[par >= 0]]
     cw = np.empty(m)
@@ -509,9 +554,9 @@ def _observed_sums(X: np.ndarray):
     return scale, S, sq, sq4, float(np.sum(G * G)), q
 
 
-def mantel_tree(X: np.ndarray, clades: CladeStructure, method: str = "pearson", permutations: int = 999,
-                alternative: str = "greater", seed: int | None = 0, spearman_max_n: int = 6000,
-                spearman_repeats: int = 5, perm_dtype=np.float32, progress: bool = False,
+def mantel_tree(X: np.ndarray, clades: CladeStructure, *, method: str = "pearson", permutations: int = 999,
+                alternative: str = "greater", seed: int | None = 0, spearman_max_n: int = SPEARMAN_MAX_N,
+                spearman_repeats: int = SPEARMAN_REPEATS, perm_dtype=np.float32, progress: bool = False,
                 n_jobs: int | None = None) -> MantelResult:
     """Mantel test between embedding cosine distance and tree distance.
 
@@ -543,9 +588,7 @@ def mantel_tree(X: np.ndarray, clades: CladeStructure, method: str = "pearson", 
     the power of ``spearman_max_n`` items); its r is in ``details['p_value_subsample_statistic']``.
     """
     _check_args(method, alternative, permutations)
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise TreeprobeError(f"embeddings must be a 2-D array (N, D), got shape {X.shape}")
+    X = check_embeddings(X)
     N = clades.n_items
     if X.shape[0] != N:
         raise TreeprobeError(f"{X.shape[0]} embeddings but {N} items in the tree")
@@ -555,44 +598,62 @@ def mantel_tree(X: np.ndarray, clades: CladeStructure, method: str = "pearson", 
     if method == "spearman":
         return _spearman_tree(X, clades, permutations, alternative, rng, spearman_max_n, spearman_repeats,
                               n_jobs, progress)
+    return _pearson_tree(X, clades, permutations, alternative, rng, perm_dtype, n_jobs, progress)
 
-    if X.dtype not in (np.float32, np.float64):
-        X = X.astype(np.float64)
-    X = np.ascontiguousarray(X)
-    scale, S, sq, sq4, g2, q = _observed_sums(X)
+
+def _pearson_moments(N: int, S: np.ndarray, sq: float, sq4: float, g2: float, comp: _Compressed):
+    """(P, Σd, Σt, denominator) of the Pearson r over the P = N(N−1)/2 item pairs, from the
+    observed sums of :func:`_observed_sums` and the compressed tree; raises if either distance
+    is constant (the correlation is undefined)."""
     P = N * (N - 1) / 2.0
     SS = float(S @ S)
     sum_c = (SS - sq) / 2.0  # Σ_{i<j} x̂_i·x̂_j
     sum_d = P - sum_c
     sum_d2 = P - 2.0 * sum_c + (g2 - sq4) / 2.0
-    comp = _compress(clades)
     sum_t, sum_t2 = _tree_pair_sums(comp, N)
     var_d = P * sum_d2 - sum_d ** 2
     var_t = P * sum_t2 - sum_t ** 2
-    if var_t <= 1e-12 * P * sum_t2:
+    if var_t <= _CONSTANT_VARIANCE * P * sum_t2:
         raise TreeprobeError("all items are at the same tree distance: the correlation is undefined")
-    if var_d <= 1e-12 * P * sum_d2:
+    if var_d <= _CONSTANT_VARIANCE * P * sum_d2:
         raise TreeprobeError("all embeddings are at the same distance: the correlation is undefined")
-    denom = np.sqrt(var_d * var_t)
+    return P, sum_d, sum_t, np.sqrt(var_d * var_t)
+
+
+def _permutation_data(X: np.ndarray, scale: np.ndarray, perm_dtype: np.dtype):
+    """(rows, scale) the permutations read: X itself if it already has ``perm_dtype``, else one
+    normalised copy in ``perm_dtype`` (made in row blocks) with unit scale."""
+    if X.dtype == perm_dtype:
+        return X, scale
+    Xp = np.empty(X.shape, dtype=perm_dtype)
+    for i in range(0, X.shape[0], _BLOCK_ROWS):
+        Xp[i:i + _BLOCK_ROWS] = X[i:i + _BLOCK_ROWS] * scale[i:i + _BLOCK_ROWS, None]
+    return Xp, np.ones(X.shape[0])
+
+
+def _pearson_tree(X, clades, permutations, alternative, rng, perm_dtype, n_jobs, progress) -> MantelResult:
+    """The exact Pearson form of :func:`mantel_tree` (arguments checked there)."""
+    N = clades.n_items
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float64)
+    X = np.ascontiguousarray(X)
+    scale, S, sq, sq4, g2, q = _observed_sums(X)
+    comp = _compress(clades)
+    P, sum_d, sum_t, denom = _pearson_moments(N, S, sq, sq4, g2, comp)
 
     def corr(term: float) -> float:
         return (P * (sum_t - term) - sum_d * sum_t) / denom
 
     r = corr(_CladeTerm(comp, X, scale, q, 1)(np.arange(N)))
     perm_dtype = np.dtype(perm_dtype)
-    if permutations and X.dtype == perm_dtype:
-        Xp, scale_p = X, scale
-    elif permutations:  # one normalised copy in perm_dtype, in blocks
-        Xp = np.empty(X.shape, dtype=perm_dtype)
-        for i in range(0, N, _BLOCK_ROWS):
-            Xp[i:i + _BLOCK_ROWS] = X[i:i + _BLOCK_ROWS] * scale[i:i + _BLOCK_ROWS, None]
-        scale_p = np.ones(N)
-    workers = _n_workers(n_jobs, permutations, float(N) * X.shape[1])
+    work = float(N) * X.shape[1]
+    workers = _n_workers(n_jobs, permutations, work)
     perm_stats = np.empty(0)
     if permutations:
+        Xp, scale_p = _permutation_data(X, scale, perm_dtype)
         term = _CladeTerm(comp, Xp, scale_p, q, workers)
         perm_stats = _run_permutations(lambda p, wk: corr(term(p, wk)), N, permutations, rng, workers,
-                                       progress, "Mantel permutations", float(N) * X.shape[1])
+                                       progress, "Mantel permutations", work)
     return MantelResult(
         statistic=float(r), p_value=permutation_p_value(r, perm_stats, alternative), method="pearson",
         alternative=alternative, permutations=permutations, n_items=N, n_pairs=int(N * (N - 1) // 2),
@@ -603,19 +664,18 @@ def mantel_tree(X: np.ndarray, clades: CladeStructure, method: str = "pearson", 
 
 
 def tree_distance_matrix(clades: CladeStructure) -> np.ndarray:
-    """Patristic distances between items, float64 (N, N) (needs N² memory)."""
+    """Patristic distances between items, float64 (N, N), in units of edge length (needs N² memory)."""
     return clades.item_distances()
 
 
 def _spearman_tree(X, clades, permutations, alternative, rng, max_n, repeats, n_jobs, progress) -> MantelResult:
     N = clades.n_items
-    if max_n < 3:
-        raise TreeprobeError("spearman_max_n must be at least 3")
+    check_int(max_n, "spearman_max_n", minimum=3)
 
     def run(idx, perms):
         sub = clades.subset_items(idx)
         return mantel(cosine_distance_matrix(X[idx]), sub.item_distances(), method="spearman",
-                      permutations=perms, alternative=alternative, seed=int(rng.integers(2**31)),
+                      permutations=perms, alternative=alternative, seed=int(rng.integers(SEED_BOUND)),
                       n_jobs=n_jobs, progress=progress)
 
     if N <= max_n:

@@ -1,4 +1,10 @@
-"""open_clip model factory: local checkpoints, ``hf-hub:`` ids, pretrained tags, random init.
+"""The one open_clip model factory of treeprobe (analysis and training): local checkpoints,
+``hf-hub:`` ids, pretrained tags, random init.
+
+:func:`create_model` builds an open_clip model from an architecture name (an open_clip
+name, an alias such as ``tiny`` for the bundled ``treeprobe-tiny`` config, a config
+``.json`` file, an ``hf-hub:`` id) or a ``model_cfg`` dict, with optional pretrained weights
+(a tag or a local file) and a seeded random init; ``treeprobe train`` builds its model with it.
 
 :func:`load_model` returns a :class:`LoadedModel` holding the open_clip model (eval
 mode), its inference image transform (PIL image → float tensor (3, H, W)), the
@@ -30,16 +36,37 @@ import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
 import torch
 
+from treeprobe._utils import one_line
 from treeprobe.errors import TreeprobeError
+
+__all__ = [
+    "PRECISIONS",
+    "HF_HUB_PREFIX",
+    "MODEL_ALIASES",
+    "LoadedModel",
+    "OpenClipModel",
+    "sha256_file",
+    "hub_guard",
+    "resolve_model_name",
+    "create_model",
+    "load_model",
+]
 
 PRECISIONS = ("fp32", "amp", "amp_bf16", "fp16", "bf16", "pure_fp16", "pure_bf16")
 HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
+#: Short names for the architectures bundled in ``treeprobe/training/configs/``.
+MODEL_ALIASES = {"tiny": "treeprobe-tiny"}
+#: The seed of a random initialisation (``random-init-<name>`` always names the same weights).
+RANDOM_INIT_SEED = 0
 _LOCAL_HINT = "pass a local file instead: --ckpt path/to/checkpoint.pt --model ARCH"
+_HUB_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -66,14 +93,30 @@ class LoadedModel:
     precision: str = "fp32"
 
 
+@dataclass
+class OpenClipModel:
+    """What :func:`create_model` builds.
+
+    model: the open_clip model (train mode, as open_clip returns it) on the requested device.
+    preprocess_train / preprocess_val: open_clip's transforms, PIL image → tensor (3, H, W) float.
+    name: the resolved architecture name (``treeprobe-tiny`` for ``tiny``, a config file's stem,
+        an ``hf-hub:`` id, or ``label`` for a ``model_cfg`` dict).
+    model_cfg: the architecture config dict (with the ``image_size`` override applied).
+    embed_dim: width D of the embeddings.
+    weights_file: the local file the weights came from (a ``pretrained`` file or the
+        downloaded file of a tag), else None.
+    """
+
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    name: str
+    model_cfg: dict
+    embed_dim: int
+    weights_file: str | None = None
+
+
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    msg = " ".join(str(e).split())
-    if len(msg) < 20:  # bare messages like KeyError(101) say nothing without their type
-        msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -115,7 +158,7 @@ def _check_arch_name(name: str) -> None:
     examples = close or [n for n in ("ViT-B-16", "ViT-B-32", "ViT-L-14", "RN50") if n in names]
     raise TreeprobeError(
         f"unknown open_clip architecture {name!r}; valid names include {', '.join(examples)} "
-        f"({len(names)} in all, see open_clip.list_models())"
+        f"({len(names)} in all, see open_clip.list_models()), the alias 'tiny' or a config .json file"
     )
 
 
@@ -129,7 +172,7 @@ def _check_device(device) -> str:
 # ----------------------------------------------------------------------------- hub access
 
 
-def _endpoint_reachable(url: str, timeout: float = 3.0) -> bool:
+def _endpoint_reachable(url: str, timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
     """True when a TCP connection to the endpoint's host:port opens within ``timeout`` s."""
     parsed = urlparse(url)
     host = parsed.hostname
@@ -152,8 +195,8 @@ def _endpoint_reachable(url: str, timeout: float = 3.0) -> bool:
 
 
 @contextlib.contextmanager
-def hub_guard(what: str, quiet: bool = True):
-    """Run a hub download; turn any failure into one TreeprobeError line.
+def hub_guard(what: str, quiet: bool = True, *, hint: str = _LOCAL_HINT):
+    """Run a hub download; turn any failure into one TreeprobeError line (ending with ``hint``).
 
     Without network (and no proxy configured) huggingface_hub would retry for ~30 s
     before falling back to its cache; we probe once and switch it to offline mode so
@@ -179,46 +222,170 @@ def hub_guard(what: str, quiet: bool = True):
         state = "offline (HF_HUB_OFFLINE or no network)" if offline else "unreachable or refused the request"
         raise TreeprobeError(
             f"cannot load {what}: the Hugging Face hub is {state} and the files are not in the "
-            f"local cache ({_one_line(e, 160)}); {_LOCAL_HINT}"
+            f"local cache ({one_line(e, 160)}); {hint}"
         ) from None
     finally:
         hf_constants.HF_HUB_OFFLINE = old
 
 
-# ----------------------------------------------------------------------------- building
+# ----------------------------------------------------------------------------- the factory
 
 
-def _build(name: str | None, model_cfg: dict | None, preprocess_cfg: dict | None,
-           precision: str, device: str, label: str):
-    """Randomly initialised (seeded) open_clip model + inference transform + embed_dim.
+def _register_bundled_configs() -> None:
+    """Add ``treeprobe/training/configs/*.json`` (``treeprobe-tiny``) to open_clip's registry."""
+    import open_clip
 
-    Built from an open_clip architecture name, or from a config dict through open_clip's
-    ``local-dir:`` route (a temporary folder holding ``open_clip_config.json``).
+    import treeprobe.training
+
+    if MODEL_ALIASES["tiny"] not in open_clip.list_models():
+        open_clip.add_model_config(Path(treeprobe.training.__file__).resolve().parent / "configs")
+
+
+def resolve_model_name(model: str) -> str:
+    """The open_clip architecture name for ``model``: an alias (``tiny`` → ``treeprobe-tiny``),
+    a config ``.json`` file (registered under its file stem), else ``model`` unchanged.
+
+    >>> resolve_model_name("tiny")
+    'treeprobe-tiny'
     """
     import open_clip
 
+    _register_bundled_configs()
+    model = MODEL_ALIASES.get(model, model)
+    if model.endswith(".json") and os.path.isfile(model):
+        open_clip.add_model_config(Path(model))
+        return Path(model).stem
+    return model
+
+
+@contextlib.contextmanager
+def _init_rng(seed: int | None):
+    """Random init from ``seed`` under a forked CPU RNG (the global state is left alone);
+    ``seed=None``: from the global torch RNG as the caller seeded it (and advancing it)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check_pretrained_tag(name: str, tag: str) -> None:
+    import open_clip
+
+    if not open_clip.get_pretrained_cfg(name, tag):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise TreeprobeError(
+            f"unknown pretrained tag {tag!r} for {name} (neither a file nor an open_clip tag); "
+            f"known tags: {', '.join(tags) or 'none'}"
+        )
+
+
+def _download_tag(name: str, tag: str, cache_dir: str | None, hint: str) -> str:
+    """Path of the weights file of ``name``/``tag``, downloaded into open_clip's cache if needed."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained
+
+    with hub_guard(f"pretrained weights {name}/{tag}", hint=hint):
+        return download_pretrained(open_clip.get_pretrained_cfg(name, tag), cache_dir=cache_dir)
+
+
+def _final_cfg(model_id: str, model_cfg: dict | None, image_size: int | None) -> dict:
+    import open_clip
+
+    cfg = dict(model_cfg if model_cfg is not None else (open_clip.get_model_config(model_id) or {}))
+    if image_size is not None and "vision_cfg" in cfg:
+        cfg["vision_cfg"] = {**cfg["vision_cfg"], "image_size": image_size}
+    return cfg
+
+
+def create_model(model: str | None = None, *, model_cfg: dict | None = None, preprocess_cfg: dict | None = None,
+                 pretrained: str | None = None, image_size: int | None = None, precision: str = "fp32",
+                 device="cpu", cache_dir: str | None = None, seed: int | None = RANDOM_INIT_SEED,
+                 output_dict: bool | None = None, pretrained_text: bool = False, label: str | None = None,
+                 hint: str = _LOCAL_HINT) -> OpenClipModel:
+    """Build one open_clip model (see :class:`OpenClipModel`); the factory of analysis and training.
+
+    model: architecture (open_clip name, alias ``tiny``, config ``.json`` path, ``hf-hub:`` id);
+        or model_cfg: a config dict (+ optional preprocess_cfg), built through open_clip's
+        ``local-dir:`` route. pretrained: an open_clip tag (downloaded, offline → one-line
+        :class:`TreeprobeError` ending with ``hint``) or a local weights file. image_size: open_clip
+        ``force_image_size`` (pixels). seed: random init from this seed under a forked RNG
+        (``None``: from the global torch RNG). output_dict / pretrained_text: as open_clip's
+        (``pretrained_text`` fetches the base weights of a Hugging Face text tower when no CLIP
+        weights are loaded). label: the name used in error messages.
+    """
+    import open_clip
+
+    if model_cfg is not None:
+        return _create_from_cfg(model_cfg, preprocess_cfg=preprocess_cfg, precision=precision, device=device,
+                                seed=seed, label=label or model or "custom", image_size=image_size,
+                                output_dict=output_dict)
+    if not model:
+        raise TreeprobeError("no architecture given: pass an open_clip name, 'tiny' or a config .json")
+    name = resolve_model_name(model)
+    hub = name.startswith(HF_HUB_PREFIX)
+    if not hub and not name.startswith(LOCAL_DIR_PREFIX):
+        _check_arch_name(name)
+    tag = pretrained if pretrained and not os.path.isfile(pretrained) else None
+    if tag:
+        _check_pretrained_tag(name, tag)
+    weights_file = _download_tag(name, tag, cache_dir, hint) if tag else pretrained or None
+    kwargs = dict(pretrained=pretrained or None, precision=precision, device=device, force_image_size=image_size,
+                  cache_dir=cache_dir, output_dict=output_dict, pretrained_image=False,
+                  pretrained_text=pretrained_text)
+    # open_clip's own path for tags (served from the cache now): it applies the tag's
+    # preprocessing and warns on a QuickGELU mismatch, so warnings are not silenced there
+    guard = hub_guard(name if hub else f"pretrained weights {name}/{tag}", quiet=hub, hint=hint) \
+        if hub or tag else _build_errors(label or name, pretrained)
+    with guard, _quiet_open_clip(), _init_rng(seed):
+        net, pre_train, pre_val = open_clip.create_model_and_transforms(name, **kwargs)
+        cfg = _final_cfg(name, None, image_size)  # inside the guard: an hf-hub config comes from the hub
+    return OpenClipModel(model=net, preprocess_train=pre_train, preprocess_val=pre_val, name=name, model_cfg=cfg,
+                         embed_dim=_embed_dim(net, cfg), weights_file=weights_file)
+
+
+def _create_from_cfg(model_cfg: dict, *, preprocess_cfg, precision, device, seed, label, image_size,
+                     output_dict) -> OpenClipModel:
+    """:func:`create_model` from a config dict: a temporary ``local-dir:`` folder holding
+    ``open_clip_config.json`` (no weights in it)."""
+    import open_clip
+
+    with _build_errors(label), _quiet_open_clip(), _init_rng(seed), \
+            tempfile.TemporaryDirectory(prefix="treeprobe-cfg-") as tmp:
+        with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
+            json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}, f)
+        net, pre_train, pre_val = open_clip.create_model_and_transforms(
+            f"{LOCAL_DIR_PREFIX}{tmp}", pretrained=None, load_weights=False, precision=precision, device=device,
+            force_image_size=image_size, output_dict=output_dict, pretrained_image=False, pretrained_text=False,
+        )
+    cfg = _final_cfg("", model_cfg, image_size)
+    return OpenClipModel(model=net, preprocess_train=pre_train, preprocess_val=pre_val, name=label, model_cfg=cfg,
+                         embed_dim=_embed_dim(net, cfg))
+
+
+@contextlib.contextmanager
+def _build_errors(label: str, weights: str | None = None):
+    """Bad configs (and weights files) fail in many ways inside open_clip: one TreeprobeError line."""
     try:
-        with _quiet_open_clip(), torch.random.fork_rng(devices=[]), contextlib.ExitStack() as stack:
-            torch.manual_seed(0)
-            if model_cfg is not None:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="treeprobe-cfg-"))
-                with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
-                    json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}, f)
-                model_id = f"local-dir:{tmp}"
-                embed_dim = model_cfg.get("embed_dim")
-            else:
-                model_id = name
-                embed_dim = (open_clip.get_model_config(name) or {}).get("embed_dim")
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_id, pretrained=None, load_weights=False, precision=precision, device=device,
-                pretrained_image=False, pretrained_text=False,
-            )
+        yield
     except TreeprobeError:
         raise
-    except Exception as e:  # noqa: BLE001 - bad configs fail in many ways inside open_clip
-        raise TreeprobeError(f"cannot build architecture {label}: {_one_line(e)}") from None
-    embed_dim = getattr(model.visual, "output_dim", None) or embed_dim
-    return model.eval(), preprocess, int(embed_dim)
+    except Exception as e:  # noqa: BLE001
+        what = f"architecture {label}" + (f" with the weights of {weights}" if weights else "")
+        raise TreeprobeError(f"cannot build {what}: {one_line(e)}") from None
+
+
+def _embed_dim(net: torch.nn.Module, cfg: dict) -> int:
+    return int(getattr(getattr(net, "visual", None), "output_dim", None) or cfg.get("embed_dim") or 0)
+
+
+def _build(name: str | None, model_cfg: dict | None, preprocess_cfg: dict | None, *,
+           precision: str, device: str, label: str):
+    """Seeded random init for inference: (model in eval mode, inference transform, embed_dim)."""
+    built = create_model(name, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg, precision=precision,
+                         device=device, label=label)
+    return built.model.eval(), built.preprocess_val, built.embed_dim
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -241,14 +408,14 @@ def _torch_load(path: str, trust: bool = False):
         return load(True), True
     except RuntimeError as e:
         if "TorchScript" not in str(e):
-            raise TreeprobeError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
+            raise TreeprobeError(f"cannot read checkpoint {path}: {one_line(e)}") from None
         raise TreeprobeError(
             f"checkpoint {path} is a TorchScript archive (like OpenAI's original release); "
             f"load it with --model NAME --pretrained openai, or re-save its state_dict()"
         ) from None
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():
-            raise TreeprobeError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
+            raise TreeprobeError(f"cannot read checkpoint {path}: {one_line(e)}") from None
         if not trust:
             raise TreeprobeError(
                 f"checkpoint {path} holds Python objects beyond tensors, and unpickling them would run code "
@@ -260,11 +427,11 @@ def _torch_load(path: str, trust: bool = False):
             stacklevel=3,
         )
     except Exception as e:  # noqa: BLE001
-        raise TreeprobeError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
+        raise TreeprobeError(f"cannot read checkpoint {path}: {one_line(e)}") from None
     try:
         return load(False), False
     except Exception as e:  # noqa: BLE001
-        raise TreeprobeError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
+        raise TreeprobeError(f"cannot read checkpoint {path}: {one_line(e)}") from None
 
 
 def _strip_module(sd: dict) -> dict:
@@ -283,7 +450,7 @@ def _read_checkpoint(path: str, trust: bool = False):
             with safe_open(path, framework="pt") as f:
                 meta = dict(f.metadata() or {})
         except Exception as e:  # noqa: BLE001
-            raise TreeprobeError(f"cannot read safetensors checkpoint {path}: {_one_line(e)}") from None
+            raise TreeprobeError(f"cannot read safetensors checkpoint {path}: {one_line(e)}") from None
         out = {}
         if meta.get("model_name"):
             out["model_name"] = meta["model_name"]
@@ -332,7 +499,7 @@ def _mismatch_error(path: str, arch: str, model: torch.nn.Module, sd: dict | Non
         parts.append(f"{len(shape)} with the wrong shape (e.g. {k}: checkpoint "
                      f"{tuple(sd[k].shape)} vs model {tuple(want[k].shape)})")
     if cause is not None and not (missing or unexpected or shape):
-        parts.append(_one_line(cause, 200))
+        parts.append(one_line(cause, 200))
     return TreeprobeError(
         f"checkpoint {path} does not match architecture {arch}: " + "; ".join(parts)
     )
@@ -376,15 +543,13 @@ def _load_from_file(path, model_name, precision, device, hub_cfg=None, source=No
             raise TreeprobeError(
                 f"checkpoint {path} has no architecture; pass --model NAME, e.g. ViT-B-16"
             )
-        _check_arch_name(name)
         arch_label = name
     if model_name and ck_name and model_name != ck_name:
         warnings.warn(
             f"checkpoint {path} was saved for {ck_name}; ignoring model={model_name!r}", stacklevel=3
         )
-    model, preprocess, embed_dim = _build(
-        None if cfg is not None else name, cfg, meta.get("preprocess_cfg"), precision, device, arch_label
-    )
+    model, preprocess, embed_dim = _build(None if cfg is not None else name, cfg, meta.get("preprocess_cfg"),
+                                          precision=precision, device=device, label=arch_label)
     _load_weights(model, path, arch_label, sd, weights_only)
     return LoadedModel(model=model.eval(), preprocess=preprocess, model_name=name,
                        digest=sha256_file(path), source=source or path, embed_dim=embed_dim,
@@ -404,7 +569,7 @@ def _load_from_hub(hub_id: str, precision: str, device: str) -> LoadedModel:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise TreeprobeError(f"bad open_clip_config.json for {hub_id}: {_one_line(e)}") from None
+        raise TreeprobeError(f"bad open_clip_config.json for {hub_id}: {one_line(e)}") from None
     hub_cfg = {"model_cfg": config.get("model_cfg", config), "model_name": f"{HF_HUB_PREFIX}{repo}"}
     if config.get("preprocess_cfg"):
         hub_cfg["preprocess_cfg"] = config["preprocess_cfg"]
@@ -413,41 +578,23 @@ def _load_from_hub(hub_id: str, precision: str, device: str) -> LoadedModel:
 
 
 def _load_from_tag(name: str, tag: str, precision: str, device: str) -> LoadedModel:
-    import open_clip
-    from open_clip.pretrained import download_pretrained
-
-    _check_arch_name(name)
-    pcfg = open_clip.get_pretrained_cfg(name, tag)
-    if not pcfg:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        raise TreeprobeError(
-            f"unknown pretrained tag {tag!r} for {name}; known tags: {', '.join(tags) or 'none'}"
-        )
-    what = f"pretrained weights {name}/{tag}"
-    with hub_guard(what):
-        weights_path = download_pretrained(pcfg)
-    # open_clip's own tag path, now served from the cache: it applies the tag's preprocessing
-    # and warns on a QuickGELU mismatch (so warnings are not silenced here)
-    with hub_guard(what, quiet=False):
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=tag, precision=precision, device=device
-        )
-    embed_dim = getattr(model.visual, "output_dim", None) or open_clip.get_model_config(name)["embed_dim"]
-    return LoadedModel(model=model.eval(), preprocess=preprocess, model_name=name,
-                       digest=sha256_file(weights_path), source=f"open_clip:{name}/{tag}",
-                       embed_dim=int(embed_dim), precision=precision)
+    built = create_model(name, pretrained=tag, precision=precision, device=device)
+    return LoadedModel(model=built.model.eval(), preprocess=built.preprocess_val, model_name=name,
+                       digest=sha256_file(built.weights_file), source=f"open_clip:{name}/{tag}",
+                       embed_dim=built.embed_dim, precision=precision)
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def load_model(ckpt=None, model: str | None = None, pretrained: str | None = None,
+def load_model(ckpt=None, model: str | None = None, pretrained: str | None = None, *,
                device: str = "cpu", precision: str = "fp32", trust_checkpoint: bool = False) -> LoadedModel:
-    """Build an open_clip model and its inference transform.
+    """Build an open_clip model and its inference transform (eval mode; see :class:`LoadedModel`).
 
     ckpt: local checkpoint (.pt/.pth/.bin torch file or .safetensors) or ``hf-hub:org/repo``.
-    model: open_clip architecture name (``ViT-B-16``) or ``hf-hub:org/repo``; needed with
-        ``ckpt`` only when the checkpoint does not name its architecture.
+    model: open_clip architecture name (``ViT-B-16``, the alias ``tiny``, a config .json) or
+        ``hf-hub:org/repo``; needed with ``ckpt`` only when the checkpoint does not name its
+        architecture.
     pretrained: open_clip pretrained tag (``openai``) or a checkpoint path, with ``model``.
     device: torch device string; precision: one of :data:`PRECISIONS`.
     trust_checkpoint: allow unpickling non-tensor objects of a torch checkpoint (runs its code).
@@ -463,6 +610,8 @@ def load_model(ckpt=None, model: str | None = None, pretrained: str | None = Non
         if ckpt:
             raise TreeprobeError(f"pass either a checkpoint file or {model}, not both")
         return _load_from_hub(model, precision, device)
+    if model:
+        model = resolve_model_name(model)
     if ckpt:
         return _load_from_file(ckpt, model, precision, device, trust=trust_checkpoint)
     if model and pretrained:
@@ -470,8 +619,7 @@ def load_model(ckpt=None, model: str | None = None, pretrained: str | None = Non
             return _load_from_file(pretrained, model, precision, device, trust=trust_checkpoint)
         return _load_from_tag(model, pretrained, precision, device)
     if model:
-        _check_arch_name(model)
-        net, preprocess, embed_dim = _build(model, None, None, precision, device, model)
+        net, preprocess, embed_dim = _build(model, None, None, precision=precision, device=device, label=model)
         return LoadedModel(model=net, preprocess=preprocess, model_name=model,
                            digest=f"random-init-{model}", source="random-init",
                            embed_dim=embed_dim, precision=precision)

@@ -13,55 +13,33 @@ dot product of unit vectors (cosine similarity in [-1, 1]; cosine distance = 1 -
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import numpy as np
 import pandas as pd
 
+from treeprobe._utils import l2_normalise, numba_enabled
+from treeprobe._validation import check_codes, check_embeddings, check_int
 from treeprobe.errors import TreeprobeError
 
-__all__ = ["l2_normalise", "knn_indices", "knn_rank_agreement"]
+__all__ = ["knn_indices", "knn_rank_agreement", "DEFAULT_BLOCK_SIZE"]
 
-
-def row_norms(X, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
-    """``(finite, norms)`` of the rows of ``X`` (N, D): whether every value of a row is finite,
-    and its L2 norm (``np.linalg.norm``'s values; 0 where not finite), computed in row chunks
-    so no N x D temporary is made (2 GB at 1M x 512 float32)."""
-    X = np.asarray(X)
-    finite = np.empty(X.shape[0], dtype=bool)
-    norms = np.zeros(X.shape[0], dtype=np.result_type(X.dtype, np.float32))
-    for a in range(0, X.shape[0], chunk):
-        block = X[a:a + chunk]
-        ok = np.isfinite(block).all(axis=1)
-        finite[a:a + chunk] = ok
-        norms[a:a + chunk][ok] = np.linalg.norm(block[ok], axis=1)
-    return finite, norms
-
-
-def l2_normalise(X, dtype=None) -> np.ndarray:
-    """Return ``X / ||X||`` row-wise as a new float array, shape (N, D).
-
-    Float32 input stays float32 (other input becomes float64 unless ``dtype`` is given).
-    Raises :class:`TreeprobeError` for a non-2-D array, non-finite values or a zero row
-    (cosine geometry is undefined for a zero vector).
-    """
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise TreeprobeError(f"embeddings must be a 2-D array (N, D); got shape {X.shape}")
-    if dtype is None:
-        dtype = np.float32 if X.dtype == np.float32 else np.float64
-    X = X.astype(dtype, copy=True)
-    finite, norms = row_norms(X)
-    if not finite.all():
-        raise TreeprobeError(f"embeddings contain NaN or infinite values ({int((~finite).sum())} rows)")
-    zero = np.flatnonzero(norms == 0)
-    if zero.size:
-        raise TreeprobeError(
-            f"{zero.size} embedding rows are all zeros (first: row {zero[0]}); "
-            "cosine similarity is undefined for them"
-        )
-    X /= norms[:, None]
-    return X
+#: Rows and columns per similarity block of :func:`knn_indices`: 2 × 4096² float32 = 128 MB of
+#: blocks, large enough that the float32 matrix products run at full BLAS speed.
+DEFAULT_BLOCK_SIZE = 4096
+# Blocks with fewer entries than this go to the serial numba kernels: launching the parallel
+# threads costs more than scanning 65,536 similarities.
+_PARALLEL_MIN = 1 << 16
+# Above this share of a block's entries beating their row's threshold, the numpy fallback merges
+# the whole block into the buffers (the first block a row sees), below it only the hits.
+_DENSE_FRACTION = 0.25
+# Columns per float64 chunk when a float32 X is cast for exact products (65,536 × 512 × 8 B = 256 MB).
+_F64_COLUMN_CHUNK = 1 << 16
+# Float64 similarities per block of the exact full-row fallback (16M × 8 B = 128 MB).
+_EXACT_BLOCK_ELEMENTS = 1 << 24
+# Float64 values per chunk of the candidate re-scoring (4M × 8 B = 32 MB per operand).
+_RESCORE_ELEMENTS = 1 << 22
 
 
 # float32 rounding bound for a dot product of two unit vectors of dimension D, any summation
@@ -107,7 +85,7 @@ class _TopBuffer:
         total = int(counts.sum())
         if total == 0:
             return
-        if total > 0.25 * S.size:  # dense: e.g. the first block a row sees
+        if total > _DENSE_FRACTION * S.size:  # dense: e.g. the first block a row sees
             rows = np.arange(b)
             new_vals = S
             new_idx = np.broadcast_to(np.arange(c0, c0 + c, dtype=np.int64), (b, c))
@@ -140,24 +118,22 @@ class _TopBuffer:
         self.thr[g] = all_vals.min(axis=1)
 
 
-_NUMBA_KERNELS: list = []  # [(rows, cols, rows_serial, cols_serial) or None], filled on first use
-_PARALLEL_MIN = 1 << 16  # smaller blocks use the serial kernels (thread launch costs more)
-USE_NUMBA = True  # numba (a umap-learn dependency) scans the blocks in parallel; False: numpy only
+@functools.lru_cache(maxsize=None)
+def _load_numba_kernels():
+    """(rows, cols, rows_serial, cols_serial) of :mod:`treeprobe._knn_kernels`, or None without numba."""
+    try:
+        from treeprobe import _knn_kernels
+    except ImportError:  # pragma: no cover - numba comes with umap-learn
+        return None
+    return (_knn_kernels.offer_rows, _knn_kernels.offer_cols,
+            _knn_kernels.offer_rows_serial, _knn_kernels.offer_cols_serial)
 
 
 def _numba_kernels():
-    """The numba top-k kernels of :mod:`treeprobe._knn_kernels`, or None (numpy fallback)."""
-    if not USE_NUMBA:
-        return None
-    if not _NUMBA_KERNELS:
-        try:
-            from treeprobe import _knn_kernels
-        except ImportError:  # pragma: no cover - numba comes with umap-learn
-            _NUMBA_KERNELS.append(None)
-        else:
-            _NUMBA_KERNELS.append((_knn_kernels.offer_rows, _knn_kernels.offer_cols,
-                                   _knn_kernels.offer_rows_serial, _knn_kernels.offer_cols_serial))
-    return _NUMBA_KERNELS[0]
+    """The numba top-k kernels (numba, a umap-learn dependency, scans the blocks in parallel), or
+    None for the numpy fallback: numba missing, or ``TREEPROBE_NO_NUMBA`` set
+    (:func:`treeprobe._utils.numba_enabled`). The results are the same either way."""
+    return _load_numba_kernels() if numba_enabled() else None
 
 
 def _gemm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -167,7 +143,7 @@ def _gemm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return A @ B.T
 
 
-def _f64_products(X: np.ndarray, rows: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+def _f64_products(X: np.ndarray, rows: np.ndarray, chunk: int = _F64_COLUMN_CHUNK) -> np.ndarray:
     """``X[rows] @ X.T`` in float64, (len(rows), N), casting ``X`` chunk by chunk (no
     float64 copy of the whole of a float32 ``X``)."""
     A = X[rows].astype(np.float64)
@@ -182,7 +158,7 @@ def _exact_rows(X: np.ndarray, rows: np.ndarray, k: int, block_size: int):
     n = X.shape[0]
     out_idx = np.empty((rows.size, k), dtype=np.int64)
     out_sim = np.empty((rows.size, k), dtype=np.float64)
-    step = max(1, min(rows.size, (1 << 24) // max(n, 1)))
+    step = max(1, min(rows.size, _EXACT_BLOCK_ELEMENTS // max(n, 1)))
     for a in range(0, rows.size, step):
         rr = rows[a:a + step]
         S = _f64_products(X, rr)

@@ -15,11 +15,23 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from treeprobe._utils import MANTEL_FIGURE_PAIRS
+from treeprobe._utils import RANKS as _RANK_ORDER
 from treeprobe.errors import TreeprobeError
 
-__all__ = ["plot_rank_maps", "plot_rank_metrics", "plot_mantel_scatter", "save_figure"]
+__all__ = ["plot_rank_maps", "plot_rank_metrics", "plot_mantel_scatter", "save_figure", "DisplayFigure"]
 
-from treeprobe.taxonomy import RANKS as _RANK_ORDER
+
+class DisplayFigure(Figure):
+    """A matplotlib Figure that Jupyter shows inline as PNG (no pyplot state, any backend)."""
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100)
+        return buf.getvalue()
+
 _OTHER_GREY = "#c8c8c8"
 
 
@@ -44,10 +56,10 @@ def _grid(n: int, max_cols: int) -> tuple[int, int]:
 def plot_rank_maps(
     coords,
     labels_by_rank: Mapping[str, np.ndarray],
+    *,
     top_n: int = 10,
     title: str = "",
     method_name: str = "t-SNE",
-    *,
     n_total: int | None = None,
     max_cols: int = 2,
 ) -> Figure:
@@ -76,7 +88,7 @@ def plot_rank_maps(
     if not ranks:
         raise TreeprobeError("plot_rank_maps needs at least one rank of labels")
     nrows, ncols = _grid(len(ranks), max_cols)
-    fig = Figure(figsize=(7.0 * ncols, 5.0 * nrows), layout="constrained")
+    fig = DisplayFigure(figsize=(7.0 * ncols, 5.0 * nrows), layout="constrained")
     size = float(np.clip(4000.0 / max(n, 1), 0.5, 16.0))
     colours = _palette(top_n)
     for i, rank in enumerate(ranks):
@@ -119,7 +131,7 @@ def _rank_positions(ranks) -> tuple[list[str], dict[str, int]]:
     return ordered, {r: i for i, r in enumerate(ordered)}
 
 
-def plot_rank_metrics(df: pd.DataFrame, knn_df: pd.DataFrame | None = None, title: str = "") -> Figure:
+def plot_rank_metrics(df: pd.DataFrame, knn_df: pd.DataFrame | None = None, *, title: str = "") -> Figure:
     """Per-rank scores vs their chance values, ranks on the x axis (kingdom -> species).
 
     ``df`` and the optional ``knn_df`` are tidy frames with a ``rank`` column, e.g. from
@@ -140,7 +152,7 @@ def plot_rank_metrics(df: pd.DataFrame, knn_df: pd.DataFrame | None = None, titl
                 break
     if not panels:
         raise TreeprobeError("plot_rank_metrics: no (purity|nmi|agreement) and chance columns found")
-    fig = Figure(figsize=(4.2 * len(panels), 3.8), layout="constrained")
+    fig = DisplayFigure(figsize=(4.2 * len(panels), 3.8), layout="constrained")
     colours = _palette(10)
     for j, (obs, ch, name, f) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), j + 1)
@@ -167,9 +179,9 @@ def plot_rank_metrics(df: pd.DataFrame, knn_df: pd.DataFrame | None = None, titl
 def plot_mantel_scatter(
     d_embed,
     d_tree,
-    max_points: int = 20000,
-    seed: int = 0,
     *,
+    max_points: int = MANTEL_FIGURE_PAIRS,
+    seed: int = 0,
     max_groups: int = 40,
     title: str = "",
 ) -> Figure:
@@ -202,7 +214,7 @@ def plot_mantel_scatter(
         else:
             idx = rng.choice(total, size=int(max_points), replace=False)
         d_embed, d_tree = d_embed[idx], d_tree[idx]
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    fig = DisplayFigure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     if boxes:
         data = [d_embed[d_tree == v] for v in values]

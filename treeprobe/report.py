@@ -20,6 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from treeprobe._utils import atomic_write, atomic_write_text
+
+__all__ = ["Report", "write_report", "write_figures", "load_report", "render_markdown"]
+
 
 @dataclass
 class Report:
@@ -45,6 +49,32 @@ class Report:
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["item", "reason"]))
     mantel_sample: dict | None = None  # condensed (d_embed, d_tree) sample for the Mantel figure
     items: pd.DataFrame | None = None  # the analysed items (path, ranks, covariates), row i ↔ labels i
+
+    @classmethod
+    def from_data(cls, data) -> "Report":
+        """The report of what the tools stored in a :class:`~treeprobe.core.TreeData` (see :mod:`treeprobe.tl`).
+
+        Tables a tool has not produced are empty; ``skipped`` lists the inputs set aside and, with a
+        user tree, the items whose species is not on it.
+        """
+        uns = data.uns
+        maps = {}
+        for name in ("tsne", "umap"):
+            if f"X_{name}" in data.obsm:
+                full = data.obsm[f"X_{name}"]
+                index = np.flatnonzero(np.isfinite(full).all(axis=1))
+                info = {k: uns.get(name, {}).get(k) for k in ("subsampled", "title")}
+                maps[name] = dict(coords=full[index], index=index, info=info)
+        frame = lambda key: uns[key] if key in uns else pd.DataFrame()  # noqa: E731
+        tax = data.taxonomy
+        skipped = [s for s in (data.skipped, uns.get("mantel_not_in_tree")) if s is not None and len(s)]
+        return cls(
+            mantel=frame("mantel"), clustering=frame("clustering"), knn=frame("knn"),
+            rank_summary=tax.rank_summary(), maps=maps, labels_by_rank=tax.labels_by_rank(),
+            provenance=dict(uns.get("provenance", {})),
+            skipped=pd.concat(skipped, ignore_index=True) if skipped else pd.DataFrame(columns=["item", "reason"]),
+            mantel_sample=uns.get("mantel_pairs"), items=data.items,
+        )
 
     @property
     def n_items(self) -> int:
@@ -127,12 +157,6 @@ def _jsonable(obj):
     return obj
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _fmt(x, nd=3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
@@ -196,7 +220,7 @@ def render_markdown(report: Report, figures: dict[str, str] | None = None) -> st
     return "\n".join(lines)
 
 
-def write_report(report: Report, out_dir: str | os.PathLike, figures: bool = True) -> dict[str, str]:
+def write_report(report: Report, out_dir: str | os.PathLike, *, figures: bool = True) -> dict[str, str]:
     """Write report.json, per_rank.csv, figures/ and report.md into ``out_dir``; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,27 +228,25 @@ def write_report(report: Report, out_dir: str | os.PathLike, figures: bool = Tru
     fig_paths: dict[str, str] = {}
     if figures:
         fig_paths = write_figures(report, out / "figures")
-    _atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, allow_nan=False))
+    atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, allow_nan=False))
     paths["json"] = str(out / "report.json")
-    tmp = out / ".items.csv.tmp"
-    report.items_table().to_csv(tmp, index=False)
-    os.replace(tmp, out / "items.csv")
+    atomic_write_text(out / "items.csv", report.items_table().to_csv(index=False), fsync=False)
     paths["items_csv"] = str(out / "items.csv")
     if report.mantel_sample is not None:
-        np.savez_compressed(out / "mantel_pairs.npz", **report.mantel_sample)
+        atomic_write(out / "mantel_pairs.npz", lambda f: np.savez_compressed(f, **report.mantel_sample), fsync=False)
     per_rank = report.per_rank()
-    tmp = out / ".per_rank.csv.tmp"
-    per_rank.to_csv(tmp, index=False)
-    os.replace(tmp, out / "per_rank.csv")
+    atomic_write_text(out / "per_rank.csv", per_rank.to_csv(index=False), fsync=False)
     paths["per_rank_csv"] = str(out / "per_rank.csv")
     rel = {k: os.path.relpath(v, out) for k, v in fig_paths.items()}
-    _atomic_write_text(out / "report.md", render_markdown(report, rel))
+    atomic_write_text(out / "report.md", render_markdown(report, rel))
     paths["markdown"] = str(out / "report.md")
     paths.update({f"figure:{k}": v for k, v in fig_paths.items()})
     return paths
 
 
 def write_figures(report: Report, fig_dir: Path) -> dict[str, str]:
+    """Draw the report's maps, per-rank scores and Mantel distance plot into ``fig_dir`` (PNG + PDF);
+    returns figure title → PNG path."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -254,7 +276,8 @@ def load_report(out_dir: str | os.PathLike) -> Report:
     """Read a folder written by :func:`write_report` back into a :class:`Report` (tables, maps,
     labels, provenance), e.g. to redraw its figures."""
     from treeprobe.errors import TreeprobeError
-    from treeprobe.taxonomy import RANKS, Taxonomy
+    from treeprobe._utils import RANKS
+    from treeprobe.taxonomy import Taxonomy
 
     out = Path(out_dir)
     if not (out / "report.json").exists():

@@ -1,11 +1,11 @@
-"""The bundled demo checkpoint (treeprobe/assets/demo_clip.pt, built by `python -m training.demo`)."""
+"""The bundled demo checkpoint (treeprobe/assets/demo_clip.pt, built by `python -m treeprobe.training.demo`)."""
 
-from pathlib import Path
+from tests._paths import REPO
 
 import numpy as np
 import pytest
 
-ASSET = Path(__file__).resolve().parents[1] / "treeprobe" / "assets" / "demo_clip.pt"
+ASSET = REPO / "treeprobe" / "assets" / "demo_clip.pt"
 
 pytestmark = pytest.mark.skipif(not ASSET.is_file(), reason="demo checkpoint not built")
 
@@ -26,8 +26,8 @@ def test_demo_checkpoint_embeds_held_out_synthetic_images_by_genus(tmp_path):
     from treeprobe.synthetic_images import write_image_folder
     from treeprobe.taxonomy import Taxonomy
 
-    from training.data import load_items
-    from training.evaluate import embed_images
+    from treeprobe.training.data import load_items
+    from treeprobe.training.evaluate import embed_images
 
     world = simulate_world(seed=0)
     write_image_folder(world, tmp_path, image_size=32, seed=7)  # renders the training never saw

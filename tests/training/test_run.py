@@ -11,26 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.cli import main
-from training.engine import create_model
+from treeprobe.training.cli import main
+from treeprobe.models import create_model
 
-REPO = Path(__file__).resolve().parents[1]
-PHOTOS_CSV = REPO.parent / "shared" / "data" / "multikingdom_photos_index" / "metadata.csv"
+from tests.training._common import PHOTOS_CSV, REPO
+from tests.training._common import same as _same
+from tests.training._common import train_args as _args
+from tests.training._common import weights as _weights
 
 pytestmark = pytest.mark.skipif(not PHOTOS_CSV.is_file(), reason="shared photos not available")
-
-
-def _args(out, *extra, limit=16, batch=8, epochs=1):
-    return ["--data", str(PHOTOS_CSV), "--limit", str(limit), "--batch-size", str(batch), "--epochs", str(epochs),
-            "--model", "tiny", "--out", str(out), "--no-progress", "-q", "--warmup", "1", *extra]
-
-
-def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def _same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_step_run_checkpoint_loads_in_treeprobe(tmp_path):
@@ -72,7 +61,7 @@ def test_sigterm_saves_a_checkpoint_equal_to_a_stop_at_that_step(tmp_path):
     out = tmp_path / "term"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # same thread count in both processes: it fixes the float reduction order
-    cmd = [sys.executable, "-m", "training", *_args(out, "--log-every", "1", "--threads", "2", limit=64, batch=2)]
+    cmd = [sys.executable, "-m", "treeprobe.training", *_args(out, "--log-every", "1", "--threads", "2", limit=64, batch=2)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = out / "log.jsonl"
     deadline = time.time() + 50
@@ -106,5 +95,16 @@ def test_pretrained_local_file_initialises_the_model(tmp_path):
     assert main(_args(tmp_path / "second", "--pretrained", str(init), "--lr", "0", "--max-steps", "1")) == 0
     started = _weights(init)  # one trained step away from the seed's random init
     assert _same(_weights(tmp_path / "second" / "checkpoints" / "step_1.pt"), started)
-    fresh = create_model("tiny")[0].state_dict()  # had --pretrained been ignored (same seed, lr 0)
+    fresh = create_model("tiny", seed=0).model.state_dict()  # had --pretrained been ignored (same seed, lr 0)
     assert not _same({k: fresh[k] for k in started}, started)
+
+
+def test_training_starts_from_the_same_init_as_load_model(tmp_path):
+    # one factory: a run with lr 0 (seed 0) saves exactly the weights load_model(model="tiny")
+    # builds; a training-only way of building models would drift from the analysed one
+    from treeprobe.models import load_model
+
+    out = tmp_path / "lr0"
+    assert main(["--data", "synthetic", "--train-num-samples", "8", "--batch-size", "4", "--lr", "0",
+                 "--max-steps", "1", "--seed", "0", "--no-progress", "-q", "--out", str(out)]) == 0
+    assert _same(_weights(out / "checkpoints" / "step_1.pt"), load_model(model="tiny").model.state_dict())

@@ -5,10 +5,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from training.text import (TEXT_TYPES, all_captions, make_caption, scientific_name, split_binomial,
+from tests._paths import SHARED_DATA
+from treeprobe.errors import TreeprobeError
+
+from treeprobe.training.text import (TEXT_TYPES, all_captions, make_caption, scientific_name, split_binomial,
                            taxonomic_name, text_type_for_step)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = SHARED_DATA
 PHOTOS_CSV = SHARED / "multikingdom_photos_index" / "metadata.csv"
 TOL_CSV = SHARED / "tol200m_bioclip2_embeddings_1k" / "metadata.csv"
 COLS = ["kingdom", "phylum", "class", "order", "family", "genus", "species", "common_name"]
@@ -97,5 +100,5 @@ def test_mixed_is_repeatable_and_covers_all_types():
     assert a == b and a != c
     assert set(a) == set(TEXT_TYPES)
     assert text_type_for_step("scientific", 5) == "scientific"
-    with pytest.raises(ValueError):
+    with pytest.raises(TreeprobeError, match="unknown text type 'latin'"):
         text_type_for_step("latin", 0)

@@ -7,11 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from training.cli import main
-from training.text import TEXT_TYPES, all_captions
+from treeprobe.training.cli import main
+from treeprobe.training.text import TEXT_TYPES, all_captions
 
-REPO = Path(__file__).resolve().parents[1]
-PHOTOS_CSV = REPO.parent / "shared" / "data" / "multikingdom_photos_index" / "metadata.csv"
+from tests.training._common import PHOTOS_CSV, REPO
 
 pytestmark = pytest.mark.skipif(not PHOTOS_CSV.is_file(), reason="shared photos not available")
 

@@ -7,11 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from training.data import build_map_data, load_items, seeded_transform
-from training.engine import create_model
+from treeprobe.training.data import build_map_data, load_items, seeded_transform
+from treeprobe.models import create_model
 
-REPO = Path(__file__).resolve().parents[1]
-PHOTOS_CSV = REPO.parent / "shared" / "data" / "multikingdom_photos_index" / "metadata.csv"
+from tests.training._common import PHOTOS_CSV, REPO
 
 pytestmark = pytest.mark.skipif(not PHOTOS_CSV.is_file(), reason="shared photos not available")
 
@@ -55,7 +54,7 @@ def test_unreadable_images_are_skipped(tmp_path):
 def test_augmentation_is_a_function_of_seed_and_leaves_global_rng_alone():
     from PIL import Image
 
-    _, pre_train, *_ = create_model("tiny")
+    pre_train = create_model("tiny").preprocess_train
     img = Image.open(_photos(1).path[0]).convert("RGB")
     torch.manual_seed(0)
     before = torch.get_rng_state()

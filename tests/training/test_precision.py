@@ -10,9 +10,12 @@ import json
 import pytest
 import torch
 
-from tests.test_training_run import PHOTOS_CSV, _args, _same, _weights
-from training.cli import main
-from training.engine import create_model
+from tests.training._common import PHOTOS_CSV
+from tests.training._common import same as _same
+from tests.training._common import train_args as _args
+from tests.training._common import weights as _weights
+from treeprobe.training.cli import main
+from treeprobe.models import create_model
 
 needs_photos = pytest.mark.skipif(not PHOTOS_CSV.is_file(), reason="shared photos not available")
 
@@ -66,8 +69,7 @@ def test_fp16_grad_scaler_state_is_saved_and_resumed(precision_runs, tmp_path):
 
 
 def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients():
-    torch.manual_seed(0)
-    model = create_model("tiny")[0]
+    model = create_model("tiny", output_dict=True).model
     blocks = list(model.visual.transformer.resblocks) + list(model.transformer.resblocks)
     calls = {"n": 0}
 
@@ -113,7 +115,7 @@ def test_resnet_tower_trains_and_warns_that_it_has_no_grad_checkpointing(tmp_pat
     path = tmp_path / "tiny-rn.json"
     path.write_text(json.dumps(cfg))
     out = tmp_path / "rn"
-    with caplog.at_level("WARNING", logger="training"):
+    with caplog.at_level("WARNING", logger="treeprobe.training"):
         assert main(["--data", "synthetic", "--train-num-samples", "8", "--batch-size", "4", "--model", str(path),
                      "--grad-checkpointing", "--out", str(out), "--no-progress", "--warmup", "1"]) == 0
     assert "has none for ResNet image towers" in caplog.text

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.cli import main
+from treeprobe.training.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-PHOTOS_CSV = REPO.parent / "shared" / "data" / "multikingdom_photos_index" / "metadata.csv"
+from tests.training._common import PHOTOS_CSV, REPO
 
 
 @pytest.mark.skipif(not PHOTOS_CSV.is_file(), reason="shared photos not available")
@@ -20,7 +19,7 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path):
     common = ["--data", str(PHOTOS_CSV), "--limit", "16", "--epochs", "2", "--no-progress", "-q",
               "--warmup", "1", "--threads", "1", "--seed", "5"]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training", *common, "--batch-size", "4",
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "treeprobe.training", *common, "--batch-size", "4",
            "--local-loss", "--gather-with-grad", "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,7 +56,7 @@ def test_sigterm_to_one_rank_stops_all_ranks_with_one_checkpoint(tmp_path):
 
     out = tmp_path / "ddp"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training", "--data", str(PHOTOS_CSV),
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "treeprobe.training", "--data", str(PHOTOS_CSV),
            "--limit", "128", "--epochs", "1", "--batch-size", "2", "--no-progress", "-q", "--warmup", "1",
            "--threads", "1", "--log-every", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -2,6 +2,8 @@
 (torchrun with 2 CPU ranks on gloo, and shards merged without a process group)."""
 
 from tests._paths import SHARED_DATA
+import argparse
+import inspect
 import os
 import shutil
 import subprocess
@@ -11,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 import treeprobe.extract as ex
+from treeprobe.data import load_data
 from treeprobe.errors import TreeprobeError
 from treeprobe.extract import cache_file_for, extract_embeddings, partial_dir_for
-from treeprobe.extract_dist import extract_distributed, main as dist_main, merge_shards, shard_bounds
+from treeprobe.extract_dist import add_subcommands, extract_distributed, main as dist_main, merge_shards, shard_bounds
 from treeprobe.models import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +88,7 @@ def test_workers_equal_no_workers(tiny, listing, reference):
 @needs_photos
 def test_resume_after_interrupt_is_identical(tmp_path, tiny, listing, reference, monkeypatch):
     paths, cache = listing[1], tmp_path / "cache"
-    real_encode = ex._encode
+    real_encode = ex.encode_batch
     calls = []
 
     def crashing(*a, **k):
@@ -93,17 +97,17 @@ def test_resume_after_interrupt_is_identical(tmp_path, tiny, listing, reference,
             raise RuntimeError("simulated crash")
         return real_encode(*a, **k)
 
-    monkeypatch.setattr(ex, "_encode", crashing)
+    monkeypatch.setattr(ex, "encode_batch", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract_embeddings(tiny, paths, batch_size=8, cache_dir=cache, chunk_batches=2, progress=False)
-    key = ex._cache_key(tiny, paths)
+    key = ex.cache_key(tiny, paths)
     pdir = partial_dir_for(cache_file_for(cache, key))
     # batches 1-2 were saved as one chunk when the 4th batch crashed; no cache file yet
     assert sorted(os.listdir(pdir)) == ["chunk-000000.npz"]
     assert not os.path.exists(cache_file_for(cache, key))
 
     calls.clear()
-    monkeypatch.setattr(ex, "_encode", lambda *a, **k: (calls.append(1), real_encode(*a, **k))[1])
+    monkeypatch.setattr(ex, "encode_batch", lambda *a, **k: (calls.append(1), real_encode(*a, **k))[1])
     res = extract_embeddings(tiny, paths, batch_size=8, cache_dir=cache, chunk_batches=2, progress=False)
     assert not res.cache_hit
     assert len(calls) == 6 - 2  # 42 paths = 6 batches of 8; only the 4 unsaved ones ran again
@@ -115,13 +119,13 @@ def test_resume_after_interrupt_is_identical(tmp_path, tiny, listing, reference,
     # an interruption in the middle of a chunk and a damaged chunk: still identical
     shutil.rmtree(cache)
     calls.clear()
-    monkeypatch.setattr(ex, "_encode", crashing)
+    monkeypatch.setattr(ex, "encode_batch", crashing)
     with pytest.raises(RuntimeError):
         extract_embeddings(tiny, paths, batch_size=8, num_workers=1, cache_dir=cache, chunk_batches=1,
                            progress=False)
     assert len(os.listdir(pdir)) == 3
     Path(pdir, "chunk-000002.npz").write_bytes(b"garbage")
-    monkeypatch.setattr(ex, "_encode", real_encode)
+    monkeypatch.setattr(ex, "encode_batch", real_encode)
     with pytest.warns(UserWarning, match="ignoring unreadable resume chunk"):
         res = extract_embeddings(tiny, paths, batch_size=8, cache_dir=cache, chunk_batches=1, progress=False)
     np.testing.assert_array_equal(res.embeddings, reference.embeddings)
@@ -154,9 +158,9 @@ def test_shards_without_process_group_then_merge(tmp_path, tiny, listing, refere
         assert extract_distributed(tiny, paths, tmp_path, rank=rank, world_size=3, batch_size=8,
                                    progress=False) is None
     with pytest.raises(TreeprobeError, match=r"1 of 3 shard files missing .*ranks 1\)"):
-        merge_shards(tiny, paths, tmp_path, 3)
+        merge_shards(tiny, paths, tmp_path, world_size=3)
     extract_distributed(tiny, paths, tmp_path, rank=1, world_size=3, batch_size=8, progress=False)
-    merge_shards(tiny, paths, tmp_path, 3)
+    merge_shards(tiny, paths, tmp_path, world_size=3)
     assert [f for f in os.listdir(tmp_path) if "shard" in f] == []
     res = extract_embeddings(tiny, paths, cache_dir=tmp_path, progress=False)
     assert res.cache_hit
@@ -169,7 +173,7 @@ def test_shards_without_process_group_then_merge(tmp_path, tiny, listing, refere
     for rank in (0, 1):
         extract_distributed(tiny, paths, bf16, rank=rank, world_size=2, autocast="bf16", batch_size=8,
                             progress=False)
-    merge_shards(tiny, paths, bf16, 2)
+    merge_shards(tiny, paths, bf16, world_size=2)
     hit = extract_embeddings(tiny, paths, cache_dir=bf16, progress=False)
     assert hit.cache_hit and hit.compute == "fp32+autocast_bf16"
     assert np.abs(hit.embeddings - reference.embeddings).max() < 0.05
@@ -206,3 +210,45 @@ def test_torchrun_two_ranks_gloo_equals_single_process(tmp_path, tiny, listing, 
     np.testing.assert_allclose(res.embeddings, reference.embeddings, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(res.ok, reference.ok)
     pd.testing.assert_frame_equal(res.failures, reference.failures)
+
+
+def test_extract_subcommand_cache_is_hit_by_extract_embeddings(tmp_path, tiny, tiny_clip_checkpoint, monkeypatch,
+                                                               capsys):
+    """`treeprobe extract` through argparse, one process. Catches: a cache key built otherwise than
+    extract_embeddings builds it (device, autocast, listing: no hit), CLI defaults that drifted
+    from the functions' (other batches: not bitwise equal), input errors printed instead of raised."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    data = tmp_path / "images"
+    species = data / "00001_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax"
+    species.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(species / f"{i}.png")
+    (species / "5.jpg").write_bytes(b"\xff\xd8 broken")
+    cache = tmp_path / "cache"
+    parser = argparse.ArgumentParser(prog="treeprobe")
+    add_subcommands(parser.add_subparsers(dest="command"))
+
+    args = parser.parse_args(["extract", "--data", str(data), "--ckpt", tiny_clip_checkpoint[0],
+                              "--cache-dir", str(cache), "--no-progress"])
+    assert args.batch_size == inspect.signature(extract_embeddings).parameters["batch_size"].default
+    assert args.func(args) == 0
+    assert "5 embeddings (1 images skipped), extracted" in capsys.readouterr().err
+    assert [f for f in os.listdir(cache) if "shard" in f or "partial" in f] == []
+
+    paths = load_data(str(data)).items["path"].tolist()
+    hit = extract_embeddings(tiny, paths, cache_dir=cache, progress=False)
+    assert hit.cache_hit
+    fresh = extract_embeddings(tiny, paths, progress=False)
+    np.testing.assert_array_equal(hit.embeddings, fresh.embeddings)
+    np.testing.assert_array_equal(hit.ok, [True] * 5 + [False])
+    pd.testing.assert_frame_equal(hit.failures, fresh.failures)
+
+    args = parser.parse_args(["extract", "--data", str(data), "--cache-dir", str(cache)])
+    with pytest.raises(TreeprobeError, match="images need a model"):
+        args.func(args)
+    # python -m treeprobe.extract_dist: the same options; an input error is one line, status 2
+    assert dist_main(["--data", str(tmp_path / "absent"), "--ckpt", tiny_clip_checkpoint[0]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("treeprobe: error: ") and err.count("\n") == 1

@@ -1,24 +1,18 @@
-"""treeprobe.models (checkpoint formats, errors, hub offline) and treeprobe.extract (real photos, cache)."""
+"""treeprobe.models: checkpoint formats, errors, hub offline, and the one model factory (create_model)."""
 
-from tests._paths import SHARED_DATA
 import json
 import os
 import time
 
-import numpy as np
 import open_clip
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 from treeprobe.errors import TreeprobeError
-from treeprobe.extract import ExtractionResult, extract_embeddings
 from treeprobe.models import LoadedModel, load_model, sha256_file
 
-MULTIKINGDOM_CSV = str(SHARED_DATA / "multikingdom_photos_index" / "metadata.csv")
-needs_photos = pytest.mark.skipif(not os.path.exists(MULTIKINGDOM_CSV), reason="shared photos missing")
 TINY_NAME = "treeprobe-tiny-test"
 
 
@@ -29,16 +23,6 @@ def tiny_registered(tmp_path_factory, tiny_clip_cfg):
     (d / f"{TINY_NAME}.json").write_text(json.dumps(tiny_clip_cfg))
     open_clip.add_model_config(d / f"{TINY_NAME}.json")
     return TINY_NAME
-
-
-@pytest.fixture(scope="module")
-def photos():
-    """20 real photos spread over the four source sets (absolute paths)."""
-    df = pd.read_csv(MULTIKINGDOM_CSV)
-    rows = df.iloc[np.linspace(0, len(df) - 1, 20).astype(int)]
-    paths = [os.path.normpath(os.path.join(os.path.dirname(MULTIKINGDOM_CSV), p)) for p in rows["path"]]
-    assert rows["source_dataset"].nunique() == 4
-    return paths
 
 
 def _pixels(n=3, seed=0):
@@ -183,87 +167,69 @@ def test_random_init_is_seeded(tiny_registered):
     torch.testing.assert_close(_embed(a, x), _embed(b, x), rtol=0, atol=0)
 
 
-# ----------------------------------------------------------------------------- extraction
+
+# ----------------------------------------------------------------------------- the one factory
 
 
-@needs_photos
-def test_extract_real_photos_with_failures_and_cache(tmp_path, photos, tiny_clip_checkpoint):
-    lm = load_model(ckpt=tiny_clip_checkpoint[0])
-    corrupt = tmp_path / "corrupt.jpg"
-    corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
-    missing = str(tmp_path / "missing.jpg")
-    paths = photos[:7] + [str(corrupt)] + photos[7:15] + [missing] + photos[15:]
-    cache = tmp_path / "cache"
-
-    res = extract_embeddings(lm, paths, batch_size=6, cache_dir=cache, progress=False)
-    assert isinstance(res, ExtractionResult) and not res.cache_hit
-    assert res.embeddings.shape == (20, 32) and res.embeddings.dtype == np.float32
-    assert res.ok.tolist() == [p not in (str(corrupt), missing) for p in paths]
-    np.testing.assert_allclose(np.linalg.norm(res.embeddings, axis=1), 1.0, atol=1e-5)
-    reasons = dict(zip(res.failures["item"], res.failures["reason"]))
-    assert set(reasons) == {str(corrupt), missing}
-    assert reasons[str(corrupt)].startswith("cannot decode image: ")
-    assert reasons[missing] == "missing file"
-    assert len(os.listdir(cache)) == 1 and os.listdir(cache)[0].endswith(".npz")
-
-    # rows follow input order: row 8 (the 9th ok path) is photos[8], embedded by hand
-    with Image.open(photos[8]) as im:
-        x = lm.preprocess(im.convert("RGB"))[None]
-    direct = torch.nn.functional.normalize(_embed(lm, x), dim=-1).numpy()[0]
-    np.testing.assert_allclose(res.embeddings[8], direct, atol=1e-5)
-    # distinct photos give distinct embeddings
-    assert np.unique(res.embeddings.round(5), axis=0).shape[0] == 20
-
-    # second call: read from the cache, model never runs
-    def boom(*a, **k):
-        raise AssertionError("model ran despite cache")
-
-    lm.model.encode_image = boom
-    again = extract_embeddings(lm, paths, batch_size=64, cache_dir=cache, progress=False)
-    assert again.cache_hit
-    np.testing.assert_array_equal(again.embeddings, res.embeddings)
-    np.testing.assert_array_equal(again.ok, res.ok)
-    pd.testing.assert_frame_equal(again.failures, res.failures)
-
-    # a changed input file changes the key: no hit
-    del lm.model.encode_image
-    os.utime(corrupt, ns=(1, 1))
-    third = extract_embeddings(lm, paths[:9], cache_dir=cache, progress=False)
-    assert not third.cache_hit and third.ok.sum() == 8
-    np.testing.assert_allclose(third.embeddings, res.embeddings[:8], atol=1e-5)  # batch-size invariant
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@needs_photos
-def test_extract_same_embeddings_from_every_format(tmp_path, photos, tiny_clip_checkpoint, tiny_clip_cfg):
-    path, sd = tiny_clip_checkpoint
-    save_file(sd, tmp_path / "w.safetensors", metadata={"model_cfg": json.dumps(tiny_clip_cfg)})
-    a = extract_embeddings(load_model(ckpt=path), photos[:4], progress=False)
-    b = extract_embeddings(load_model(ckpt=tmp_path / "w.safetensors"), photos[:4], progress=False)
-    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+def test_training_and_analysis_build_the_same_model_from_one_factory():
+    # treeprobe train draws its init from the global RNG it seeded (seed=None, dict outputs, HF
+    # text weights allowed); load_model's random init forks a seeded RNG: same seed, same weights.
+    # Two factories drifting apart (another init, config or alias) would break this.
+    from treeprobe.models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        trained_path = create_model("tiny", seed=None, output_dict=True, pretrained_text=True)
+    analysed = load_model(model="tiny")
+    assert analysed.model_name == trained_path.name == "treeprobe-tiny"
+    assert analysed.digest == "random-init-treeprobe-tiny" and analysed.embed_dim == trained_path.embed_dim == 64
+    assert _same_weights(trained_path.model, analysed.model)
+    # a checkpoint's model_cfg takes open_clip's local-dir route: the same network as the name
+    from_cfg = create_model(model_cfg=trained_path.model_cfg, label="custom")
+    assert from_cfg.name == "custom" and _same_weights(from_cfg.model, analysed.model)
 
 
-def test_extract_all_failures_errors(tmp_path, tiny_clip_checkpoint):
-    lm = load_model(ckpt=tiny_clip_checkpoint[0])
-    (tmp_path / "bad.png").write_bytes(b"nope")
-    with pytest.raises(TreeprobeError, match=r"no readable images among 2 paths"):
-        extract_embeddings(lm, [str(tmp_path / "bad.png"), str(tmp_path / "gone.jpg")], progress=False)
-    with pytest.raises(TreeprobeError, match="no images to embed"):
-        extract_embeddings(lm, [], progress=False)
+def test_factory_seed_leaves_the_global_rng_alone_and_none_uses_it():
+    from treeprobe.models import create_model
+
+    # analysis builds must not move the caller's RNG; training's must draw from it (its resume
+    # restores that stream, so where the init leaves it is part of the run)
+    before = torch.get_rng_state()
+    a = create_model("tiny", seed=3)
+    assert torch.equal(before, torch.get_rng_state())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        seeded = torch.get_rng_state()
+        b = create_model("tiny", seed=None)
+        assert not torch.equal(seeded, torch.get_rng_state())
+    assert _same_weights(a.model, b.model)
 
 
-def test_extract_with_workers_and_inat_folder(tmp_path, tiny_clip_checkpoint):
-    """Images listed by load_inat_folder, decoded in a worker process."""
-    from treeprobe.data import load_inat_folder
+def test_factory_image_size_config_file_and_unknown_names(tmp_path, tiny_clip_cfg):
+    from treeprobe.models import create_model, resolve_model_name
 
-    d = tmp_path / "00007_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax"
-    d.mkdir()
-    for i, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
-        Image.new("RGB", (40, 30), color).save(d / f"{i}.png")
-    (d / "3.jpg").write_bytes(b"\xff\xd8 broken")
-    ds = load_inat_folder(tmp_path)
-    lm = load_model(ckpt=tiny_clip_checkpoint[0])
-    res = extract_embeddings(lm, ds.items["path"].tolist(), batch_size=2, num_workers=1, progress=False)
-    assert res.ok.tolist() == [True, True, True, False]
-    assert res.embeddings.shape == (3, 32)
-    single = extract_embeddings(lm, ds.items["path"].tolist()[:3], batch_size=1, progress=False)
-    np.testing.assert_allclose(res.embeddings, single.embeddings, atol=1e-5)
+    big = create_model("tiny", image_size=48)
+    assert big.model_cfg["vision_cfg"]["image_size"] == 48
+    assert big.preprocess_val(Image.new("RGB", (90, 60))).shape == (3, 48, 48)
+    path = tmp_path / "my-net.json"
+    path.write_text(json.dumps(tiny_clip_cfg))
+    assert resolve_model_name(str(path)) == "my-net"
+    assert create_model(str(path)).embed_dim == 32
+    with pytest.raises(TreeprobeError, match="unknown open_clip architecture 'NoSuchNet'"):
+        create_model("NoSuchNet")
+    with pytest.raises(TreeprobeError, match="unknown pretrained tag 'nosuchtag' .*neither a file nor"):
+        create_model("tiny", pretrained="nosuchtag")
+
+
+def test_factory_keeps_open_clip_factory_logs_off_the_root_logger(caplog):
+    # one filter for every build (open_clip logs 'initialized randomly' etc. on the root logger)
+    from treeprobe.models import create_model
+
+    with caplog.at_level("DEBUG"):
+        create_model("tiny")
+    assert not [r for r in caplog.records if r.pathname.replace("\\", "/").endswith("open_clip/factory.py")]

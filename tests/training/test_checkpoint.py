@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import checkpoint as ck
+from treeprobe.training import checkpoint as ck
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):

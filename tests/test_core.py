@@ -1,0 +1,154 @@
+"""TreeData: rows set aside at construction, slicing that keeps everything aligned, lazy caches, AnnData."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from treeprobe import datasets
+from treeprobe._utils import RANKS
+from treeprobe.core import TreeData
+from treeprobe.errors import TreeprobeError
+
+
+def _items(lineages):
+    return pd.DataFrame([dict(zip(RANKS, lin)) for lin in lineages])
+
+
+# two genera called Morus: a plant (mulberry) and a bird (gannet); one item without kingdom
+LINEAGES = [
+    ("Plantae", "Tracheophyta", "Magnoliopsida", "Rosales", "Moraceae", "Morus", "Morus alba"),
+    ("Plantae", "Tracheophyta", "Magnoliopsida", "Rosales", "Moraceae", "Morus", "Morus nigra"),
+    ("Animalia", "Chordata", "Aves", "Suliformes", "Sulidae", "Morus", "Morus bassanus"),
+    ("Animalia", "Chordata", "Aves", "Suliformes", "Sulidae", "Sula", "Sula sula"),
+    ("", "", "", "", "", "", ""),
+    ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "", ""),
+]
+
+
+@pytest.fixture
+def small():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(len(LINEAGES), 5)).astype(np.float32)
+    items = _items(LINEAGES)
+    items["uid"] = [f"u{i}" for i in range(len(items))]
+    return X, items
+
+
+def test_construction_sets_rows_aside_with_reasons(small):
+    X, items = small
+    X = X.copy()
+    X[1] = np.nan
+    X[3] = 0.0
+    ds = TreeData(X, items)
+    assert ds.items["uid"].tolist() == ["u0", "u2", "u5"]
+    np.testing.assert_array_equal(ds.X, X[[0, 2, 5]])
+    assert ds.skipped.values.tolist() == [["row 1", "non-finite embedding"], ["row 3", "zero-norm embedding"],
+                                          ["row 4", "no taxonomy (missing kingdom)"]]
+    assert list(ds.items.index) == [0, 1, 2]
+
+
+def test_whole_float32_input_is_not_copied(small):
+    X, items = small
+    items = items[items.kingdom != ""]
+    Xk = np.ascontiguousarray(X[items.index])
+    ds = TreeData(Xk, items)
+    assert np.shares_memory(ds.X, Xk)
+    assert TreeData(Xk.astype(np.float64), items).X.dtype == np.float32
+
+
+def test_bad_shapes_are_clear_errors(small):
+    X, items = small
+    with pytest.raises(TreeprobeError, match="have 5 rows but 6 were expected"):
+        TreeData(X[:5], items)
+    with pytest.raises(TreeprobeError, match="2-D"):
+        TreeData(X[:, 0], items)
+    with pytest.raises(TreeprobeError, match="no usable items"):
+        TreeData(X[[4]], items.iloc[[4]])
+
+
+def test_clade_slicing_by_short_name_and_label(small):
+    ds = TreeData(*small)
+    aves = ds["Aves"]
+    assert aves.items["uid"].tolist() == ["u2", "u3", "u5"]
+    np.testing.assert_array_equal(aves.X, small[0][[2, 3, 5]])
+    assert ds["Animalia|Chordata|Aves|Suliformes|Sulidae|Morus"].items["uid"].tolist() == ["u2"]
+    with pytest.raises(TreeprobeError, match="'Morus' names 2 taxa: Animalia\\|.*\\|Morus \\(genus\\), Plantae"):
+        ds["Morus"]
+    with pytest.raises(TreeprobeError, match="no taxon named 'Mammalia'"):
+        ds["Mammalia"]
+
+
+def test_placeholder_is_not_a_named_taxon(small):
+    """An unknown genus is not a taxon called 'incertae_sedis_genus' shared across parents."""
+    ds = TreeData(*small)
+    assert ds.taxonomy.labels("genus")[-1].endswith("Corvidae|incertae_sedis_genus")
+    with pytest.raises(TreeprobeError, match="no taxon named 'incertae_sedis_genus'"):
+        ds["incertae_sedis_genus"]
+
+
+def test_mask_slicing_keeps_obsm_drops_uns_and_rebuilds_taxonomy(small):
+    ds = TreeData(*small)
+    ds.obsm["X_tsne"] = np.arange(10, dtype=np.float32).reshape(5, 2)
+    ds.uns["mantel"] = pd.DataFrame({"statistic": [0.5]})
+    assert ds.taxonomy is ds.taxonomy  # cached
+    assert ds.taxonomy.n_taxa("kingdom") == 2
+    sub = ds[ds.items.kingdom == "Plantae"]  # a boolean Series, as users write it
+    np.testing.assert_array_equal(sub.obsm["X_tsne"], [[0, 1], [2, 3]])
+    assert sub.uns == {} and "mantel" in ds.uns
+    assert sub.taxonomy.n_taxa("kingdom") == 1 and sub.taxonomy.n_taxa("species") == 2
+    assert len(sub.skipped) == len(ds.skipped) == 1
+    assert ds[1:3].items["uid"].tolist() == ["u1", "u2"]
+    assert ds[np.array([4, 0])].items["uid"].tolist() == ["u5", "u0"]
+    with pytest.raises(TreeprobeError, match="boolean mask has shape"):
+        ds[np.array([True, False])]
+    with pytest.raises(TreeprobeError, match="selection is empty"):
+        ds[ds.items.kingdom == "Fungi"]
+
+
+def test_unit_embeddings_cached_and_sliced(small):
+    ds = TreeData(*small)
+    U = ds.unit
+    assert U.dtype == np.float32 and ds.unit is U
+    np.testing.assert_allclose(np.linalg.norm(U, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(U, ds.X / np.linalg.norm(ds.X, axis=1, keepdims=True), rtol=1e-6)
+    sub = ds["Aves"]
+    np.testing.assert_array_equal(sub.unit, TreeData(sub.X, sub.items).unit)
+
+
+def test_images_without_embeddings(small):
+    ds = TreeData(None, small[1])
+    assert ds.X is None and len(ds) == 5 and ds.n_dims is None
+    with pytest.raises(TreeprobeError, match="no embeddings yet"):
+        ds.unit
+    assert "images (no embeddings yet)" in repr(ds)
+
+
+def test_copy_is_independent(small):
+    ds = TreeData(*small)
+    ds.uns["x"] = pd.DataFrame({"a": [1]})
+    c = ds.copy()
+    c.X[0] = 99
+    c.uns["x"].loc[0, "a"] = 2
+    assert ds.X[0, 0] != 99 and ds.uns["x"].loc[0, "a"] == 1
+
+
+def test_repr_lists_what_is_inside():
+    ds = datasets.bioclip2_1k()
+    ds.obsm["X_tsne"] = np.zeros((len(ds), 2))
+    text = repr(ds)
+    assert "909 items, 768-d embeddings" in text and "obsm: X_tsne" in text
+    assert "skipped: 121 (no taxonomy (missing kingdom): 121)" in text
+
+
+def test_anndata_round_trip(small):
+    anndata = pytest.importorskip("anndata")
+    ds = TreeData(*small)
+    ds.obsm["X_umap"] = np.ones((len(ds), 2), dtype=np.float32)
+    ad = ds.to_anndata()
+    assert isinstance(ad, anndata.AnnData) and ad.shape == (5, 5)
+    back = TreeData.from_anndata(ad)
+    np.testing.assert_array_equal(back.X, ds.X)
+    pd.testing.assert_frame_equal(back.items, ds.items)
+    np.testing.assert_array_equal(back.obsm["X_umap"], ds.obsm["X_umap"])
+    assert back.skipped.values.tolist() == ds.skipped.values.tolist()
+    assert back.taxonomy.n_taxa("genus") == ds.taxonomy.n_taxa("genus")

@@ -1,0 +1,141 @@
+"""treeprobe.tl: tools on a TreeData store under their stated keys and give the numbers of the pure functions."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.spatial.distance import squareform
+
+import treeprobe as tp
+from treeprobe.errors import TreeprobeError
+
+FAST = dict(permutations=49, maps=(), cluster_methods=("kmeans",), progress=False)
+
+# Recorded with the code before the TreeData redesign (commit fa863c2):
+#   treeprobe intrinsic --embeddings example_1k.parquet --permutations 49 --maps none --cluster-methods kmeans
+BEFORE_MANTEL = {("image", "pearson"): 0.13056420944878763, ("image", "spearman"): 0.10722989610565199,
+                 ("species-centroid", "pearson"): 0.13093525034456058,
+                 ("species-centroid", "spearman"): 0.11491995616990486}
+BEFORE_KNN = {"kingdom": 0.7899889988998899, "order": 0.24887573964497042, "species": 0.12338709677419354}
+BEFORE_PURITY = {"kingdom": 0.7656765676567657, "family": 0.5577557755775577, "species": 0.9702970297029703}
+
+
+@pytest.fixture(scope="module")
+def bc2():
+    return tp.datasets.bioclip2_1k()
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    ds = tp.datasets.bioclip2_1k()
+    report = tp.tl.intrinsic(ds, **FAST)
+    return ds, report
+
+
+def test_intrinsic_numbers_unchanged_by_the_redesign(analysed):
+    ds, report = analysed
+    got = {(r.level, r.method): r.statistic for r in report.mantel.itertuples()}
+    assert got == pytest.approx(BEFORE_MANTEL, rel=0, abs=1e-15)
+    assert set(report.mantel.p_value) == {0.02}  # 1 / (49 + 1): no permutation reaches the observed r
+    knn = report.knn.set_index("rank")["agreement"]
+    assert {r: knn[r] for r in BEFORE_KNN} == pytest.approx(BEFORE_KNN, abs=1e-15)
+    pur = report.clustering.set_index("rank")["purity"]
+    assert {r: pur[r] for r in BEFORE_PURITY} == pytest.approx(BEFORE_PURITY, abs=1e-15)
+    assert report.n_items == 909 and len(report.skipped) == 121
+
+
+def test_tools_store_under_their_keys(analysed):
+    ds, report = analysed
+    for key in ("mantel", "mantel_tree", "mantel_pairs", "clustering", "knn", "knn_params", "timings", "provenance"):
+        assert key in ds.uns, key
+    assert ds.uns["mantel"] is report.mantel and ds.uns["knn_params"] == {"k": 10, "max_queries": 100_000}
+    assert report.provenance["n_taxa"]["kingdom"] == 5 and report.provenance["embedding_dim"] == 768
+
+
+def test_clade_mantel_equals_explicit_matrices(bc2):
+    """tl.mantel on ds['Insecta'] against an independent computation: scipy on the explicit N x N
+    cosine and tree distance matrices of exactly those items."""
+    ins = bc2["Insecta"]
+    table = tp.tl.mantel(ins, methods=("pearson",), levels=("image",), permutations=0)
+    X = ins.unit.astype(np.float64)  # the tools' float32 unit vectors, in float64 from here
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    D = 1.0 - X @ X.T
+    np.fill_diagonal(D, 0.0)
+    T = ins.taxonomy.clade_structure().item_distances()
+    r = np.corrcoef(squareform(D, checks=False), squareform(T, checks=False))[0, 1]
+    assert len(ins) == 190 and (ins.items["class"] == "Insecta").all()
+    assert table.statistic.iloc[0] == pytest.approx(r, abs=1e-10)
+    assert "mantel" in ins.uns and "mantel" not in bc2.uns  # stored on the slice only
+
+
+def test_mantel_seed_stream_and_levels(bc2):
+    """Each test's permutation seed is the next draw of default_rng(seed): order image x methods, then centroid."""
+    from treeprobe.mantel import mantel_tree
+
+    ins = bc2["Insecta"]
+    table = tp.tl.mantel(ins, methods=("pearson",), permutations=19, seed=3)
+    assert table.level.tolist() == ["image", "species-centroid"]
+    s_img, s_cent = np.random.default_rng(3).integers(2**31, size=2)
+    direct = mantel_tree(ins.unit, ins.taxonomy.clade_structure(), method="pearson", permutations=19,
+                         alternative="greater", seed=int(s_img))
+    assert table.p_value.iloc[0] == direct.p_value and table.statistic.iloc[0] == direct.statistic
+    assert s_img != s_cent
+    with pytest.raises(TreeprobeError, match="unknown Mantel level 'genus'"):
+        tp.tl.mantel(ins, levels=("genus",))
+
+
+def test_user_tree_lists_items_not_on_it(bc2, tmp_path):
+    from ete3 import Tree
+
+    sub = bc2["Lepidoptera"]
+    species = sorted(set(sub.items.species) - {""})
+    keep = species[: len(species) // 2]
+    tree = Tree("(" + ",".join(s.replace(" ", "_") + ":1" for s in keep) + ");")
+    tp.tl.mantel(sub, methods=("pearson",), levels=("image",), tree=tree, permutations=0)
+    on_tree = sub.items.species.isin(keep)
+    assert sub.uns["mantel_tree"]["n_items_in_tree"] == int(on_tree.sum())
+    assert len(sub.uns["mantel_not_in_tree"]) == int((~on_tree).sum())
+    report = tp.report.Report.from_data(sub)
+    assert (report.skipped.reason == "species not in --tree (Mantel only)").sum() == int((~on_tree).sum())
+
+
+def test_knn_on_a_slice_equals_the_pure_function(bc2):
+    from treeprobe.neighbors import knn_rank_agreement
+
+    plants = bc2[bc2.items.kingdom == "Plantae"]
+    table = tp.tl.knn(plants, k=5)
+    X = plants.X / np.linalg.norm(plants.X, axis=1, keepdims=True)
+    codes = {r: pd.factorize(plants.labels(r))[0] for r in tp.RANKS}
+    direct = knn_rank_agreement(X, codes, k=5)
+    np.testing.assert_allclose(table.agreement, direct.agreement, rtol=0, atol=1e-12)
+    assert plants.uns["knn_params"]["k"] == 5
+
+
+def test_tsne_stores_full_rows_with_nan_outside_the_subsample(bc2):
+    from treeprobe.embedding_maps import tsne_2d
+
+    ds = bc2["Plantae"]
+    full = tp.tl.tsne(ds, max_points=150, seed=1)
+    drawn = np.isfinite(full).all(axis=1)
+    assert full.shape == (len(ds), 2) and drawn.sum() == 150
+    coords, index = tsne_2d(ds.unit, seed=1, max_points=150)
+    np.testing.assert_array_equal(np.flatnonzero(drawn), index)
+    np.testing.assert_array_equal(full[index], coords)
+    assert ds.uns["tsne"]["subsampled"] and "150 of" in ds.uns["tsne"]["title"]
+    sub = ds[drawn]  # slicing keeps the map aligned
+    np.testing.assert_array_equal(sub.obsm["X_tsne"], coords)
+
+
+def test_tools_refuse_what_cannot_be_analysed(bc2):
+    with pytest.raises(TreeprobeError, match="single taxon"):
+        tp.tl.intrinsic(bc2[np.array([0, 0, 0])], **FAST)  # three copies of one image: one species
+    with pytest.raises(TreeprobeError, match="only 2 usable item"):
+        tp.tl.intrinsic(bc2[:2], **FAST)
+    with pytest.raises(TreeprobeError, match="expected a treeprobe.TreeData"):
+        tp.tl.knn(bc2.X)
+    with pytest.raises(TreeprobeError, match="unknown map 'pca'"):
+        tp.tl.intrinsic(bc2, maps=("pca",))
+    images = tp.TreeData(None, bc2.items.head(5))
+    with pytest.raises(TreeprobeError, match="no embeddings yet"):
+        tp.tl.knn(images)
+    with pytest.raises(TreeprobeError, match="images need a model"):
+        tp.tl.embed(images)

@@ -1,0 +1,310 @@
+"""Tools: compute on a :class:`~treeprobe.core.TreeData` and store the results in it.
+
+Each tool reads the (cached, L2-normalised) embeddings and the taxonomy of ``data``, calls the
+tested pure functions of :mod:`treeprobe.mantel`, :mod:`treeprobe.clustering`,
+:mod:`treeprobe.neighbors` and :mod:`treeprobe.embedding_maps`, and stores under stated keys:
+
+=======================  ==========================================================================
+tool                     stores
+=======================  ==========================================================================
+:func:`embed`            a new TreeData with ``X`` from an open_clip model, ``uns["model"]``
+:func:`mantel`           ``uns["mantel"]`` (DataFrame, one row per level × method),
+                         ``uns["mantel_tree"]`` (which tree), ``uns["mantel_pairs"]`` (pair sample
+                         for the figure), ``uns["mantel_not_in_tree"]`` (items outside a ``tree``)
+:func:`clustering`       ``uns["clustering"]`` (DataFrame, rank × method, with chance values)
+:func:`knn`              ``uns["knn"]`` (DataFrame, one row per rank), ``uns["knn_params"]``
+:func:`tsne`, :func:`umap`  ``obsm["X_tsne"]`` / ``obsm["X_umap"]`` (N, 2; NaN for rows not drawn),
+                         ``uns["tsne"]`` / ``uns["umap"]`` (subsample, title, seed)
+:func:`intrinsic`        all of the above + ``uns["timings"]``; returns the :class:`~treeprobe.report.Report`
+=======================  ==========================================================================
+
+Every stochastic step takes ``seed``; the same call on the same data gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from importlib import metadata as importlib_metadata
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from treeprobe._utils import DEFAULT_MAX_MAP_POINTS, MANTEL_FIGURE_PAIRS, SINGLE_THREAD_MAX_ITEMS
+from treeprobe._validation import check_choice
+from treeprobe.core import TreeData, skip_records
+from treeprobe.errors import TreeprobeError
+
+__all__ = ["embed", "mantel", "clustering", "knn", "tsne", "umap", "intrinsic", "check_analysable",
+           "MANTEL_LEVELS", "MAPS"]
+
+MANTEL_LEVELS = ("image", "species-centroid")
+MAPS = ("tsne", "umap")
+_MANTEL_SEED_RANGE = 2**31  # each test's permutation seed is drawn from [0, 2**31) by the tool's seeded stream
+
+
+def _check_data(data) -> TreeData:
+    if not isinstance(data, TreeData):
+        raise TreeprobeError(f"expected a treeprobe.TreeData, got {type(data).__name__}; "
+                             "make one with treeprobe.TreeData(X, items) or treeprobe.read(path)")
+    return data
+
+
+def check_analysable(data: TreeData) -> None:
+    """Raise unless ``data`` has embeddings, at least 3 items and at least 2 species."""
+    _check_data(data).require_embeddings()
+    if len(data) < 3:
+        raise TreeprobeError(f"only {len(data)} usable item(s) after dropping bad rows; need at least 3")
+    tax = data.taxonomy
+    if tax.n_taxa(tax.ranks[-1]) < 2:
+        raise TreeprobeError(f"all items belong to a single taxon ({tax.taxon_labels(tax.ranks[-1])[0]}): "
+                             "there is no tree to compare with")
+
+
+# --- embeddings from images ------------------------------------------------------------------
+
+
+def default_device() -> str:
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def embed(data: TreeData, *, ckpt=None, model: str | None = None, pretrained: str | None = None,
+          cache_dir=None, batch_size: int = 64, workers: int = 0, device: str | None = None,
+          progress: bool = True, trust_checkpoint: bool = False) -> TreeData:
+    """Embed the images of ``data`` (``items.path``) with an open_clip model; returns a new TreeData.
+
+    The model is a checkpoint file or ``hf-hub:`` id (``ckpt``), or an architecture + pretrained tag
+    (see :func:`treeprobe.models.load_model`). Embeddings are cached under ``cache_dir`` (default
+    ``$TREEPROBE_CACHE`` or ~/.cache/treeprobe) keyed by checkpoint digest + file listing +
+    preprocessing. Unreadable images are set aside in ``skipped``; ``uns["model"]`` says which model.
+    """
+    from treeprobe._utils import default_cache_dir
+    from treeprobe.core import concat_skipped
+    from treeprobe.extract import extract_embeddings
+    from treeprobe.models import load_model
+
+    _check_data(data)
+    if ckpt is None and model is None:
+        raise TreeprobeError("images need a model: pass --ckpt CHECKPOINT (and --model ARCH if the "
+                             "checkpoint does not name its architecture), or --embeddings")
+    loaded = load_model(ckpt=ckpt, model=model, pretrained=pretrained, device=device or default_device(),
+                        trust_checkpoint=trust_checkpoint)
+    paths = data.items["path"].astype(str).tolist()
+    res = extract_embeddings(loaded, paths, batch_size=batch_size, num_workers=workers,
+                             cache_dir=str(cache_dir or default_cache_dir()), device=device, progress=progress)
+    out = TreeData(res.embeddings, data.items[res.ok], skipped=concat_skipped([data.skipped, res.failures]),
+                   source=data.source)
+    out.uns["model"] = dict(name=loaded.model_name, digest=loaded.digest, source=loaded.source,
+                            embed_dim=loaded.embed_dim, extraction_seconds=res.seconds, cache_hit=res.cache_hit,
+                            n_images=len(paths))
+    return out
+
+
+# --- Mantel ----------------------------------------------------------------------------------
+
+
+def _mantel_inputs(data: TreeData, tree, rank_lengths):
+    """(unit embeddings of the items on the tree, their clade structure, species codes, tree info, in-tree mask)."""
+    from treeprobe.tree import clade_structure_from_tree
+
+    tax = data.taxonomy
+    Xn = data.unit
+    if tree is not None:
+        species = tax.lineages[tax.ranks[-1]].to_numpy()
+        clades, in_tree = clade_structure_from_tree(tree, species)
+        codes = pd.factorize(species[in_tree], sort=True)[0]
+        info = dict(kind="user tree (patristic, branch lengths)", n_items_in_tree=int(in_tree.sum()))
+        return Xn[in_tree], clades, codes, info, in_tree
+    clades = tax.clade_structure(rank_lengths)
+    info = dict(kind="rank taxonomy (patristic, " +
+                ("one unit per rank" if rank_lengths is None else f"rank lengths {rank_lengths}") + ")")
+    return Xn, clades, tax.codes(tax.ranks[-1]), info, np.ones(len(data), dtype=bool)
+
+
+def _centroid_inputs(X_m: np.ndarray, clades, codes: np.ndarray):
+    """One item per species: the unit-norm centroid of its images, placed at that species' node."""
+    from treeprobe.mantel import taxon_centroids
+
+    n_sp = int(codes.max()) + 1
+    first = np.zeros(n_sp, dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes))[::-1]  # first item of each species
+    return taxon_centroids(X_m, codes), clades.subset_items(first)
+
+
+def _pair_sample(Xn: np.ndarray, clades, *, n_pairs: int, seed: int) -> dict:
+    """Embedding and tree distances of ``n_pairs`` seeded random item pairs (i ≠ j), for the figure."""
+    rng = np.random.default_rng(seed)
+    N = len(Xn)
+    i = rng.integers(0, N, n_pairs)
+    j = rng.integers(0, N, n_pairs)
+    keep = i != j
+    i, j = i[keep], j[keep]
+    d = 1.0 - np.einsum("ij,ij->i", Xn[i], Xn[j])
+    t = clades.pair_distances(clades.item_node[i], clades.item_node[j])
+    return dict(d_embed=d, d_tree=t)
+
+
+def mantel(data: TreeData, *, methods: Sequence[str] = ("pearson", "spearman"),
+           levels: Sequence[str] = MANTEL_LEVELS, tree=None, rank_lengths=None, permutations: int = 999,
+           seed: int = 0, spearman_max_n: int = 6000, progress: bool = False) -> pd.DataFrame:
+    """Mantel tests of embedding cosine distance against tree distance; stores ``uns["mantel"]``.
+
+    levels: ``"image"`` (every item) and/or ``"species-centroid"`` (one unit-norm centroid per species,
+    at least 3 species). methods: ``"pearson"`` (exact, no N×N matrix) and/or ``"spearman"``.
+    tree: an ete3 tree with branch lengths, leaves named by species binomial (items whose species is
+    not a leaf are left out of the Mantel tests and listed in ``uns["mantel_not_in_tree"]``); default
+    the rank taxonomy, one unit per rank or ``rank_lengths`` (7 numbers). Alternative: greater.
+    Each test's permutation seed is drawn in the order image × methods, then centroid × methods from
+    ``np.random.default_rng(seed)``. Returns the table (columns level, method, statistic, p_value, ...).
+    """
+    from treeprobe.mantel import mantel_tree
+
+    _check_data(data)
+    for lv in levels:
+        check_choice(lv, "Mantel level", MANTEL_LEVELS)
+    X_m, clades, codes, info, in_tree = _mantel_inputs(data, tree, rank_lengths)
+    rng = np.random.default_rng(seed)
+    rows = []
+
+    def run(X, cs, level):
+        for method in methods:
+            res = mantel_tree(X, cs, method=method, permutations=permutations, alternative="greater",
+                              seed=int(rng.integers(_MANTEL_SEED_RANGE)), spearman_max_n=spearman_max_n,
+                              progress=progress)
+            rows.append(dict(level=level, **res.to_dict()))
+
+    if "image" in levels:
+        run(X_m, clades, "image")
+    if "species-centroid" in levels and int(codes.max()) + 1 >= 3:
+        run(*_centroid_inputs(X_m, clades, codes), "species-centroid")
+    table = pd.DataFrame(rows)
+    data.uns["mantel"] = table
+    data.uns["mantel_tree"] = info
+    data.uns["mantel_not_in_tree"] = skip_records(data.items, ~in_tree, "species not in --tree (Mantel only)")
+    data.uns["mantel_pairs"] = _pair_sample(X_m, clades, n_pairs=MANTEL_FIGURE_PAIRS, seed=seed)
+    return table
+
+
+# --- clustering and neighbours ----------------------------------------------------------------
+
+
+def clustering(data: TreeData, *, methods: Sequence[str] = ("kmeans", "agglomerative"), seed: int = 0,
+               chance_permutations: int = 20, progress: bool = False) -> pd.DataFrame:
+    """Rank-wise clustering (k = number of taxa at each rank) scored against the taxonomy, with chance
+    values from ``chance_permutations`` label permutations; stores ``uns["clustering"]``."""
+    from treeprobe.clustering import rankwise_clustering
+
+    _check_data(data)
+    table = rankwise_clustering(data.unit, data.taxonomy.codes_by_rank(), methods=tuple(methods), seed=seed,
+                                n_permutations=chance_permutations, progress=progress,
+                                n_threads=1 if len(data) <= SINGLE_THREAD_MAX_ITEMS else None)
+    data.uns["clustering"] = table
+    return table
+
+
+def knn(data: TreeData, *, k: int = 10, max_queries: int | None = 100_000, seed: int = 0) -> pd.DataFrame:
+    """Share of each item's k nearest neighbours (cosine) in its own taxon, per rank, with chance;
+    above ``max_queries`` items estimated from that many seeded query items (95 % CI).
+    ``k`` is lowered to N − 1 for tiny sets. Stores ``uns["knn"]`` and ``uns["knn_params"]``."""
+    from treeprobe.neighbors import knn_rank_agreement
+
+    _check_data(data)
+    k = min(int(k), len(data) - 1)
+    table = knn_rank_agreement(data.unit, data.taxonomy.codes_by_rank(), k=k, max_queries=max_queries,
+                               seed=seed, normalised=True)
+    data.uns["knn"] = table
+    data.uns["knn_params"] = dict(k=k, max_queries=max_queries)
+    return table
+
+
+# --- 2-D maps ------------------------------------------------------------------------------------
+
+
+def _store_map(data: TreeData, name: str, coords: np.ndarray, index: np.ndarray, seed: int) -> np.ndarray:
+    N = len(data)
+    full = np.full((N, 2), np.nan, dtype=coords.dtype)
+    full[index] = coords
+    data.obsm[f"X_{name}"] = full
+    sub = len(index) < N
+    data.uns[name] = dict(subsampled=sub, seed=seed, n_points=int(len(index)),
+                          title=f"n = {len(index)} of {N} points (random subsample, seed {seed})" if sub else "")
+    return full
+
+
+def tsne(data: TreeData, *, seed: int = 0, max_points: int | None = DEFAULT_MAX_MAP_POINTS) -> np.ndarray:
+    """openTSNE t-SNE (cosine) of the embeddings; above ``max_points`` a seeded subsample is drawn.
+    Stores ``obsm["X_tsne"]`` (N, 2; NaN where not drawn) and ``uns["tsne"]``; returns the (N, 2) array."""
+    from treeprobe.embedding_maps import tsne_2d
+
+    coords, index = tsne_2d(_check_data(data).unit, seed=seed, max_points=max_points)
+    return _store_map(data, "tsne", coords, index, seed)
+
+
+def umap(data: TreeData, *, seed: int = 0, max_points: int | None = DEFAULT_MAX_MAP_POINTS) -> np.ndarray:
+    """UMAP (cosine) of the embeddings, as :func:`tsne`; stores ``obsm["X_umap"]`` and ``uns["umap"]``."""
+    from treeprobe.embedding_maps import umap_2d
+
+    coords, index = umap_2d(_check_data(data).unit, seed=seed, max_points=max_points)
+    return _store_map(data, "umap", coords, index, seed)
+
+
+# --- the whole intrinsic analysis ----------------------------------------------------------------
+
+
+def package_versions() -> dict:
+    """Versions of treeprobe and the libraries whose numbers it reports."""
+    out = {"python": platform.python_version()}
+    for name in ("treeprobe", "numpy", "scipy", "pandas", "scikit-learn", "torch", "open_clip_torch",
+                 "umap-learn", "openTSNE", "ete3", "matplotlib"):
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, permutations: int = 999,
+              mantel_methods: Sequence[str] = ("pearson", "spearman"), centroid_level: bool = True,
+              cluster_methods: Sequence[str] = ("kmeans", "agglomerative"), chance_permutations: int = 20,
+              knn_k: int = 10, knn_max_queries: int | None = 100_000, maps: Sequence[str] = MAPS,
+              max_map_points: int | None = DEFAULT_MAX_MAP_POINTS, spearman_max_n: int = 6000,
+              progress: bool = True, provenance: dict | None = None):
+    """The whole intrinsic analysis: :func:`mantel`, :func:`clustering`, :func:`knn` and the maps,
+    all seeded by ``seed``; returns the :class:`~treeprobe.report.Report` (nothing is written)."""
+    from treeprobe.report import Report
+
+    check_analysable(data)
+    for name in maps:
+        check_choice(name, "map", MAPS)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(key, fn, **kw):
+        t = time.perf_counter()
+        fn(data, **kw)
+        timings[key] = time.perf_counter() - t
+
+    levels = ("image", "species-centroid") if centroid_level else ("image",)
+    timed("mantel_s", mantel, methods=mantel_methods, levels=levels, tree=tree, rank_lengths=rank_lengths,
+          permutations=permutations, seed=seed, spearman_max_n=spearman_max_n, progress=progress)
+    timed("clustering_s", clustering, methods=cluster_methods, seed=seed, chance_permutations=chance_permutations,
+          progress=progress)
+    timed("knn_s", knn, k=knn_k, max_queries=knn_max_queries, seed=seed)
+    for name in maps:
+        timed(f"{name}_s", {"tsne": tsne, "umap": umap}[name], seed=seed, max_points=max_map_points)
+    timings["total_analysis_s"] = time.perf_counter() - t0
+    data.uns["timings"] = timings
+    tax = data.taxonomy
+    prov = dict(provenance or {})
+    prov.update(
+        seed=seed, permutations=permutations, knn_k=data.uns["knn_params"]["k"], knn_max_queries=knn_max_queries,
+        n_items=len(data), embedding_dim=data.n_dims, n_taxa={r: tax.n_taxa(r) for r in tax.ranks},
+        tree=data.uns["mantel_tree"], timings=timings, versions=package_versions(), command=" ".join(sys.argv),
+    )
+    data.uns["provenance"] = prov
+    return Report.from_data(data)
