@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_METADATA = ROOT.parent / "shared" / "data" / "inat2021_taxonomy" / "metadata.csv"
+CHUNK = 65536  # items generated per step: 65,536 x 512 float32 = 128 MB per temporary
 
 
 def _rss_gb() -> float:
@@ -65,11 +66,12 @@ def build_problem(n: int, dim: int, seed: int, embeddings: str, metadata: Path):
     rng = np.random.default_rng(seed)
     sp_of_item = rng.integers(0, len(meta), n)  # uniform over species
     species_node = cs.item_node  # node of each metadata row (species)
-    clades = CladeStructure(cs.parent, cs.length, species_node[sp_of_item], cs.names, cs.ultrametric_levels)
+    clades = CladeStructure(parent=cs.parent, length=cs.length, item_node=species_node[sp_of_item], names=cs.names,
+                            ultrametric_levels=cs.ultrametric_levels)
     X = np.empty((n, dim), dtype=np.float32)
     if embeddings == "random":
-        for i in range(0, n, 65536):
-            X[i:i + 65536] = rng.standard_normal((min(65536, n - i), dim), dtype=np.float32)
+        for i in range(0, n, CHUNK):
+            X[i:i + CHUNK] = rng.standard_normal((min(CHUNK, n - i), dim), dtype=np.float32)
     else:  # Brownian walk down the tree: each node = parent + N(0, 1/8), items = species + N(0, 1.5²)
         node_vec = np.zeros((cs.n_nodes, dim), dtype=np.float32)
         depth = cs.depth_levels()
@@ -77,9 +79,9 @@ def build_problem(n: int, dim: int, seed: int, embeddings: str, metadata: Path):
             nodes = np.flatnonzero(depth == level)
             node_vec[nodes] = node_vec[cs.parent[nodes]] + rng.standard_normal(
                 (len(nodes), dim), dtype=np.float32) * np.float32(np.sqrt(1 / 8))
-        for i in range(0, n, 65536):
-            b = clades.item_node[i:i + 65536]
-            X[i:i + 65536] = node_vec[b] + np.float32(1.5) * rng.standard_normal((len(b), dim), dtype=np.float32)
+        for i in range(0, n, CHUNK):
+            b = clades.item_node[i:i + CHUNK]
+            X[i:i + CHUNK] = node_vec[b] + np.float32(1.5) * rng.standard_normal((len(b), dim), dtype=np.float32)
     return X, clades
 
 

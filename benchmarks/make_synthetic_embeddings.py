@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+from treeprobe._utils import RANKS
 # Brownian increment s.d. per rank (variance per unit of trait); the noise s.d. is NOISE_SD.
 RANK_SD = dict(kingdom=1.2, phylum=1.0, **{"class": 0.9}, order=0.8, family=0.7, genus=0.6, species=0.55)
 NOISE_SD = 1.0
@@ -35,6 +35,7 @@ MEAN_NORM = 2.0  # common direction, in units of sqrt(D) * per-dim s.d.
 
 DEFAULT_TAXONOMY = "/work/shared/data/inat2021_taxonomy/metadata.csv"
 DEFAULT_OUT = Path(__file__).resolve().parent / "_data" / "inat21_synth_100k"
+CHUNK_ROWS = 20_000  # images generated per step: 20,000 x 512 float32 = 40 MB per temporary
 
 
 def make(taxonomy: str = DEFAULT_TAXONOMY, per_species: int = 10, dim: int = 512, seed: int = 0):
@@ -57,7 +58,7 @@ def make(taxonomy: str = DEFAULT_TAXONOMY, per_species: int = 10, dim: int = 512
     sp_noise = np.exp(rng.normal(0.0, 0.25, n_sp)).astype(np.float32) * (NOISE_SD / np.sqrt(dim))
     sp = np.repeat(np.arange(n_sp), per_species)
     X = np.empty((sp.size, dim), dtype=np.float32)
-    chunk = 20000
+    chunk = CHUNK_ROWS
     for a in range(0, sp.size, chunk):
         s = sp[a:a + chunk]
         eps = rng.standard_normal((s.size, dim), dtype=np.float32) * sp_noise[s, None]

@@ -1,8 +1,8 @@
+"""Rank-wise clustering: purity, NMI/AMI/ARI against scikit-learn, chance baselines, the k-means paths."""
+
 import math
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from threadpoolctl import threadpool_limits
 from sklearn.cluster import AgglomerativeClustering
@@ -21,8 +21,6 @@ from treeprobe.clustering import (
 )
 from tests._paths import real_tol_embeddings
 from treeprobe.errors import TreeprobeError
-
-from treeprobe.taxonomy import RANKS
 
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")

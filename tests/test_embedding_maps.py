@@ -1,17 +1,12 @@
+"""The 2-D maps: seeded t-SNE and UMAP of normalised rows, and their subsample."""
+
 import numpy as np
-import pandas as pd
 import pytest
-from threadpoolctl import threadpool_limits
 
 from treeprobe.embedding_maps import subsample_index, tsne_2d, umap_2d
 from treeprobe.errors import TreeprobeError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded BLAS/OpenMP: faster at these sizes and robust on a busy 2-core box."""
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def blobs(n_per=30, k=4, dim=10, seed=0):
@@ -102,6 +97,3 @@ def test_tsne_threads_do_not_change_the_map():
     a, _ = tsne_2d(X, seed=0, perplexity=15, n_jobs=1, n_iter=100)
     b, _ = tsne_2d(X, seed=0, perplexity=15, n_jobs=2, n_iter=100)
     np.testing.assert_array_equal(a, b)
-
-
-# --- plots ----------------------------------------------------------------------------

@@ -10,13 +10,7 @@ from treeprobe.errors import TreeprobeError
 from treeprobe.mantel import (cosine_distance_matrix, mantel, mantel_tree, permutation_p_value, taxon_centroids)
 from treeprobe.simulate import simulate_world
 from treeprobe.taxonomy import RANKS, Taxonomy
-
-
-def random_taxonomy(n, seed):
-    rng = np.random.default_rng(seed)
-    sizes = [2, 3, 3, 4, 5, 6, 8]
-    return Taxonomy.from_frame(pd.DataFrame({r: [f"{r}{rng.integers(k)}" for _ in range(n)]
-                                             for r, k in zip(RANKS, sizes)}))
+from tests.test_tree import random_taxonomy
 
 
 @pytest.mark.parametrize("method", ["pearson", "spearman"])
@@ -110,6 +104,14 @@ def test_bad_inputs():
     X[3] = np.nan
     with pytest.raises(TreeprobeError, match="NaN"):
         mantel_tree(X, cs)
+    with pytest.raises(TreeprobeError, match="2-D"):
+        mantel_tree(np.ones(20), cs)
+    with pytest.raises(TreeprobeError, match="permutations must be >= 0"):
+        mantel_tree(np.random.rand(20, 4), cs, permutations=-1)
+    with pytest.raises(TreeprobeError, match="unknown alternative 'bigger'; choose from greater, less, two-sided"):
+        mantel(np.ones((4, 4)) - np.eye(4), np.ones((4, 4)) - np.eye(4), alternative="bigger")
+    with pytest.raises(TreeprobeError, match="spearman_max_n must be >= 3"):
+        mantel_tree(np.random.rand(20, 4), cs, method="spearman", spearman_max_n=2)
     with pytest.raises(TreeprobeError, match="19 embeddings"):
         mantel_tree(np.ones((19, 4)), cs)
     with pytest.raises(TreeprobeError, match="method"):

@@ -1,6 +1,6 @@
 """The scalable Mantel path: exactness against scikit-bio on several trees and sizes, the tree
-compression, the compiled kernels against their numpy fallback, threads, and the vectorised
-CladeStructure internals against the plain loops they replaced."""
+compression, the compiled kernels against their numpy fallback, and threads. (The CladeStructure
+internals against plain loops: test_tree.py.)"""
 
 import importlib
 from pathlib import Path
@@ -8,48 +8,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
-from ete3 import Tree
 from skbio import DistanceMatrix
 from skbio.stats.distance import mantel as skbio_mantel
 
 from treeprobe.taxonomy import RANKS, Taxonomy
-from treeprobe.tree import CladeStructure, clade_structure_from_tree
+from treeprobe.tree import CladeStructure
+from tests.test_tree import random_taxonomy, random_tree_structure
 
 M = importlib.import_module("treeprobe.mantel")  # the module (the package re-exports the function `mantel`)
 INAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "inat2021_taxonomy" / "metadata.csv"
-
-
-def random_taxonomy(n, seed, sizes=(2, 3, 3, 4, 5, 6, 8)):
-    rng = np.random.default_rng(seed)
-    return Taxonomy.from_frame(pd.DataFrame({r: [f"{r}{rng.integers(k)}" for _ in range(n)]
-                                             for r, k in zip(RANKS, sizes)}))
 
 
 def skbio_r(X, cs, method="pearson"):
     r, _, _ = skbio_mantel(DistanceMatrix(M.cosine_distance_matrix(X)), DistanceMatrix(cs.item_distances()),
                            method=method, permutations=0)
     return r
-
-
-def random_tree_structure(n_leaves, n_items, seed, internal_items=0):
-    """An ete3 random tree with random branch lengths; items on random leaves (and, optionally,
-    some on internal nodes)."""
-    rng = np.random.default_rng(seed)
-    t = Tree()
-    t.populate(n_leaves, random_branches=True, branch_range=(0.0, 2.0))
-    for i, node in enumerate(t.traverse("preorder")):
-        node.dist = float(rng.uniform(0.01, 3.0)) if i else 0.0
-    leaves = [l.name for l in t.get_leaves()]
-    names = [leaves[i] for i in rng.integers(0, len(leaves), n_items)]
-    cs, mask = clade_structure_from_tree(t, names)
-    assert mask.all()
-    if internal_items:
-        internal = np.flatnonzero(np.bincount(cs.parent[1:], minlength=cs.n_nodes) > 0)
-        item_node = cs.item_node.copy()
-        item_node[rng.choice(n_items, internal_items, replace=False)] = rng.choice(internal, internal_items)
-        cs = CladeStructure(cs.parent, cs.length, item_node, cs.names)
-    return cs
 
 
 @pytest.mark.parametrize("n,seed", [(30, 0), (250, 1), (1200, 2)])
@@ -114,8 +87,8 @@ def test_compressed_tree_is_a_post_order_with_the_same_distances():
         assert (anc == v).all()
     node_of_item = np.empty(cs.n_items, dtype=np.int64)
     node_of_item[comp.order] = np.repeat(np.arange(m), comp.own)
-    cc = CladeStructure(np.r_[-1, (m - 1 - comp.parent[::-1][1:])], comp.w[::-1].copy(),
-                        m - 1 - node_of_item, np.array([""] * m, dtype=object))
+    cc = CladeStructure(parent=np.r_[-1, (m - 1 - comp.parent[::-1][1:])], length=comp.w[::-1].copy(),
+                        item_node=m - 1 - node_of_item, names=np.array([""] * m, dtype=object))
     assert np.allclose(cc.item_distances(), cs.item_distances())
     sum_t, sum_t2 = M._tree_pair_sums(comp, cs.n_items)
     T = cs.item_distances()[np.triu_indices(cs.n_items, 1)]
@@ -214,47 +187,14 @@ def test_spearman_estimator_semantics():
     assert none.ci is None and np.isnan(none.p_value)
 
 
-# --- CladeStructure internals: the vectorised versions against the plain loops -----------------------------
-
-
-def _loop_reference(cs):
-    n = cs.n_nodes
-    d = np.zeros(n, dtype=np.int64)
-    rd = np.zeros(n)
-    for v in range(1, n):
-        d[v] = d[cs.parent[v]] + 1
-        rd[v] = rd[cs.parent[v]] + cs.length[v]
-    rows, cols, anc = [], [], [[0]]
-    for v in range(1, n):
-        a = anc[cs.parent[v]] + [v]
-        anc.append(a)
-        rows.extend(a)
-        cols.extend([v] * len(a))
-    A = sp.csr_matrix((np.ones(len(rows) + 1), (rows + [0], cols + [0])), shape=(n, n))
-    return d, rd, A
-
-
-@pytest.mark.parametrize("kind", ["rank", "newick"])
-def test_clade_structure_internals_match_loops(kind):
-    cs = random_taxonomy(300, 21).clade_structure([1, 2, 3, 1, 1, 1, 0.5]) if kind == "rank" \
-        else random_tree_structure(80, 200, seed=22)
-    d, rd, A = _loop_reference(cs)
-    assert np.array_equal(cs.depth_levels(), d)
-    assert np.array_equal(cs.root_distance(), rd)
-    assert (cs.ancestor_matrix() != A).nnz == 0
-    vals = np.random.default_rng(23).normal(size=(cs.n_nodes, 3))
-    assert np.allclose(cs.accumulate_up(vals), A @ vals)
-    assert np.array_equal(cs.items_per_node(), np.asarray(A @ np.bincount(cs.item_node, minlength=cs.n_nodes)))
-
-
 def test_deep_caterpillar_tree():
-    """A 1500-deep chain of internal nodes: pointer jumping and the level passes stay fast and right."""
+    """A 1500-deep chain of internal nodes: the compression and level passes stay fast and right
+    (the tree's own depth passes on it: test_tree.py)."""
     n_int = 1500
     parent = np.r_[-1, np.arange(n_int - 1), np.arange(n_int)]  # chain, then one leaf per chain node
     length = np.r_[0.0, np.full(len(parent) - 1, 0.5)]
     item_node = np.arange(n_int, len(parent))
-    cs = CladeStructure(parent, length, item_node, np.array([""] * len(parent), dtype=object))
-    assert cs.depth_levels().max() == n_int
+    cs = CladeStructure(parent=parent, length=length, item_node=item_node, names=np.array([""] * len(parent), dtype=object))
     X = np.random.default_rng(24).normal(size=(n_int, 4))
     sub = np.arange(0, n_int, 6)
     r_full = M.mantel_tree(X, cs, permutations=3).statistic

@@ -1,14 +1,13 @@
+"""kNN: exact blocked cosine neighbours against scikit-learn and brute force, and rank agreement."""
+
 import math
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
 from tests._paths import real_tol_embeddings
 from treeprobe.errors import TreeprobeError
-from treeprobe._utils import l2_normalise
 from treeprobe.neighbors import knn_indices, knn_rank_agreement
 
 from treeprobe.taxonomy import RANKS
@@ -57,13 +56,19 @@ def test_knn_errors():
         knn_indices(X, 10)
     with pytest.raises(TreeprobeError):
         knn_indices(X, 0)
+    with pytest.raises(TreeprobeError, match="2-D"):
+        knn_indices(X[0], 2, normalised=True)
     X[3] = 0
     with pytest.raises(TreeprobeError, match="zeros"):
         knn_indices(X, 2)
     with pytest.raises(TreeprobeError):
-        l2_normalise(np.array([[np.nan, 1.0]]))
-    with pytest.raises(TreeprobeError):
         knn_rank_agreement(np.ones((5, 2)) + np.eye(5, 2), {"genus": np.zeros(5, int)}, k=5)
+    with pytest.raises(TreeprobeError, match="2-D"):
+        knn_rank_agreement(np.ones(5), {"genus": np.zeros(5, int)}, k=1)
+    with pytest.raises(TreeprobeError, match="codes for rank 'genus'"):
+        knn_rank_agreement(np.eye(5), {"genus": np.zeros(4, int)}, k=1)
+    with pytest.raises(TreeprobeError, match="max_queries must be >= 2"):
+        knn_rank_agreement(np.eye(5), {"genus": np.zeros(5, int)}, k=1, max_queries=1)
 
 
 def test_agreement_planted_clusters_near_one():
@@ -132,11 +137,16 @@ def _brute(X, k):
     return order, np.take_along_axis(S, order, axis=1)
 
 
+def _set_numba(monkeypatch, use_numba: bool) -> None:
+    if use_numba:
+        monkeypatch.delenv("TREEPROBE_NO_NUMBA", raising=False)
+    else:
+        monkeypatch.setenv("TREEPROBE_NO_NUMBA", "1")
+
+
 @pytest.mark.parametrize("use_numba", [True, False])
 def test_knn_multi_block_kernels_equal_brute(use_numba, monkeypatch):
-    from treeprobe import neighbors
-
-    monkeypatch.setattr(neighbors, "USE_NUMBA", use_numba)
+    _set_numba(monkeypatch, use_numba)
     rng = np.random.default_rng(7)
     centres = rng.normal(size=(40, 24))
     X = centres[rng.integers(0, 40, 700)] + 0.3 * rng.normal(size=(700, 24))
@@ -171,9 +181,7 @@ def test_knn_float32_input_is_rescored_in_float64():
 
 @pytest.mark.parametrize("use_numba", [True, False])
 def test_knn_of_query_rows_equals_those_rows_of_the_full_search(use_numba, monkeypatch):
-    from treeprobe import neighbors
-
-    monkeypatch.setattr(neighbors, "USE_NUMBA", use_numba)
+    _set_numba(monkeypatch, use_numba)
     rng = np.random.default_rng(11)
     X = rng.normal(size=(900, 24))[rng.integers(0, 300, 900)] + 0.05 * rng.normal(size=(900, 24))
     X[10] = X[3]  # exact duplicates: near-ties take the float64 fallback
@@ -210,15 +218,3 @@ def test_query_subsample_agreement_covers_the_exact_value():
         assert abs(a.mean() - e["agreement"]) < 2 * ci.mean() / np.sqrt(len(a)) + 1e-3  # unbiased
         assert all(d.loc[rank, "chance"] == e["chance"] for d in est)  # chance stays exact
 
-
-def test_row_norms_in_chunks_equal_numpy():
-    from treeprobe._utils import row_norms
-
-    rng = np.random.default_rng(2)
-    X = rng.normal(size=(1000, 7)).astype(np.float32)
-    X[3, 2], X[700, 0], X[5] = np.nan, np.inf, 0.0
-    finite, norms = row_norms(X, chunk=64)
-    np.testing.assert_array_equal(finite, np.isfinite(X).all(axis=1))
-    ok = finite
-    np.testing.assert_array_equal(norms[ok], np.linalg.norm(X[ok], axis=1))
-    assert norms[5] == 0 and norms[3] == 0 and norms.dtype == np.float32

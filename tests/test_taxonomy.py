@@ -1,4 +1,6 @@
-"""Taxonomy: cumulative labels, the missing-rank rule, trees and clade structures."""
+"""Taxonomy: cumulative labels, the missing-rank rule, the rank tree (ete3, Newick, clade structure).
+
+The generic tree (CladeStructure, Newick trees) is tested in test_tree.py."""
 
 from tests._paths import SHARED_DATA
 import numpy as np
@@ -8,7 +10,7 @@ from ete3 import Tree
 
 from treeprobe.errors import TreeprobeError
 from treeprobe.taxonomy import RANKS, Taxonomy, placeable_mask
-from treeprobe.tree import CladeStructure, clade_structure_from_tree
+from treeprobe.tree import clade_structure_from_tree
 
 SHARED = str(SHARED_DATA)
 
@@ -105,22 +107,6 @@ def test_ete3_tree_and_newick_round_trip():
     assert np.allclose(cs.item_distances(), tax.clade_structure().item_distances())
 
 
-def test_user_tree_with_branch_lengths():
-    t = Tree("((A_a:1,B_b:2)x:0.5,C_c:4);", format=1)
-    cs, mask = clade_structure_from_tree(t, ["A a", "C c", "Z z", "B b"])
-    assert mask.tolist() == [True, True, False, True]
-    D = cs.item_distances()
-    assert D[0, 1] == pytest.approx(1 + 0.5 + 4)
-    assert D[0, 2] == pytest.approx(3)
-    with pytest.raises(TreeprobeError, match="no item"):
-        clade_structure_from_tree(t, ["Q q"])
-
-
-def test_preorder_is_enforced():
-    with pytest.raises(TreeprobeError, match="pre-order"):
-        CladeStructure(np.array([-1, 2, 0]), np.ones(3), np.array([1]), np.array(["a", "b", "c"], dtype=object))
-
-
 def test_real_multikingdom_lineages():
     df = pd.read_csv(f"{SHARED}/multikingdom_photos_index/metadata.csv")
     tax = Taxonomy.from_frame(df)
@@ -128,12 +114,3 @@ def test_real_multikingdom_lineages():
     assert counts == dict(kingdom=3, phylum=4, **{"class": 8}, order=45, family=133, genus=316, species=465)
     cs = tax.clade_structure()
     assert cs.n_items == 1072 and cs.n_nodes == 1 + sum(counts.values())
-
-
-def test_pair_distances_equal_the_full_matrix():
-    tax = Taxonomy.from_frame(small_frame())
-    cs = tax.clade_structure([5, 4, 3, 2, 1.5, 1, 0.5])
-    D = cs.item_distances()
-    rng = np.random.default_rng(0)
-    i, j = rng.integers(0, tax.n_items, 50), rng.integers(0, tax.n_items, 50)
-    assert np.allclose(cs.pair_distances(cs.item_node[i], cs.item_node[j]), D[i, j])

@@ -14,6 +14,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+__all__ = ["offer_rows", "offer_cols", "offer_rows_serial", "offer_cols_serial"]
+
+# Columns per tile of the transposed scan (contiguous loads; narrower tiles thrash the TLB).
+_TILE = 256
+
 
 @numba.njit(inline="always", nogil=True)
 def _insert(vals, idx, g, s, col):
@@ -52,7 +57,7 @@ def _offer_cols(St, r0, c0, vals, idx, thr):
     """Row r0 + j gets St[i, j] as the similarity to column c0 + i: the transposed block,
     read row by row in tiles of 256 columns (contiguous loads; narrower tiles thrash the TLB)."""
     c, b = St.shape
-    tile = 256
+    tile = _TILE
     for jt in numba.prange((b + tile - 1) // tile):
         j0 = jt * tile
         j1 = min(j0 + tile, b)

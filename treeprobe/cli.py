@@ -120,8 +120,7 @@ def _add_tree(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``treeprobe`` parser with every subcommand (each sets ``func(args) -> int``)."""
     from treeprobe.extract_dist import add_subcommands as add_extract
-    import treeprobe.training.cli as _t  # TEMP until the training helper lands
-    add_training = getattr(_t, "add_subcommands", lambda sub: None)
+    from treeprobe.training.cli import add_subcommands as add_training
 
     p = argparse.ArgumentParser(prog="treeprobe",
                                 description="Does a vision model's representation agree with the tree of life?",

@@ -8,41 +8,49 @@ The same input and seed give identical output.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 
 from treeprobe.errors import TreeprobeError
-from treeprobe._utils import l2_normalise
+from treeprobe._utils import available_cpus, l2_normalise
+from treeprobe._validation import check_embeddings, check_int
 
 __all__ = ["subsample_index", "tsne_2d", "umap_2d"]
 
+# From this many points t-SNE runs on every CPU by default, below it on one: openTSNE switches to
+# FFT-interpolated gradients at 10,000 points, where threads start to pay; below, they cost more
+# than they save (badly so on a busy machine).
+_TSNE_THREADS_MIN_POINTS = 10_000
+# Fewest points each map accepts: with fewer the libraries fail (perplexity must stay below n / 3,
+# n_neighbors below n) and a 2-D map would show nothing anyway.
+_TSNE_MIN_POINTS = 5
+_UMAP_MIN_POINTS = 4
+
 
 def subsample_index(n: int, max_points: int | None, seed: int = 0) -> np.ndarray:
-    """Sorted int64 indices of at most ``max_points`` of ``n`` rows (all when None or n <= max).
+    """Sorted int64 indices (at most ``max_points``,) of ``n`` rows: all when ``max_points`` is
+    None or n <= max_points, else a subset drawn without replacement by
+    ``np.random.default_rng(seed)``.
 
-    The subset is drawn without replacement by ``np.random.default_rng(seed)``.
+    >>> subsample_index(5, None).tolist()
+    [0, 1, 2, 3, 4]
+    >>> idx = subsample_index(1000, 3, seed=1)
+    >>> idx.tolist() == subsample_index(1000, 3, seed=1).tolist(), len(idx), bool((idx[1:] > idx[:-1]).all())
+    (True, 3, True)
     """
-    if max_points is None or n <= max_points:
+    if max_points is None:
         return np.arange(n, dtype=np.int64)
-    if max_points < 1:
-        raise TreeprobeError(f"max_points must be >= 1; got {max_points}")
+    check_int(max_points, "max_points", minimum=1)
+    if n <= max_points:
+        return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n, size=int(max_points), replace=False)).astype(np.int64)
 
 
-def _available_cpus() -> int:
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # pragma: no cover - not on Linux
-        return max(os.cpu_count() or 1, 1)
-
-
 def _prepare(X, max_points, seed, min_points: int, what: str):
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise TreeprobeError(f"embeddings must be a 2-D array (N, D); got shape {X.shape}")
+    """(L2-normalised rows X[index], index) for a map; raises below ``min_points`` points."""
+    X = check_embeddings(X)
     index = subsample_index(X.shape[0], max_points, seed)
     if index.size < min_points:
         raise TreeprobeError(f"{what} needs at least {min_points} points; got {index.size}")
@@ -53,8 +61,8 @@ def tsne_2d(
     X,
     seed: int = 0,
     perplexity: float = 30.0,
-    n_jobs: int | None = None,
     *,
+    n_jobs: int | None = None,
     max_points: int | None = None,
     n_iter: int = 500,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +81,7 @@ def tsne_2d(
     """
     from openTSNE import TSNE
 
-    Xn, index = _prepare(X, max_points, seed, 5, "t-SNE")
+    Xn, index = _prepare(X, max_points, seed, _TSNE_MIN_POINTS, "t-SNE")
     n = index.size
     if perplexity >= n / 3:
         new = max((n - 1) / 3.0, 1.0)
@@ -81,7 +89,7 @@ def tsne_2d(
                       stacklevel=2)
         perplexity = new
     if n_jobs is None:
-        n_jobs = 1 if n < 10_000 else _available_cpus()
+        n_jobs = 1 if n < _TSNE_THREADS_MIN_POINTS else available_cpus()
     tsne = TSNE(n_components=2, perplexity=perplexity, metric="cosine", n_iter=n_iter,
                 random_state=seed, n_jobs=n_jobs, verbose=False)
     coords = np.asarray(tsne.fit(Xn), dtype=np.float32)
@@ -92,8 +100,8 @@ def umap_2d(
     X,
     seed: int = 0,
     n_neighbors: int = 15,
-    min_dist: float = 0.1,
     *,
+    min_dist: float = 0.1,
     max_points: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """UMAP (umap-learn) of the L2-normalised rows of ``X`` (N, D), cosine metric.
@@ -106,7 +114,7 @@ def umap_2d(
     """
     import umap
 
-    Xn, index = _prepare(X, max_points, seed, 4, "UMAP")
+    Xn, index = _prepare(X, max_points, seed, _UMAP_MIN_POINTS, "UMAP")
     n = index.size
     reducer = umap.UMAP(n_components=2, n_neighbors=int(min(n_neighbors, n - 1)),
                         min_dist=min_dist, metric="cosine", random_state=seed, n_jobs=1)

@@ -80,7 +80,7 @@ _COSINE_BLOCK_ROWS = 2048
 _CONSTANT_VARIANCE = 1e-12
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MantelResult:
     """Outcome of a Mantel test.
 

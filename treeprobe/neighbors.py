@@ -25,11 +25,11 @@ from treeprobe.errors import TreeprobeError
 
 __all__ = ["knn_indices", "knn_rank_agreement", "DEFAULT_BLOCK_SIZE"]
 
-#: Rows and columns per similarity block of :func:`knn_indices`: 2 × 4096² float32 = 128 MB of
-#: blocks, large enough that the float32 matrix products run at full BLAS speed.
+#: Rows and columns per similarity block of :func:`knn_indices` (peak 2 × 4096² float32 = 128 MB
+#: of blocks).
 DEFAULT_BLOCK_SIZE = 4096
-# Blocks with fewer entries than this go to the serial numba kernels: launching the parallel
-# threads costs more than scanning 65,536 similarities.
+# Blocks with fewer similarities than this go to the serial numba kernels: launching numba's
+# threads costs more than it saves on them.
 _PARALLEL_MIN = 1 << 16
 # Above this share of a block's entries beating their row's threshold, the numpy fallback merges
 # the whole block into the buffers (the first block a row sees), below it only the hits.
@@ -170,7 +170,7 @@ def _exact_rows(X: np.ndarray, rows: np.ndarray, k: int, block_size: int):
     return out_idx, out_sim
 
 
-def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
+def knn_indices(X, k: int, block_size: int = DEFAULT_BLOCK_SIZE, *, extra: int | None = None,
                 queries=None, normalised: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine k-nearest neighbours of every row of ``X`` (self excluded), or of the
     rows listed in ``queries`` (searched against all N rows).
@@ -211,50 +211,76 @@ def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
     similarities : float (N, k) or (Q, k)
         Cosine similarities (float32 for float32 input, else float64), descending.
     """
-    Xn = np.asarray(X) if normalised else l2_normalise(X)
-    n, dim = Xn.shape
-    k = int(k)
-    if k < 1:
-        raise TreeprobeError(f"k must be >= 1; got {k}")
+    Xn = check_embeddings(X) if normalised else l2_normalise(X)
+    n = Xn.shape[0]
+    k = check_int(k, "k")
     if k >= n:
         raise TreeprobeError(f"k={k} neighbours needs at least k+1={k + 1} items; got {n}")
     block_size = max(int(block_size), 1)
     extra = max(4, k // 4) if extra is None else max(int(extra), 0)
     cap = min(k + extra, n - 1)
     X32 = np.ascontiguousarray(Xn, dtype=np.float32)  # Xn itself for float32 input
-    starts = list(range(0, n, block_size))
     if queries is None:
         item = np.arange(n)  # the item behind each buffer row
-        buf = _TopBuffer(n, cap)
-        for bi, r0 in enumerate(starts):
-            r1 = min(r0 + block_size, n)
-            A = X32[r0:r1]
-            for c0 in starts[bi:]:
-                c1 = min(c0 + block_size, n)
-                S = _gemm(A, X32[c0:c1])
-                if c0 == r0:
-                    np.fill_diagonal(S, -np.inf)
-                buf.update(r0, S, c0)
-                if c0 != r0:
-                    buf.update(c0, S.T, r0)
+        buf = _search_all(X32, cap, block_size)
     else:
-        item = np.asarray(queries)
-        if item.ndim != 1 or (item.size and (item.dtype.kind not in "iu" or item.min() < 0 or item.max() >= n)):
-            raise TreeprobeError(f"queries must be a 1-D array of row indices in [0, {n}); got {item!r:.80}")
-        item = item.astype(np.int64)
-        buf = _TopBuffer(item.size, cap)
-        for a in range(0, item.size, block_size):
-            qa = item[a:a + block_size]
-            A = X32[qa]
-            for c0 in starts:
-                c1 = min(c0 + block_size, n)
-                S = _gemm(A, X32[c0:c1])
-                own = np.flatnonzero((qa >= c0) & (qa < c1))
-                S[own, qa[own] - c0] = -np.inf
-                buf.update(a, S, c0)
-    nq = item.size
+        item = _check_queries(queries, n)
+        buf = _search_queries(X32, item, cap, block_size)
+    out_idx, out_sim = _rescore(buf, Xn, item, k, block_size)
+    return out_idx, out_sim.astype(Xn.dtype, copy=False)
 
-    # exact re-scoring of the float32 candidates near the k-th
+
+def _check_queries(queries, n: int) -> np.ndarray:
+    """``queries`` as int64 row indices (Q,) into [0, n); raises otherwise."""
+    item = np.asarray(queries)
+    if item.ndim != 1 or (item.size and (item.dtype.kind not in "iu" or item.min() < 0 or item.max() >= n)):
+        raise TreeprobeError(f"queries must be a 1-D array of row indices in [0, {n}); got {item!r:.80}")
+    return item.astype(np.int64)
+
+
+def _search_all(X32: np.ndarray, cap: int, block_size: int) -> _TopBuffer:
+    """Top-``cap`` float32 candidates of every row (self excluded), over the upper triangle of
+    block pairs: each block product is offered to its rows and, transposed, to its columns."""
+    n = X32.shape[0]
+    starts = list(range(0, n, block_size))
+    buf = _TopBuffer(n, cap)
+    for bi, r0 in enumerate(starts):
+        r1 = min(r0 + block_size, n)
+        A = X32[r0:r1]
+        for c0 in starts[bi:]:
+            c1 = min(c0 + block_size, n)
+            S = _gemm(A, X32[c0:c1])
+            if c0 == r0:
+                np.fill_diagonal(S, -np.inf)
+            buf.update(r0, S, c0)
+            if c0 != r0:
+                buf.update(c0, S.T, r0)
+    return buf
+
+
+def _search_queries(X32: np.ndarray, item: np.ndarray, cap: int, block_size: int) -> _TopBuffer:
+    """Top-``cap`` float32 candidates of the rows ``item`` (Q,) among all N rows (self excluded)."""
+    n = X32.shape[0]
+    buf = _TopBuffer(item.size, cap)
+    for a in range(0, item.size, block_size):
+        qa = item[a:a + block_size]
+        A = X32[qa]
+        for c0 in range(0, n, block_size):
+            c1 = min(c0 + block_size, n)
+            S = _gemm(A, X32[c0:c1])
+            own = np.flatnonzero((qa >= c0) & (qa < c1))
+            S[own, qa[own] - c0] = -np.inf
+            buf.update(a, S, c0)
+    return buf
+
+
+def _rescore(buf: _TopBuffer, Xn: np.ndarray, item: np.ndarray, k: int, block_size: int):
+    """Exact (float64) top-k of each buffer row: the float32 candidates near the k-th are
+    re-scored in float64; rows whose buffer cannot certify the result (more near-ties than it
+    holds) are recomputed in full. Returns (indices int64 (Q, k), similarities float64 (Q, k))."""
+    n, dim = Xn.shape
+    nq = item.size
+    cap = buf.cap
     tol = _f32_dot_tolerance(dim)
     kth = -np.partition(-buf.vals, k - 1, axis=1)[:, k - 1]
     bound = kth - 2 * tol
@@ -264,7 +290,7 @@ def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
     ri, cj = np.nonzero(cand)
     ci = buf.idx[ri, cj]
     s64 = np.empty(ri.size, dtype=np.float64)
-    step = max(1, (1 << 22) // max(dim, 1))
+    step = max(1, _RESCORE_ELEMENTS // max(dim, 1))
     for a in range(0, ri.size, step):
         s64[a:a + step] = np.einsum("ij,ij->i", Xn[item[ri[a:a + step]]].astype(np.float64),
                                     Xn[ci[a:a + step]].astype(np.float64))
@@ -281,21 +307,15 @@ def knn_indices(X, k: int, block_size: int = 4096, *, extra: int | None = None,
     bad = np.flatnonzero(~certified)
     if bad.size:
         out_idx[bad], out_sim[bad] = _exact_rows(Xn, item[bad], k, block_size)
-    return out_idx, out_sim.astype(Xn.dtype, copy=False)
-
-
-def _check_codes(codes, n: int, rank: str) -> np.ndarray:
-    codes = np.asarray(codes)
-    if codes.shape != (n,):
-        raise TreeprobeError(f"codes for rank {rank!r} have shape {codes.shape}; expected ({n},)")
-    return codes
+    return out_idx, out_sim
 
 
 def knn_rank_agreement(
     X,
     codes_by_rank: Mapping[str, np.ndarray],
     k: int = 10,
-    block_size: int = 4096,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     max_queries: int | None = None,
     seed: int = 0,
     normalised: bool = False,
@@ -330,6 +350,8 @@ def knn_rank_agreement(
         Taxon code per item at each rank (any integer labels), in rank order.
     k : int
         Neighbours per item, ``k <= N - 1`` (else :class:`TreeprobeError`).
+    block_size : int
+        Rows per similarity block of :func:`knn_indices` (memory, not the result).
     max_queries : int, optional
         Largest N searched in full (None: always in full).
     seed : int
@@ -343,55 +365,69 @@ def knn_rank_agreement(
     top1, n_evaluated (items whose neighbours were scored), n_excluded_singletons (items
     alone in their taxon, among all N), estimator ('exact' | 'query-subsample'),
     n_queries, agreement_ci95, top1_ci95 (NaN when exact), note ('' or why scores are NaN).
+
+    Three genera of two items in two kingdoms; every item's nearest neighbour is its congener:
+
+    >>> X = [[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0], [-0.9, -0.1]]
+    >>> codes = {"kingdom": [0, 0, 0, 0, 1, 1], "genus": [0, 0, 1, 1, 2, 2]}
+    >>> df = knn_rank_agreement(X, codes, k=1)
+    >>> print(df[["rank", "agreement", "chance", "agreement_excess"]].round(3).to_string(index=False))
+       rank  agreement  chance  agreement_excess
+    kingdom        1.0   0.467               1.0
+      genus        1.0   0.200               1.0
     """
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise TreeprobeError(f"embeddings must be a 2-D array (N, D); got shape {X.shape}")
+    X = check_embeddings(X)
     n = X.shape[0]
     if int(k) >= n:
         raise TreeprobeError(f"k={k} neighbours needs at least k+1={int(k) + 1} items; got {n}")
-    codes_by_rank = {r: _check_codes(c, n, r) for r, c in codes_by_rank.items()}
+    codes_by_rank = {r: check_codes(c, n, r) for r, c in codes_by_rank.items()}
+    if max_queries is not None:
+        check_int(max_queries, "max_queries", minimum=2)
     sampled = max_queries is not None and n > int(max_queries)
     if sampled:
-        if int(max_queries) < 2:
-            raise TreeprobeError(f"max_queries must be >= 2; got {max_queries}")
         queries = np.sort(np.random.default_rng(seed).choice(n, int(max_queries), replace=False))
     else:
         queries = np.arange(n)
     nn_idx, _ = knn_indices(X, k, block_size=block_size, queries=queries if sampled else None,
                             normalised=normalised)
-    rows = []
-    for rank, codes in codes_by_rank.items():
-        _, inv, counts = np.unique(codes, return_inverse=True, return_counts=True)
-        size = counts[inv]  # taxon size per item
-        keep_all = size > 1
-        n_pop = int(keep_all.sum())  # items that can have a same-taxon neighbour
-        keep = keep_all[queries]
-        n_eval = int(keep.sum())
-        row = dict(rank=rank, k=int(k), n_taxa=int(counts.size), agreement=np.nan,
-                   chance=np.nan, agreement_excess=np.nan, top1=np.nan,
-                   n_evaluated=n_eval, n_excluded_singletons=int(n - n_pop),
-                   estimator="query-subsample" if sampled else "exact", n_queries=int(queries.size),
-                   agreement_ci95=np.nan, top1_ci95=np.nan, note="")
-        if n_eval == 0:
-            row["note"] = "every taxon has a single item" if n_pop == 0 else "no sampled item in a taxon of >1"
-        else:
-            q = queries[keep]
-            same = inv[nn_idx[keep]] == inv[q][:, None]  # (n_eval, k)
-            agreement = float(same.mean())
-            chance = float(np.mean((size[keep_all] - 1) / (n - 1)))  # exact, over all items
-            row.update(agreement=agreement, chance=chance, top1=float(same[:, 0].mean()))
-            if sampled and n_eval > 1:
-                fpc = np.sqrt(max(n_pop - n_eval, 0) / max(n_pop - 1, 1))
-                for name, per_item in (("agreement", same.mean(axis=1)), ("top1", same[:, 0])):
-                    sd = per_item.std(ddof=1)
-                    # no spread in the sample (all 0 or all 1): the rule of three, 3/n, bounds the
-                    # population's deviation at 95 % where the normal interval would say 0
-                    half = 1.96 * sd / np.sqrt(n_eval) if sd > 0 else 3.0 / n_eval
-                    row[f"{name}_ci95"] = float(half * fpc)
-            if chance < 1.0:
-                row["agreement_excess"] = (agreement - chance) / (1.0 - chance)
-            if counts.size == 1:
-                row["note"] = "single taxon"
-        rows.append(row)
+    rows = [_agreement_row(rank, codes, nn_idx, queries, int(k), sampled) for rank, codes in codes_by_rank.items()]
     return pd.DataFrame(rows)
+
+
+def _agreement_row(rank: str, codes: np.ndarray, nn_idx: np.ndarray, queries: np.ndarray, k: int,
+                   sampled: bool) -> dict:
+    """One row of :func:`knn_rank_agreement`: the scores of rank ``rank`` (codes (N,)) from the
+    neighbours ``nn_idx`` (Q, k) of the items ``queries`` (Q,)."""
+    n = codes.shape[0]
+    _, inv, counts = np.unique(codes, return_inverse=True, return_counts=True)
+    size = counts[inv]  # taxon size per item
+    keep_all = size > 1
+    n_pop = int(keep_all.sum())  # items that can have a same-taxon neighbour
+    keep = keep_all[queries]
+    n_eval = int(keep.sum())
+    row = dict(rank=rank, k=k, n_taxa=int(counts.size), agreement=np.nan,
+               chance=np.nan, agreement_excess=np.nan, top1=np.nan,
+               n_evaluated=n_eval, n_excluded_singletons=int(n - n_pop),
+               estimator="query-subsample" if sampled else "exact", n_queries=int(queries.size),
+               agreement_ci95=np.nan, top1_ci95=np.nan, note="")
+    if n_eval == 0:
+        row["note"] = "every taxon has a single item" if n_pop == 0 else "no sampled item in a taxon of >1"
+        return row
+    q = queries[keep]
+    same = inv[nn_idx[keep]] == inv[q][:, None]  # (n_eval, k)
+    agreement = float(same.mean())
+    chance = float(np.mean((size[keep_all] - 1) / (n - 1)))  # exact, over all items
+    row.update(agreement=agreement, chance=chance, top1=float(same[:, 0].mean()))
+    if sampled and n_eval > 1:
+        fpc = np.sqrt(max(n_pop - n_eval, 0) / max(n_pop - 1, 1))
+        for name, per_item in (("agreement", same.mean(axis=1)), ("top1", same[:, 0])):
+            sd = per_item.std(ddof=1)
+            # no spread in the sample (all 0 or all 1): the rule of three, 3/n, bounds the
+            # population's deviation at 95 % where the normal interval would say 0
+            half = 1.96 * sd / np.sqrt(n_eval) if sd > 0 else 3.0 / n_eval
+            row[f"{name}_ci95"] = float(half * fpc)
+    if chance < 1.0:
+        row["agreement_excess"] = (agreement - chance) / (1.0 - chance)
+    if counts.size == 1:
+        row["note"] = "single taxon"
+    return row

@@ -20,10 +20,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+from treeprobe._utils import RANKS
 
-# Default children per node for phylum..species, each an inclusive (low, high) range
-# drawn per parent node. Expected size: 3 * 2.5 * 2.5 * 2 * 2 * 2 * 2 = 300 species.
+__all__ = ["RANKS", "DEFAULT_BRANCHING", "NAME_STYLES", "SimulatedWorld", "simulate_world", "newick"]
+
+#: Default children per node for phylum..species, each an inclusive (low, high) range
+#: drawn per parent node. Expected size: 3 * 2.5 * 2.5 * 2 * 2 * 2 * 2 = 300 species.
 DEFAULT_BRANCHING: tuple[tuple[int, int], ...] = ((2, 3), (2, 3), (1, 3), (1, 3), (1, 3), (1, 3))
 
 # --- names -------------------------------------------------------------------------
@@ -51,6 +53,10 @@ _INDEXED = {
     "species": "epithet",
 }
 _MULT = 2713  # coprime with 80, so i -> (_MULT * i + offset) mod 80**L is a bijection
+_RANK_OFFSET = 1009  # offset step per rank (a prime): equal indices at different ranks get unrelated stems
+_NULL_STREAM = 0x6E756C6C  # 'null' in ASCII: the seed-sequence key of the negative-control stream
+#: Naming styles of :func:`simulate_world`.
+NAME_STYLES = ("latin", "indexed")
 
 
 def _stem(index: int, rank_pos: int) -> str:
@@ -66,7 +72,7 @@ def _stem(index: int, rank_pos: int) -> str:
         base += n**length
         length += 1
     size = n**length
-    code = (_MULT * (index - base) + 1009 * rank_pos + 7) % size
+    code = (_MULT * (index - base) + _RANK_OFFSET * rank_pos + 7) % size
     digits = []
     for _ in range(length):
         digits.append(code % n)
@@ -102,7 +108,7 @@ def _rank_names(rank: str, n: int, style: str) -> list[str]:
 # --- the world ---------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SimulatedWorld:
     """A simulated taxonomy, its Brownian traits and per-image embeddings.
 
@@ -150,10 +156,12 @@ class SimulatedWorld:
 
     @property
     def n_items(self) -> int:
+        """Number of images N."""
         return int(self.embeddings.shape[0])
 
     @property
     def n_species(self) -> int:
+        """Number of species."""
         return len(self.species_names)
 
     def n_taxa(self, rank: str) -> int:
@@ -166,7 +174,7 @@ class SimulatedWorld:
         Scaled to the overall standard deviation of :attr:`embeddings` so magnitudes
         are comparable; depends only on ``seed`` and the shape.
         """
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x6E756C6C]))
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), _NULL_STREAM]))
         scale = float(np.std(self.embeddings, dtype=np.float64)) or 1.0
         return (rng.standard_normal(self.embeddings.shape) * scale).astype(np.float32)
 
@@ -197,21 +205,17 @@ class SimulatedWorld:
 
 
 def _parse_branching(branching) -> list[tuple[int, int]]:
+    """Six inclusive (low, high) ranges of children per node (phylum..species)."""
     if branching is None:
         branching = DEFAULT_BRANCHING
     branching = list(branching)
     if len(branching) != len(RANKS) - 1:
         raise ValueError(f"branching needs {len(RANKS) - 1} entries (phylum..species), got {len(branching)}")
-    out = []
-    for rank, b in zip(RANKS[1:], branching):
-        lo, hi = (int(b), int(b)) if np.isscalar(b) else (int(b[0]), int(b[1]))
-        if lo < 1 or hi < lo:
-            raise ValueError(f"branching for {rank} must satisfy 1 <= low <= high, got {b!r}")
-        out.append((lo, hi))
-    return out
+    return [_parse_range(b, f"branching for {rank}") for rank, b in zip(RANKS[1:], branching)]
 
 
 def _parse_rank_lengths(rank_lengths) -> tuple[float, ...]:
+    """Seven non-negative branch lengths (kingdom..species) from a sequence, a mapping or None (all 1)."""
     if rank_lengths is None:
         return (1.0,) * len(RANKS)
     if isinstance(rank_lengths, Mapping):
@@ -229,6 +233,7 @@ def _parse_rank_lengths(rank_lengths) -> tuple[float, ...]:
 
 
 def _parse_range(value, what: str) -> tuple[int, int]:
+    """An int or an inclusive (low, high) pair as (low, high), with 1 <= low <= high."""
     lo, hi = (int(value), int(value)) if np.isscalar(value) else (int(value[0]), int(value[1]))
     if lo < 1 or hi < lo:
         raise ValueError(f"{what} must satisfy 1 <= low <= high, got {value!r}")
@@ -236,6 +241,7 @@ def _parse_range(value, what: str) -> tuple[int, int]:
 
 
 def simulate_world(
+    *,
     n_kingdoms: int = 3,
     branching: Sequence | None = None,
     images_per_species: int | tuple[int, int] = (1, 6),
@@ -276,12 +282,18 @@ def simulate_world(
     Returns
     -------
     SimulatedWorld
+
+    >>> w = simulate_world(n_kingdoms=2, branching=[1, 1, 1, 1, 1, 2], images_per_species=3, dim=8, seed=0)
+    >>> w.n_species, w.n_items, w.embeddings.shape, w.embeddings.dtype
+    (4, 12, (12, 8), dtype('float32'))
+    >>> w.tree_distance(np.array([0, 0, 0]), np.array([1, 3, 11])).tolist()  # same species, genus, kingdom
+    [0.0, 2.0, 14.0]
     """
     if n_kingdoms < 1:
         raise ValueError("n_kingdoms must be >= 1")
     if dim < 1 or trait_dim < 1:
         raise ValueError("dim and trait_dim must be >= 1")
-    if names not in ("latin", "indexed"):
+    if names not in NAME_STYLES:
         raise ValueError("names must be 'latin' or 'indexed'")
     branch = _parse_branching(branching)
     lengths = _parse_rank_lengths(rank_lengths)
@@ -290,42 +302,12 @@ def simulate_world(
     ss = np.random.SeedSequence(int(seed))
     rng_tree, rng_traits, rng_map, rng_images, rng_noise = (np.random.default_rng(s) for s in ss.spawn(5))
 
-    # --- structure: parent index of every node, rank by rank -------------------------
-    parents: list[np.ndarray] = [np.full(n_kingdoms, -1, dtype=np.int64)]
-    for lo, hi in branch:
-        n_parent = len(parents[-1])
-        k = rng_tree.integers(lo, hi + 1, size=n_parent)
-        parents.append(np.repeat(np.arange(n_parent, dtype=np.int64), k))
-
-    # names: unique per rank; species epithets unique within their genus
-    node_names = [_rank_names(rank, len(parents[pos]), names) for pos, rank in enumerate(RANKS[:-1])]
-    sp_parent = parents[-1]
-    if names == "indexed":  # 'Genus12 epithet0', 'Genus12 epithet1', ...: numbered within the genus
-        starts = np.r_[0, np.flatnonzero(np.diff(sp_parent)) + 1] if len(sp_parent) else np.zeros(0, int)
-        counts = np.diff(np.r_[starts, len(sp_parent)])
-        within = np.arange(len(sp_parent)) - np.repeat(starts, counts)
-        epithets = [_taxon_name("species", int(w), names) for w in within]
-    else:  # globally distinct epithets
-        epithets = _rank_names("species", len(sp_parent), names)
-    genus_names = node_names[-1]
-    species_names = [f"{genus_names[g]} {e}" for g, e in zip(sp_parent, epithets)]
-    node_names.append(species_names)
-
-    # ancestors of every species at every rank
+    parents = _draw_parents(rng_tree, n_kingdoms, branch)
+    node_names = _name_nodes(parents, names)
+    species_names = node_names[-1]
     n_species = len(species_names)
-    anc = np.empty((n_species, len(RANKS)), dtype=np.int64)
-    anc[:, -1] = np.arange(n_species)
-    for pos in range(len(RANKS) - 1, 0, -1):
-        anc[:, pos - 1] = parents[pos][anc[:, pos]]
-
-    # --- Brownian traits --------------------------------------------------------------
-    node_traits: dict[str, np.ndarray] = {}
-    prev = np.zeros((1, trait_dim))
-    for pos, rank in enumerate(RANKS):
-        par = np.zeros(len(parents[pos]), dtype=np.int64) if pos == 0 else parents[pos]
-        step = rng_traits.standard_normal((len(par), trait_dim)) * np.sqrt(lengths[pos])
-        prev = prev[par] + step
-        node_traits[rank] = prev
+    anc = _species_ancestors(parents)
+    node_traits = _brownian_traits(rng_traits, parents, lengths, trait_dim)
     species_traits = node_traits["species"]
 
     # --- images and embeddings ---------------------------------------------------------
@@ -356,6 +338,57 @@ def simulate_world(
         signal=float(signal),
         noise=float(noise),
     )
+
+
+def _draw_parents(rng: np.random.Generator, n_kingdoms: int, branch) -> list[np.ndarray]:
+    """Parent index of every node, rank by rank: ``parents[pos]`` (n_taxa(rank),) indexes the
+    taxa of the rank above (kingdoms: −1). Children per node drawn from ``branch``."""
+    parents: list[np.ndarray] = [np.full(n_kingdoms, -1, dtype=np.int64)]
+    for lo, hi in branch:
+        n_parent = len(parents[-1])
+        k = rng.integers(lo, hi + 1, size=n_parent)
+        parents.append(np.repeat(np.arange(n_parent, dtype=np.int64), k))
+    return parents
+
+
+def _name_nodes(parents: list[np.ndarray], style: str) -> list[list[str]]:
+    """Names of the taxa of every rank: unique per rank; species as binomials, epithets unique
+    within their genus ("indexed": numbered within it; "latin": globally distinct)."""
+    node_names = [_rank_names(rank, len(parents[pos]), style) for pos, rank in enumerate(RANKS[:-1])]
+    sp_parent = parents[-1]
+    if style == "indexed":  # 'Genus12 epithet0', 'Genus12 epithet1', ...: numbered within the genus
+        starts = np.r_[0, np.flatnonzero(np.diff(sp_parent)) + 1] if len(sp_parent) else np.zeros(0, int)
+        counts = np.diff(np.r_[starts, len(sp_parent)])
+        within = np.arange(len(sp_parent)) - np.repeat(starts, counts)
+        epithets = [_taxon_name("species", int(w), style) for w in within]
+    else:  # globally distinct epithets
+        epithets = _rank_names("species", len(sp_parent), style)
+    genus_names = node_names[-1]
+    node_names.append([f"{genus_names[g]} {e}" for g, e in zip(sp_parent, epithets)])
+    return node_names
+
+
+def _species_ancestors(parents: list[np.ndarray]) -> np.ndarray:
+    """Per-rank taxon index of every species' ancestors, int64 (n_species, 7)."""
+    n_species = len(parents[-1])
+    anc = np.empty((n_species, len(RANKS)), dtype=np.int64)
+    anc[:, -1] = np.arange(n_species)
+    for pos in range(len(RANKS) - 1, 0, -1):
+        anc[:, pos - 1] = parents[pos][anc[:, pos]]
+    return anc
+
+
+def _brownian_traits(rng: np.random.Generator, parents: list[np.ndarray], lengths, trait_dim: int) -> dict:
+    """Brownian traits at every node, rank by rank: rank -> float64 (n_taxa(rank), trait_dim),
+    each the parent's trait plus N(0, length · I) (root trait 0)."""
+    node_traits: dict[str, np.ndarray] = {}
+    prev = np.zeros((1, trait_dim))
+    for pos, rank in enumerate(RANKS):
+        par = np.zeros(len(parents[pos]), dtype=np.int64) if pos == 0 else parents[pos]
+        step = rng.standard_normal((len(par), trait_dim)) * np.sqrt(lengths[pos])
+        prev = prev[par] + step
+        node_traits[rank] = prev
+    return node_traits
 
 
 def _fmt_len(x: float) -> str:

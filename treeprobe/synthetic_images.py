@@ -35,35 +35,35 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from .simulate import RANKS, SimulatedWorld
+from treeprobe._utils import RANKS
+from treeprobe.simulate import SimulatedWorld
+
+__all__ = ["SpeciesLook", "species_looks", "image_species_codes", "render_species_images", "to_pil",
+           "montage", "write_image_folder"]
 
 _SUPERSAMPLE = 2  # draw at 2x and downsample for anti-aliased edges
+_MIN_IMAGE_SIZE = 8  # smallest image side accepted, pixels
+_IMAGE_STREAM = 0x696D67  # 'img' in ASCII: the seed-sequence key of the per-image jitter stream
+_PIXEL_NOISE_SD = 0.02  # per-pixel Gaussian noise, in units of full intensity (0..1)
 
 # Named colours for the made-up common names (sRGB, 0..1).
-_COLOUR_NAMES = {
-    "red": (0.85, 0.15, 0.15),
-    "orange": (0.95, 0.55, 0.1),
-    "yellow": (0.95, 0.9, 0.2),
-    "olive": (0.5, 0.5, 0.15),
-    "green": (0.2, 0.7, 0.25),
-    "teal": (0.1, 0.55, 0.55),
-    "blue": (0.2, 0.35, 0.85),
-    "purple": (0.5, 0.2, 0.7),
-    "pink": (0.95, 0.5, 0.7),
-    "brown": (0.5, 0.3, 0.15),
-    "grey": (0.5, 0.5, 0.5),
-    "black": (0.1, 0.1, 0.1),
-    "white": (0.92, 0.92, 0.92),
-}
+_COLOUR_NAMES = dict(zip(
+    ("red", "orange", "yellow", "olive", "green", "teal", "blue", "purple", "pink", "brown", "grey", "black",
+     "white"),
+    ((0.85, 0.15, 0.15), (0.95, 0.55, 0.1), (0.95, 0.9, 0.2), (0.5, 0.5, 0.15), (0.2, 0.7, 0.25),
+     (0.1, 0.55, 0.55), (0.2, 0.35, 0.85), (0.5, 0.2, 0.7), (0.95, 0.5, 0.7), (0.5, 0.3, 0.15),
+     (0.5, 0.5, 0.5), (0.1, 0.1, 0.1), (0.92, 0.92, 0.92)),
+))
 _SHAPES = {0: "ovoid", 3: "triangular", 4: "square", 5: "pentagonal", 6: "hexagonal"}
 _PATTERNS = ("plain", "striped", "spotted")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function, elementwise."""
     return 1.0 / (1.0 + np.exp(-x))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SpeciesLook:
     """Per-species visual features (arrays of length n_species; colours in 0..1 RGB)."""
 
@@ -100,6 +100,7 @@ class SpeciesLook:
 
 
 def _colour_name(rgb: np.ndarray) -> str:
+    """The named colour nearest (squared RGB distance) to ``rgb`` (3,)."""
     names = list(_COLOUR_NAMES)
     ref = np.array([_COLOUR_NAMES[n] for n in names])
     return names[int(np.argmin(((ref - rgb) ** 2).sum(axis=1)))]
@@ -143,24 +144,7 @@ def species_looks(world: SimulatedWorld) -> SpeciesLook:
     orientation = np.pi * _sigmoid(1.5 * col(6)[:, 0])
     size = 0.22 + 0.16 * _sigmoid(1.5 * col(7)[:, 0])
 
-    names = []
-    for s in range(len(size)):
-        words = []
-        if size[s] < 0.26:
-            words.append("small")
-        elif size[s] > 0.34:
-            words.append("large")
-        words.append(_colour_name(body[s]))
-        if pattern[s] != 0:
-            words.append(_PATTERNS[pattern[s]])
-        if vertices[s] == 0:
-            words.append("round" if aspect[s] > 0.85 else "ovoid")
-        elif vertices[s] == 4 and aspect[s] <= 0.85:
-            words.append("oblong")
-        else:
-            words.append(_SHAPES[int(vertices[s])])
-        names.append(" ".join(words))
-
+    names = [_common_name(size[s], body[s], pattern[s], vertices[s], aspect[s]) for s in range(len(size))]
     return SpeciesLook(
         body_rgb=body,
         pattern_rgb=pattern_rgb,
@@ -173,6 +157,25 @@ def species_looks(world: SimulatedWorld) -> SpeciesLook:
         size=size,
         common_name=names,
     )
+
+
+def _common_name(size: float, body_rgb: np.ndarray, pattern: int, vertices: int, aspect: float) -> str:
+    """Made-up common name of a look, e.g. 'small red striped ovoid' (size, colour, pattern, shape)."""
+    words = []
+    if size < 0.26:
+        words.append("small")
+    elif size > 0.34:
+        words.append("large")
+    words.append(_colour_name(body_rgb))
+    if pattern != 0:
+        words.append(_PATTERNS[pattern])
+    if vertices == 0:
+        words.append("round" if aspect > 0.85 else "ovoid")
+    elif vertices == 4 and aspect <= 0.85:
+        words.append("oblong")
+    else:
+        words.append(_SHAPES[int(vertices)])
+    return " ".join(words)
 
 
 def _outline(vertices: int, aspect: float, n_ellipse: int = 28) -> np.ndarray:
@@ -195,6 +198,7 @@ def image_species_codes(world: SimulatedWorld, images_per_species: int | None = 
 def render_species_images(
     world: SimulatedWorld,
     image_size: int = 32,
+    *,
     images_per_species: int | None = None,
     seed: int = 0,
 ) -> np.ndarray:
@@ -216,20 +220,12 @@ def render_species_images(
     -------
     uint8 array (N, image_size, image_size, 3)
     """
-    if image_size < 8:
-        raise ValueError("image_size must be >= 8")
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be >= {_MIN_IMAGE_SIZE}")
     codes = image_species_codes(world, images_per_species)
     look = species_looks(world)
     n = len(codes)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x696D67]))
-    # per-image jitter, drawn up front (deterministic regardless of rendering details)
-    shift = rng.uniform(-0.1, 0.1, size=(n, 2))  # centre offset, fraction of the side
-    rot = rng.normal(0.0, np.deg2rad(12.0), size=n)  # radians
-    scale = rng.uniform(0.9, 1.1, size=n)
-    bright = rng.normal(1.0, 0.06, size=n)
-    phase = rng.uniform(0.0, 1.0, size=(n, 2))  # pattern phase
-    noise_seeds = rng.integers(0, 2**31 - 1, size=n)
-
+    jit = _draw_jitter(seed, n)
     big = image_size * _SUPERSAMPLE
     # pixel centres in [-0.5, 0.5] image units
     g = (np.arange(big) + 0.5) / big - 0.5
@@ -241,46 +237,72 @@ def render_species_images(
         key = (v, round(asp, 4))
         if key not in outlines:
             outlines[key] = _outline(v, asp)
-        half = float(look.size[s]) * scale[i]
-        c, sn = np.cos(rot[i]), np.sin(rot[i])
-        cx, cy = shift[i]
-        pts = outlines[key] * half
-        px = (pts[:, 0] * c - pts[:, 1] * sn + cx + 0.5) * big
-        py = (pts[:, 0] * sn + pts[:, 1] * c + cy + 0.5) * big
-        poly = list(zip(px.tolist(), py.tolist()))
-        mask_img = Image.new("L", (big, big), 0)
-        ImageDraw.Draw(mask_img).polygon(poly, fill=255)
-        mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255.0
-        edge_img = Image.new("L", (big, big), 0)  # a dark rim so the body stands out
-        ImageDraw.Draw(edge_img).line(poly + poly[:1], fill=255, width=_SUPERSAMPLE, joint="curve")
-        edge = np.asarray(edge_img, dtype=np.float32)[..., None] / 255.0
-
-        # body coordinates (unit half-width) of every pixel, for the pattern
-        dx, dy = gx - cx, gy - cy
-        u = (dx * c + dy * sn) / half
-        w = (-dx * sn + dy * c) / half
-        kind = int(look.pattern[s])
-        if kind == 0:
-            pat = np.zeros_like(u)
-        else:
-            f = float(look.frequency[s]) / 2.0  # cycles per body half-width
-            if kind == 1:
-                th = float(look.orientation[s])
-                t = u * np.cos(th) + w * np.sin(th)
-                pat = (((t * f + phase[i, 0]) % 1.0) < 0.45).astype(np.float32)
-            else:
-                a = (u * f + phase[i, 0]) % 1.0 - 0.5
-                b = (w * f + phase[i, 1]) % 1.0 - 0.5
-                pat = ((a * a + b * b) < 0.3**2).astype(np.float32)
-        pat = pat[..., None]
-        body = (1 - pat) * look.body_rgb[s] + pat * look.pattern_rgb[s]
-        img = (1 - mask) * look.background_rgb[s] + mask * body  # (big, big, 3) in 0..1
-        img = (1 - edge) * img + edge * (0.35 * look.body_rgb[s])
+        img = _draw_species(look, s, outlines[key], jit, i, gx, gy)
         small = img.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE, 3).mean(axis=(1, 3))
-        small = small * bright[i]
-        small = small + np.random.default_rng(int(noise_seeds[i])).normal(0.0, 0.02, small.shape)
+        small = small * jit["bright"][i]
+        small = small + np.random.default_rng(int(jit["noise_seeds"][i])).normal(0.0, _PIXEL_NOISE_SD, small.shape)
         out[i] = np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
     return out
+
+
+def _draw_jitter(seed: int, n: int) -> dict[str, np.ndarray]:
+    """Per-image jitter of ``n`` images, drawn up front from the seeded image stream (so it does
+    not depend on rendering details): shift (n, 2) centre offset as a fraction of the side,
+    rot (n,) radians, scale (n,), bright (n,), phase (n, 2) pattern phase, noise_seeds (n,)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _IMAGE_STREAM]))
+    return dict(
+        shift=rng.uniform(-0.1, 0.1, size=(n, 2)),
+        rot=rng.normal(0.0, np.deg2rad(12.0), size=n),
+        scale=rng.uniform(0.9, 1.1, size=n),
+        bright=rng.normal(1.0, 0.06, size=n),
+        phase=rng.uniform(0.0, 1.0, size=(n, 2)),
+        noise_seeds=rng.integers(0, 2**31 - 1, size=n),
+    )
+
+
+def _draw_species(look: SpeciesLook, s: int, outline: np.ndarray, jit: dict, i: int,
+                  gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """Image ``i`` (species ``s``) at the supersampled size: float (big, big, 3) in 0..1, before
+    brightness and noise. ``gx``, ``gy``: pixel centres (big, big) in [-0.5, 0.5]."""
+    big = gx.shape[0]
+    half = float(look.size[s]) * jit["scale"][i]
+    c, sn = np.cos(jit["rot"][i]), np.sin(jit["rot"][i])
+    cx, cy = jit["shift"][i]
+    pts = outline * half
+    px = (pts[:, 0] * c - pts[:, 1] * sn + cx + 0.5) * big
+    py = (pts[:, 0] * sn + pts[:, 1] * c + cy + 0.5) * big
+    poly = list(zip(px.tolist(), py.tolist()))
+    mask_img = Image.new("L", (big, big), 0)
+    ImageDraw.Draw(mask_img).polygon(poly, fill=255)
+    mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255.0
+    edge_img = Image.new("L", (big, big), 0)  # a dark rim so the body stands out
+    ImageDraw.Draw(edge_img).line(poly + poly[:1], fill=255, width=_SUPERSAMPLE, joint="curve")
+    edge = np.asarray(edge_img, dtype=np.float32)[..., None] / 255.0
+
+    # body coordinates (unit half-width) of every pixel, for the pattern
+    dx, dy = gx - cx, gy - cy
+    u = (dx * c + dy * sn) / half
+    w = (-dx * sn + dy * c) / half
+    pat = _pattern_mask(look, s, u, w, jit["phase"][i])[..., None]
+    body = (1 - pat) * look.body_rgb[s] + pat * look.pattern_rgb[s]
+    img = (1 - mask) * look.background_rgb[s] + mask * body  # (big, big, 3) in 0..1
+    return (1 - edge) * img + edge * (0.35 * look.body_rgb[s])
+
+
+def _pattern_mask(look: SpeciesLook, s: int, u: np.ndarray, w: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """1 where species ``s``'s pattern (stripes or spots) covers a pixel of body coordinates
+    (u, w), else 0; all 0 for a plain species. ``phase`` (2,): the image's pattern phase."""
+    kind = int(look.pattern[s])
+    if kind == 0:
+        return np.zeros_like(u)
+    f = float(look.frequency[s]) / 2.0  # cycles per body half-width
+    if kind == 1:
+        th = float(look.orientation[s])
+        t = u * np.cos(th) + w * np.sin(th)
+        return (((t * f + phase[0]) % 1.0) < 0.45).astype(np.float32)
+    a = (u * f + phase[0]) % 1.0 - 0.5
+    b = (w * f + phase[1]) % 1.0 - 0.5
+    return ((a * a + b * b) < 0.3**2).astype(np.float32)
 
 
 def to_pil(images) -> list:
@@ -288,8 +310,9 @@ def to_pil(images) -> list:
     return [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8), "RGB") for im in images]
 
 
-def montage(images, ncol: int = 16, pad: int = 2, background=(255, 255, 255)) -> Image.Image:
-    """Tile images (uint8 (N, H, W, 3) array or PIL images of one size) into one PIL image."""
+def montage(images, ncol: int = 16, *, pad: int = 2, background=(255, 255, 255)) -> Image.Image:
+    """Tile images (uint8 (N, H, W, 3) array or PIL images of one size) into one PIL RGB image,
+    ``ncol`` per row, ``pad`` pixels of ``background`` (RGB 0..255) around each."""
     ims = to_pil(images)
     if not ims:
         raise ValueError("montage needs at least one image")
@@ -304,6 +327,7 @@ def montage(images, ncol: int = 16, pad: int = 2, background=(255, 255, 255)) ->
 
 
 def _slug(text: str) -> str:
+    """``text`` with every non-alphanumeric character replaced by '_' (safe in file names)."""
     return "".join(ch if ch.isalnum() else "_" for ch in text)
 
 
@@ -311,6 +335,7 @@ def write_image_folder(
     world: SimulatedWorld,
     out_dir: str | os.PathLike,
     image_size: int = 32,
+    *,
     seed: int = 0,
     images_per_species: int | None = None,
 ) -> pd.DataFrame:

@@ -26,7 +26,11 @@ from treeprobe._utils import RANKS
 from treeprobe.errors import TreeprobeError
 from treeprobe.tree import CladeStructure
 
+__all__ = ["RANKS", "SEP", "PLACEHOLDER", "Taxonomy", "clean_lineages", "placeable_mask"]
+
+#: Separator of the ranks in a cumulative label (``Animalia|Chordata|Aves``).
 SEP = "|"
+#: Name of the placeholder taxon of an item whose ``rank`` is missing (one per parent).
 PLACEHOLDER = "incertae_sedis_{rank}"
 _MISSING = {"", "nan", "none", "null", "na", "n/a"}
 
@@ -57,6 +61,7 @@ class Taxonomy:
 
     Build with :meth:`from_frame`. ``codes(rank)`` gives int64 (N,) taxon indices
     (0..n_taxa-1, sorted by cumulative label, so independent of row order).
+    ``lineages``: the (N, len(ranks)) DataFrame of clean names, placeholders filled.
     """
 
     def __init__(self, lineages: pd.DataFrame, ranks: Sequence[str] = RANKS):
@@ -81,6 +86,16 @@ class Taxonomy:
         Missing ranks become ``incertae_sedis_<rank>`` under their parent. Raises
         :class:`TreeprobeError` if a row has no top rank (use :func:`placeable_mask`
         to drop such rows first) or if ``df`` is empty.
+
+        Two genera called *Morus* (a bird and a plant) stay apart:
+
+        >>> df = pd.DataFrame({"kingdom": ["Animalia", "Plantae", "Plantae"],
+        ...                    "genus": ["Morus", "Morus", "Ficus"]})
+        >>> tax = Taxonomy.from_frame(df, ranks=("kingdom", "genus"))
+        >>> tax.codes("genus").tolist(), tax.n_taxa("genus")
+        ([0, 2, 1], 3)
+        >>> tax.labels("genus")[1]
+        'Plantae|Morus'
         """
         if len(df) == 0:
             raise TreeprobeError("no items: the data is empty")
@@ -99,6 +114,7 @@ class Taxonomy:
     # --- labels and codes -------------------------------------------------
     @property
     def n_items(self) -> int:
+        """Number of items N."""
         return len(self.lineages)
 
     def labels(self, rank: str) -> np.ndarray:
@@ -114,6 +130,7 @@ class Taxonomy:
         return self._taxa[self._check(rank)]
 
     def n_taxa(self, rank: str) -> int:
+        """Number of taxa at ``rank`` (placeholders included)."""
         return len(self._taxa[self._check(rank)])
 
     def codes_by_rank(self) -> dict[str, np.ndarray]:
@@ -121,6 +138,7 @@ class Taxonomy:
         return {r: self._codes[r] for r in self.ranks}
 
     def labels_by_rank(self) -> dict[str, np.ndarray]:
+        """Ordered mapping rank → cumulative labels (N,), top rank first."""
         return {r: self._labels[r] for r in self.ranks}
 
     def rank_summary(self) -> pd.DataFrame:
@@ -168,16 +186,15 @@ class Taxonomy:
     def clade_structure(self, rank_lengths=None) -> CladeStructure:
         """Array form of the rank tree: root, one node per taxon per rank; items at species.
 
-        The edge above a rank-r taxon has length ``rank_lengths[r]`` (default 1), so
-        two items whose lineages first differ at rank r are 2·Σ_{s≥r} w_s apart.
+        The edge above a rank-r taxon has length ``rank_lengths[r]`` (a mapping rank → length
+        or one value per rank; default 1 each), so two items whose lineages first differ at
+        rank r are 2·Σ_{s≥r} w_s apart.
         """
         w = self._rank_lengths(rank_lengths)
         parent = [-1]
         length = [0.0]
-        depth = [0]
         names = ["root"]
         offset = 1
-        prev_codes_of_taxa = None
         prev_offset = 0
         for k, r in enumerate(self.ranks):
             n = self.n_taxa(r)
@@ -190,7 +207,6 @@ class Taxonomy:
                 par += prev_offset
             parent.extend(par.tolist())
             length.extend([w[k]] * n)
-            depth.extend([k + 1] * n)
             names.extend(self._taxa[r].tolist())
             prev_offset = offset
             offset += n

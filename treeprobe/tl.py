@@ -32,17 +32,18 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from treeprobe._utils import DEFAULT_MAX_MAP_POINTS, MANTEL_FIGURE_PAIRS, SINGLE_THREAD_MAX_ITEMS
+from treeprobe._utils import DEFAULT_MAX_MAP_POINTS, MANTEL_FIGURE_PAIRS, SEED_BOUND, SINGLE_THREAD_MAX_ITEMS
 from treeprobe._validation import check_choice
 from treeprobe.core import TreeData, skip_records
 from treeprobe.errors import TreeprobeError
+from treeprobe.mantel import SPEARMAN_MAX_N
 
 __all__ = ["embed", "mantel", "clustering", "knn", "tsne", "umap", "intrinsic", "check_analysable",
            "MANTEL_LEVELS", "MAPS"]
 
 MANTEL_LEVELS = ("image", "species-centroid")
 MAPS = ("tsne", "umap")
-_MANTEL_SEED_RANGE = 2**31  # each test's permutation seed is drawn from [0, 2**31) by the tool's seeded stream
+
 
 
 def _check_data(data) -> TreeData:
@@ -151,7 +152,7 @@ def _pair_sample(Xn: np.ndarray, clades, *, n_pairs: int, seed: int) -> dict:
 
 def mantel(data: TreeData, *, methods: Sequence[str] = ("pearson", "spearman"),
            levels: Sequence[str] = MANTEL_LEVELS, tree=None, rank_lengths=None, permutations: int = 999,
-           seed: int = 0, spearman_max_n: int = 6000, progress: bool = False) -> pd.DataFrame:
+           seed: int = 0, spearman_max_n: int = SPEARMAN_MAX_N, progress: bool = False) -> pd.DataFrame:
     """Mantel tests of embedding cosine distance against tree distance; stores ``uns["mantel"]``.
 
     levels: ``"image"`` (every item) and/or ``"species-centroid"`` (one unit-norm centroid per species,
@@ -174,7 +175,7 @@ def mantel(data: TreeData, *, methods: Sequence[str] = ("pearson", "spearman"),
     def run(X, cs, level):
         for method in methods:
             res = mantel_tree(X, cs, method=method, permutations=permutations, alternative="greater",
-                              seed=int(rng.integers(_MANTEL_SEED_RANGE)), spearman_max_n=spearman_max_n,
+                              seed=int(rng.integers(SEED_BOUND)), spearman_max_n=spearman_max_n,
                               progress=progress)
             rows.append(dict(level=level, **res.to_dict()))
 
@@ -272,7 +273,7 @@ def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, pe
               mantel_methods: Sequence[str] = ("pearson", "spearman"), centroid_level: bool = True,
               cluster_methods: Sequence[str] = ("kmeans", "agglomerative"), chance_permutations: int = 20,
               knn_k: int = 10, knn_max_queries: int | None = 100_000, maps: Sequence[str] = MAPS,
-              max_map_points: int | None = DEFAULT_MAX_MAP_POINTS, spearman_max_n: int = 6000,
+              max_map_points: int | None = DEFAULT_MAX_MAP_POINTS, spearman_max_n: int = SPEARMAN_MAX_N,
               progress: bool = True, provenance: dict | None = None):
     """The whole intrinsic analysis: :func:`mantel`, :func:`clustering`, :func:`knn` and the maps,
     all seeded by ``seed``; returns the :class:`~treeprobe.report.Report` (nothing is written)."""

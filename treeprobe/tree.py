@@ -20,9 +20,13 @@ __all__ = ["CladeStructure", "clade_structure_from_tree", "read_newick", "tree_d
 
 
 def tree_depth(parent: np.ndarray) -> np.ndarray:
-    """Edges from the root to each node of a parent array (−1 at the root), int64 (n_nodes,).
+    """Edges from the root to each node of a parent array (int (n_nodes,), −1 at the root), int64 (n_nodes,).
 
     Pointer jumping: d[v] counts the edges from v up to jump[v]; O(n log depth), no Python loop over nodes.
+    Any node order works (not only pre-order).
+
+    >>> tree_depth(np.array([-1, 0, 1, 0, 2])).tolist()
+    [0, 1, 2, 1, 3]
     """
     d = (parent >= 0).astype(np.int64)
     jump = parent.copy()
@@ -35,15 +39,24 @@ def tree_depth(parent: np.ndarray) -> np.ndarray:
     return d
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CladeStructure:
-    """A rooted tree over N items, as arrays (nodes in pre-order: ``parent[v] < v``).
+    """A rooted tree over N items, as arrays (nodes in pre-order: ``parent[v] < v``); build by keyword.
 
     parent: int64 (n_nodes,), -1 for the root (node 0).
     length: float64 (n_nodes,), length of the edge above each node (root: 0).
     item_node: int64 (N,), the node each item sits at (a leaf of the tree).
     names: object (n_nodes,), node names (cumulative labels for the rank taxonomy).
     ultrametric_levels: number of ranks if this is a rank taxonomy, else None.
+
+    Distances are in units of edge length. The tree ((a:1, b:2):0.5, c:4) with one item per leaf:
+
+    >>> cs = CladeStructure(parent=np.array([-1, 0, 1, 1, 0]), length=np.array([0, 0.5, 1, 2, 4]),
+    ...                     item_node=np.array([2, 3, 4]), names=np.array(["", "x", "a", "b", "c"], dtype=object))
+    >>> cs.item_distances().tolist()
+    [[0.0, 3.0, 5.5], [3.0, 0.0, 6.5], [5.5, 6.5, 0.0]]
+    >>> cs.items_per_node().tolist()
+    [3, 2, 1, 1, 1]
     """
 
     parent: np.ndarray
@@ -59,10 +72,12 @@ class CladeStructure:
 
     @property
     def n_nodes(self) -> int:
+        """Number of nodes, root included."""
         return len(self.parent)
 
     @property
     def n_items(self) -> int:
+        """Number of items N."""
         return len(self.item_node)
 
     def depth_levels(self) -> np.ndarray:
@@ -129,9 +144,17 @@ class CladeStructure:
         return np.maximum(D, 0.0)
 
     def pair_distances(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """Patristic distances between node pairs (u[k], v[k]), float64 (P,); O(P·depth) memory.
+        """Patristic distances between node pairs (u[k], v[k]) (node indices (P,) each), float64
+        (P,); O(P·depth) memory.
 
         t = r(u) + r(v) − 2·Σ_{common ancestors c, incl. u or v themselves} w_c, r = root distance.
+
+        In the tree ((a:1, b:2)x:0.5, c:4), nodes 0 (root), 1 (x), 2 (a), 3 (b), 4 (c):
+
+        >>> cs = CladeStructure(parent=np.array([-1, 0, 1, 1, 0]), length=np.array([0, 0.5, 1, 2, 4]),
+        ...                     item_node=np.array([2, 3, 4]), names=np.array(["", "x", "a", "b", "c"], dtype=object))
+        >>> cs.pair_distances([2, 2, 3, 1], [3, 4, 4, 1]).tolist()
+        [3.0, 5.5, 6.5, 0.0]
         """
         u = np.asarray(u, dtype=np.int64)
         v = np.asarray(v, dtype=np.int64)
@@ -148,16 +171,18 @@ class CladeStructure:
 
     def subset_items(self, index: np.ndarray) -> "CladeStructure":
         """Same tree, restricted to the given items (nodes kept, so sizes may be zero)."""
-        return CladeStructure(self.parent, self.length, self.item_node[np.asarray(index)], self.names,
-                              self.ultrametric_levels)
+        return CladeStructure(parent=self.parent, length=self.length, item_node=self.item_node[np.asarray(index)],
+                              names=self.names, ultrametric_levels=self.ultrametric_levels)
 
 
 def clade_structure_from_tree(tree, item_leaf_names: Sequence[str]) -> tuple[CladeStructure, np.ndarray]:
     """Array form of an ete3 tree whose leaves are named by species.
 
-    Returns the structure over the items whose name matches a leaf, and a boolean
-    (N,) mask of which items were placed (the others are not in the tree).
-    Raises if leaf names are duplicated.
+    ``item_leaf_names``: the species of each of N items; a leaf ``Genus_epithet`` also matches
+    ``Genus epithet``. Returns the structure over the items whose name matches a leaf (edge
+    lengths = the tree's ``dist``), and a boolean (N,) mask of which items were placed (the
+    others are not in the tree). Raises if leaf names are duplicated, no item matches, or a
+    branch length is negative.
     """
     nodes = list(tree.traverse("preorder"))
     index = {id(n): i for i, n in enumerate(nodes)}
@@ -177,11 +202,13 @@ def clade_structure_from_tree(tree, item_leaf_names: Sequence[str]) -> tuple[Cla
         raise TreeprobeError("no item's species matches a leaf name of the tree")
     if (length < 0).any():
         raise TreeprobeError("tree has negative branch lengths")
-    return CladeStructure(parent, length, item_node[mask], names), mask
+    return CladeStructure(parent=parent, length=length, item_node=item_node[mask], names=names), mask
 
 
 def read_newick(path: str):
-    """Read a Newick file with ete3 (internal node names and branch lengths allowed)."""
+    """Read a Newick file with ete3 (internal node names and branch lengths allowed); returns the
+    ete3 ``Tree`` (for :func:`clade_structure_from_tree`). Raises :class:`TreeprobeError`, in one
+    line, when the file is missing or not Newick."""
     from ete3 import Tree
 
     try:
