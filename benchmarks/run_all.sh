@@ -42,3 +42,5 @@ if [[ "${1:-}" != "--quick" ]]; then
 fi
 # Training throughput vs open_clip's trainer needs a GPU; on the CPU only the smoke test runs:
 "$PY" benchmarks/train_throughput.py --model tiny --batch-size 8 --steps 5 --workers 0 | tee "$OUT/train_smoke.txt"
+# The design issue's "numbers do not change" check: compare two report.json files (old vs new code)
+#   "$PY" benchmarks/compare_reports.py OLD/report.json NEW/report.json

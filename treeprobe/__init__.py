@@ -31,7 +31,7 @@ from treeprobe.errors import TreeprobeError
 #: Submodules reachable as attributes without importing them first.
 SUBMODULES = ("tl", "pl", "datasets", "data", "report", "taxonomy", "tree", "mantel", "clustering", "neighbors",
               "embedding_maps", "plots", "simulate", "synthetic_images", "models", "extract", "extract_dist",
-              "pipeline", "cli", "core", "training")
+              "pipeline", "cli", "core", "permutation", "training")
 
 #: Classes and functions reachable at the top level, imported when first used.
 _LAZY_NAMES = {"Taxonomy": "taxonomy", "CladeStructure": "tree", "Report": "report", "write_report": "report",
