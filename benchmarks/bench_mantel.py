@@ -15,6 +15,12 @@ CladeStructure.item_distances), and is also reported for its ``mantel`` call alo
     python benchmarks/bench_mantel.py                          # N = 1,000, 5,000, 10,000; 3 runs each
     python benchmarks/bench_mantel.py --n 1000000 --repeats 1  # treeprobe alone (scikit-bio cannot)
     python benchmarks/bench_mantel.py --json out.json          # also write the raw measurements
+    python benchmarks/bench_mantel.py --permute species --n 100000 --permutations 199 --repeats 1
+        # the between-species test, species permuted within size strata (mantel_species; treeprobe alone)
+
+``--permute images`` (default) times ``mantel_tree`` (images permuted); ``--permute species`` times
+``mantel_species`` (r over between-species pairs; species = the iNat21 species of the items, about
+min(N, 10,000) of them), which scikit-bio has no form of.
 """
 
 from __future__ import annotations
@@ -91,20 +97,25 @@ def worker(args) -> dict:
 
     X, clades = build_problem(args.n, args.dim, args.seed, args.embeddings, Path(args.metadata))
     rss_data = _status("VmRSS")
-    out = dict(tool=args.worker, n=args.n, dim=args.dim, permutations=args.permutations,
+    out = dict(tool=args.worker, permute=args.permute, n=args.n, dim=args.dim, permutations=args.permutations,
                embeddings=args.embeddings, n_species=int(len(np.unique(clades.item_node))),
                rss_after_data_gb=rss_data,
                blas=[{k: i.get(k) for k in ("internal_api", "architecture", "num_threads", "version")}
                      for i in threadpoolctl.threadpool_info()])
     if args.worker == "treeprobe":
-        from treeprobe.mantel import mantel_tree
+        from treeprobe.mantel import mantel_species, mantel_tree
 
         # compile/load the numba kernels outside the timed region (a one-off per machine; the
         # on-disk cache makes it ~0.5 s in a fresh process)
         mantel_tree(X[:50], clades.subset_items(np.arange(50)), permutations=1)
         t, c = time.perf_counter(), _cpu()
-        res = mantel_tree(X, clades, method="pearson", permutations=args.permutations, seed=args.seed,
-                          n_jobs=args.n_jobs, progress=args.progress)
+        if args.permute == "species":
+            codes = np.unique(clades.item_node, return_inverse=True)[1]  # one iNat21 species per leaf node
+            res = mantel_species(X, clades, codes, method="pearson", permutations=args.permutations,
+                                 seed=args.seed, n_jobs=args.n_jobs, progress=args.progress)
+        else:
+            res = mantel_tree(X, clades, method="pearson", permutations=args.permutations, seed=args.seed,
+                              n_jobs=args.n_jobs, progress=args.progress)
         out.update(seconds=time.perf_counter() - t, cpu_seconds=_cpu() - c, statistic=res.statistic,
                    p_value=res.p_value, details=res.details)
     else:
@@ -130,7 +141,7 @@ def worker(args) -> dict:
 def run_one(tool: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", tool, "--n", str(n), "--dim", str(args.dim),
            "--permutations", str(args.permutations), "--seed", str(args.seed), "--embeddings", args.embeddings,
-           "--metadata", str(args.metadata)]
+           "--metadata", str(args.metadata), "--permute", args.permute]
     if args.n_jobs is not None:
         cmd += ["--n-jobs", str(args.n_jobs)]
     if args.progress:
@@ -160,6 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--metadata", default=str(DEFAULT_METADATA), help="iNat21 species metadata CSV")
     ap.add_argument("--json", help="write all measurements here")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--permute", choices=("images", "species"), default="images",
+                    help="images: mantel_tree (all pairs, images permuted); species: mantel_species "
+                         "(between-species pairs, species permuted within size strata; no scikit-bio run)")
     ap.add_argument("--worker", choices=("treeprobe", "skbio"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -172,7 +186,7 @@ def main(argv=None) -> int:
     print(f"# machine: {info}", flush=True)
     rows, raw = [], []
     for n in args.n:
-        tools = ["treeprobe"] + (["skbio"] if n <= args.skbio_max_n else [])
+        tools = ["treeprobe"] + (["skbio"] if n <= args.skbio_max_n and args.permute == "images" else [])
         runs = {t: [] for t in tools}
         for rep in range(args.repeats):
             for tool in tools:  # interleaved, so that load changes hit both alike

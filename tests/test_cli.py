@@ -50,21 +50,21 @@ def test_real_bioclip2_embeddings_full_report(tmp_path, capsys):
                              "--maps", "tsne", "--cluster-methods", "kmeans", "--quiet"], capsys)
     assert code == 0, err
     rep = load_report(out)
-    # 1,030 rows, 121 without any taxonomy: skipped and listed, never silently dropped
-    check_complete(rep, 909)
-    assert rep["skipped"]["count"] == 121
+    # 1,030 rows, 121 without any taxonomy and 7 of kingdom "incertae sedis": skipped and listed, never dropped silently
+    check_complete(rep, 902)
+    assert rep["skipped"]["count"] == 128
     assert all(s["reason"].startswith("no taxonomy") for s in rep["skipped"]["items"])
     img = {m["method"]: m for m in rep["mantel"] if m["level"] == "image"}
     assert img["pearson"]["statistic"] > 0.05 and img["pearson"]["p_value"] <= 0.01
     knn = {r["rank"]: r for r in rep["knn"]}
     assert knn["kingdom"]["agreement"] > knn["kingdom"]["chance"] + 0.3  # real BioCLIP-2 separates kingdoms
-    assert rep["provenance"]["n_taxa"]["kingdom"] == 5
+    assert rep["provenance"]["n_taxa"]["kingdom"] == 4
     per_rank = pd.read_csv(os.path.join(out, "per_rank.csv"))
     assert len(per_rank) == 7 and "knn_agreement" in per_rank.columns
     md = open(os.path.join(out, "report.md")).read()
     assert "Mantel" in md and "figures/tsne_by_rank.png" in md
     assert os.path.getsize(os.path.join(out, "figures", "tsne_by_rank.pdf")) > 0
-    assert "items analysed: 909" in stdout
+    assert "items analysed: 902" in stdout
 
 
 def test_same_seed_same_numbers(tmp_path, capsys):
@@ -141,8 +141,8 @@ def test_example_runs_without_any_path(tmp_path, capsys):
     a = str(tmp_path / "example")
     assert run(["intrinsic", "--example", "bioclip2-1k", "--out", a, *FAST, "--no-figures"], capsys)[0] == 0
     ra = load_report(a)
-    check_complete(ra, 909)
-    assert ra["skipped"]["count"] == 121 and ra["provenance"]["data"]["source"] == "example bioclip2-1k (bundled)"
+    check_complete(ra, 902)
+    assert ra["skipped"]["count"] == 128 and ra["provenance"]["data"]["source"] == "example bioclip2-1k (bundled)"
 
 
 def test_two_inputs_are_refused(tmp_path, capsys):
@@ -240,8 +240,8 @@ def test_report_folder_round_trip_and_figure_redraw(tmp_path, capsys):
     from treeprobe.report import load_report as load_folder
 
     rep = load_folder(out)
-    assert rep.items_table().shape[0] == 909
-    assert rep.maps["tsne"]["coords"].shape == (909, 2)
+    assert rep.items_table().shape[0] == 902
+    assert rep.maps["tsne"]["coords"].shape == (902, 2)
     assert rep.mantel["statistic"].iloc[0] == pytest.approx(load_report(out)["mantel"][0]["statistic"])
     import subprocess
     import sys

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from threadpoolctl import threadpool_limits
 from sklearn.cluster import AgglomerativeClustering
@@ -271,3 +272,48 @@ def test_minibatch_random_seeds_above_kpp_max_k():
     assert a.shape == y.shape and a.dtype == np.int64 and a.max() < 12
     assert adjusted_rand_score(y, a) > 0.7
     np.testing.assert_array_equal(a, _kmeans_large(X, 12, seed=1, n_init=1, kpp_max_k=5))
+
+
+# --- unknown codes (-1) -------------------------------------------------------------------
+
+def test_rankwise_clustering_scores_each_rank_on_its_known_items():
+    X, fine = planted(n_per=20, n_clusters=8, noise=0.4, seed=7)
+    rng = np.random.default_rng(0)
+    n = fine.size
+    genus = np.where(rng.random(n) < 0.25, -1, fine)
+    genus[fine == 7] = -1  # a whole taxon unknown: if -1 were a taxon it would be a pure cluster
+    family = np.where(rng.random(n) < 0.1, -1, fine // 2)
+    codes = {"kingdom": np.zeros(n, int), "family": family, "genus": genus, "species": np.full(n, -1)}
+    df = rankwise_clustering(X, codes, seed=0, n_permutations=4, progress=False)
+    for rank in ("family", "genus"):
+        c = codes[rank]
+        known = c != -1
+        # independent: the same call on the explicit subset of known items
+        sub = rankwise_clustering(X[known], {rank: c[known]}, seed=0, n_permutations=4, progress=False)
+        got = df[df["rank"] == rank].reset_index(drop=True)
+        assert (got["n_unknown"] == (~known).sum()).all() and (sub["n_unknown"] == 0).all()
+        assert (got["n_items"] == known.sum()).all() and (got["k"] == np.unique(c[known]).size).all()
+        pd.testing.assert_frame_equal(got.drop(columns="n_unknown"), sub.drop(columns="n_unknown"))
+        assert got["purity"].notna().all() and got["purity_chance"].notna().all()
+    king = df[df["rank"] == "kingdom"]
+    assert (king["n_unknown"] == 0).all() and (king["n_items"] == n).all()
+    sp = df[df["rank"] == "species"]
+    assert (sp["note"] == "every item unknown at this rank").all() and sp["purity"].isna().all()
+    assert (sp["n_unknown"] == n).all() and (sp["n_items"] == 0).all()
+
+
+def test_rankwise_clustering_unknowns_refuse_ward_by_known_size():
+    X, fine = planted(n_per=10, n_clusters=4, seed=8)
+    g = fine.copy()
+    g[:25] = -1  # 15 known items
+    df = rankwise_clustering(X, {"genus": g}, max_agglomerative=20, n_permutations=2, progress=False)
+    assert df.set_index("method").loc["agglomerative", "purity"] == pytest.approx(1.0)  # 15 <= 20
+    df = rankwise_clustering(X, {"genus": fine}, max_agglomerative=20, n_permutations=2, progress=False)
+    assert "agglomerative skipped" in df.set_index("method").loc["agglomerative", "note"]  # 40 > 20
+
+
+def test_clustering_public_api():
+    import treeprobe.clustering as C
+    from tests.test_neighbors import assert_public_api
+
+    assert_public_api(C)

@@ -78,12 +78,17 @@ def test_clade_slicing_by_short_name_and_label(small):
         ds["Mammalia"]
 
 
-def test_placeholder_is_not_a_named_taxon(small):
-    """An unknown genus is not a taxon called 'incertae_sedis_genus' shared across parents."""
+def test_unknown_is_not_a_named_taxon(small):
+    """An unknown genus is no taxon (default), and with the old placeholder rule the placeholder
+    'incertae_sedis_genus' is not reachable by its short name (it would pool unknowns)."""
     ds = TreeData(*small)
-    assert ds.taxonomy.labels("genus")[-1].endswith("Corvidae|incertae_sedis_genus")
+    assert ds.taxonomy.labels("genus")[-1] == "" and not ds.taxonomy.known("genus")[-1]
+    assert ds.taxonomy.codes("genus")[-1] == -1
+    old = TreeData(*small, unknown="placeholder")
+    assert old.taxonomy.labels("genus")[-1].endswith("Corvidae|incertae_sedis_genus")
     with pytest.raises(TreeprobeError, match="no taxon named 'incertae_sedis_genus'"):
-        ds["incertae_sedis_genus"]
+        old["incertae_sedis_genus"]
+    assert old.subset([0, 1]).unknown == "placeholder"  # the rule travels with slices
 
 
 def test_mask_slicing_keeps_obsm_drops_uns_and_rebuilds_taxonomy(small):
@@ -136,8 +141,8 @@ def test_repr_lists_what_is_inside():
     ds = datasets.bioclip2_1k()
     ds.obsm["X_tsne"] = np.zeros((len(ds), 2))
     text = repr(ds)
-    assert "909 items, 768-d embeddings" in text and "obsm: X_tsne" in text
-    assert "skipped: 121 (no taxonomy (missing kingdom): 121)" in text
+    assert "902 items, 768-d embeddings" in text and "obsm: X_tsne" in text
+    assert "skipped: 128 (no taxonomy (missing kingdom): 128)" in text
 
 
 def test_anndata_round_trip(small):

@@ -53,9 +53,9 @@ def test_multikingdom_csv_real():
 @needs_tol
 def test_tol_parquet_real():
     ds = load_embeddings(TOL_PARQUET)
-    assert ds.X.shape == (909, 768) and ds.X.dtype == np.float32
-    # the 121 rows without taxonomy are set aside at construction, each with its reason
-    assert len(ds) == 909 and len(ds.skipped) == 121
+    assert ds.X.shape == (902, 768) and ds.X.dtype == np.float32
+    # the 121 rows without taxonomy and 7 of kingdom "incertae sedis" are set aside at construction, each with its reason
+    assert len(ds) == 902 and len(ds.skipped) == 128
     assert set(ds.skipped["reason"]) == {"no taxonomy (missing kingdom)"}
     assert (ds.items["kingdom"] != "").all()
     assert (ds.items[list(RANKS)] != "").all(axis=1).sum() == 829
@@ -69,7 +69,7 @@ def test_tol_parquet_real():
 def test_tol_npy_matches_parquet():
     a = load_data(TOL_PARQUET)
     b = load_data(TOL_NPY)  # metadata.csv beside it, mapped by emb_row
-    assert b.X.shape == (909, 768)
+    assert b.X.shape == (902, 768)
     pd.testing.assert_frame_equal(a.skipped, b.skipped)
     np.testing.assert_array_equal(a.X, b.X)
     pd.testing.assert_frame_equal(a.items[list(RANKS)], b.items[list(RANKS)])

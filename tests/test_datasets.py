@@ -26,8 +26,8 @@ def test_bundled_example_has_licence_and_attribution():
 
 def test_bioclip2_1k_contents():
     ds = datasets.bioclip2_1k()
-    assert ds.X.dtype == np.float32 and ds.X.shape == (909, 768)
-    assert ds.taxonomy.n_taxa("kingdom") == 5 and ds.source == "bioclip2-1k"
+    assert ds.X.dtype == np.float32 and ds.X.shape == (902, 768)
+    assert ds.taxonomy.n_taxa("kingdom") == 4 and ds.source == "bioclip2-1k"
     assert ds.items.img_type.value_counts()["Citizen Science"] == 663
     norms = np.linalg.norm(ds.X, axis=1)
     assert 30 < norms.min() and 45 < np.median(norms) < 57  # as released: not normalised

@@ -25,4 +25,4 @@ def test_notebook_executes(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the t-SNE figure was drawn
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
-    assert "909 items" in text and "190 items" in text  # the whole set, then the Insecta slice
+    assert "902 items" in text and "190 items" in text  # the whole set, then the Insecta slice

@@ -217,3 +217,76 @@ def test_slow_pearson_equals_skbio_at_10k_real_lineages(n):
     res = M.mantel_tree(X, cs, permutations=99)
     assert res.statistic == pytest.approx(skbio_r(X, cs), abs=1e-9)
     assert res.p_value == pytest.approx(1 / 100)
+
+
+# --- the species-permutation path at scale: batching branches, threads, float32 --------------------------
+
+def _between_r(X, cs, codes):
+    """Pearson r over between-species pairs from explicit matrices."""
+    Xn = X.astype(float) / np.linalg.norm(X.astype(float), axis=1, keepdims=True)
+    i, j = np.triu_indices(len(codes), 1)
+    b = codes[i] != codes[j]
+    return np.corrcoef((1 - Xn @ Xn.T)[i, j][b], cs.item_distances()[i, j][b])[0, 1]
+
+
+@pytest.mark.parametrize("block", [8192, 16])
+def test_species_sums_all_batching_branches(block, monkeypatch):
+    """Species of 1 image, of fewer images than D, of more than D, and (block = 16) of more than one
+    row block: every branch of the species pass gives the explicit between-species r."""
+    monkeypatch.setattr(M, "_BLOCK_ROWS", block)
+    tree = random_tree_structure(40, 40, seed=21)
+    leaves = np.unique(tree.item_node)
+    rng = np.random.default_rng(22)
+    sizes = rng.choice([1, 1, 2, 3, 5, 9, 17, 40], len(leaves))  # D = 6 below: n < D, n > D, n > 16 rows
+    codes = np.repeat(np.arange(len(leaves)), sizes)
+    cs = CladeStructure(parent=tree.parent, length=tree.length, item_node=leaves[codes], names=tree.names)
+    X = rng.normal(size=(len(codes), 6)) + 2 * rng.normal(size=(len(leaves), 6))[codes]
+    res = M.mantel_species(X, cs, codes, permutations=0)
+    assert res.statistic == pytest.approx(_between_r(X, cs, codes), abs=1e-10)
+
+
+def test_species_test_threads_and_float32(monkeypatch):
+    """Threads change nothing; float32 species sums move permuted r by ~1e-7 at most."""
+    tax = random_taxonomy(6000, 23)
+    cs = tax.clade_structure()
+    codes = tax.codes("species")
+    X = np.random.default_rng(24).normal(size=(6000, 128)).astype(np.float32)
+    calls = []
+    orig = M._run_permutations
+
+    def spy(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        calls.append((args[4], out.copy()))
+        return out
+
+    monkeypatch.setattr(M, "_run_permutations", spy)
+    a = M.mantel_species(X, cs, codes, permutations=30, n_jobs=1)
+    b = M.mantel_species(X, cs, codes, permutations=30, n_jobs=2)
+    c = M.mantel_species(X, cs, codes, permutations=30, n_jobs=2, perm_dtype=np.float32)
+    assert a.details["n_species"] * 128 >= M._MIN_THREAD_WORK  # large enough for threads
+    assert [w for w, _ in calls] == [1, 2, 2]
+    assert a.statistic == b.statistic and a.p_value == b.p_value and np.array_equal(calls[0][1], calls[1][1])
+    assert 0 < np.abs(calls[0][1] - calls[2][1]).max() < 1e-6
+    assert c.details["permutation_dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_slow_species_test_100k_items_no_square_matrix():
+    """N = 100,000 (512-d float32, ~10,000 iNat-like species): exact Pearson in seconds, memory far
+    below one N×N float64 matrix (80 GB)."""
+    import resource
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    if not INAT.exists():
+        pytest.skip("iNat21 taxonomy not in shared/data")
+    from bench_mantel import build_problem
+
+    X, cs = build_problem(100_000, 512, seed=0, embeddings="clustered", metadata=INAT)
+    codes = np.unique(cs.item_node, return_inverse=True)[1]
+    t = time.perf_counter()
+    res = M.mantel_species(X, cs, codes, permutations=199)
+    assert time.perf_counter() - t < 120
+    assert res.statistic > 0.3 and res.p_value == pytest.approx(1 / 200)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 * 1024 ** 2  # KiB: < 4 GiB

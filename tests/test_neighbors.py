@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
@@ -125,6 +126,19 @@ def test_real_bioclip2_knn_agreement_far_above_chance():
     assert (df["agreement"] > df["chance"] + 0.1).all()
     assert (np.diff(df["chance"].to_numpy()) < 0).all()
     assert (np.diff(df["n_excluded_singletons"].to_numpy()) >= 0).all()
+    # the most any embedding can reach with these taxon sizes at k = 10 (by hand, species: 44
+    # pairs, 6 triples, 1 of 4, 2 of 7 -> (88*1 + 18*2 + 4*3 + 14*6) / (124*10))
+    assert df.loc["species", "ceiling"] == pytest.approx(220 / 1240)
+    assert df.loc["genus", "ceiling"] == pytest.approx(0.2074, abs=1e-4)
+    # measured: normalised 0.63 0.55 0.47 0.26 0.26 0.59 0.69 (kingdom..species): the raw
+    # species agreement 0.12 is 69 % of the way from chance to its ceiling 0.18
+    assert df.loc["species", "agreement_normalised"] > 0.5 > df.loc["species", "agreement"]
+    assert ((df["agreement_normalised"] > 0.2) & (df["agreement_normalised"] <= 1)).all()
+    # level-specific (outside the item's own child taxon), measured 0.17 0.19 0.33 0.17 0.20 0.53
+    lev = df.iloc[:-1]
+    assert (lev["level_agreement"] > lev["level_chance"] + 0.05).all()
+    assert (lev["level_agreement"] < df["agreement"].iloc[:-1]).all()  # the child taxon no longer counts
+    assert ((lev["level_normalised"] > 0.1) & (lev["level_normalised"] < 0.7)).all()
 
 
 # --- scale path: float32 products, float64 re-scoring, numba / numpy kernels -----------------
@@ -217,4 +231,286 @@ def test_query_subsample_agreement_covers_the_exact_value():
         assert np.mean(np.abs(t1 - e["top1"]) <= t1ci) >= 0.8
         assert abs(a.mean() - e["agreement"]) < 2 * ci.mean() / np.sqrt(len(a)) + 1e-3  # unbiased
         assert all(d.loc[rank, "chance"] == e["chance"] for d in est)  # chance stays exact
+        # the normalised and level scores: their intervals cover the exact values too, and are
+        # not much wider than the spread of the estimates
+        cols = [("agreement_normalised", "agreement_normalised_ci95")]
+        if rank == "family":
+            cols.append(("level_agreement", "level_agreement_ci95"))
+            cols.append(("level_normalised", "level_normalised_ci95"))
+        for col, cicol in cols:
+            v, vci = (np.array([d.loc[rank, c] for d in est]) for c in (col, cicol))
+            assert np.mean(np.abs(v - e[col]) <= vci) >= 0.8, col
+            assert 0.6 < vci.mean() / (1.96 * v.std(ddof=1)) < 1.6, col
 
+
+
+# --- ceiling, level-specific agreement, unknown codes (-1) ------------------------------------
+
+def _nested_codes(rng, n, n_species=60):
+    """Random nested codes (order > family > genus > species) in shuffled item order, with
+    uneven taxon sizes: ``n_species`` species (an upper bound; geometric sizes, many single
+    items), 3 species a genus, 3 genera a family, 2 families an order."""
+    sizes = rng.geometric(0.35, n_species)
+    sp = np.repeat(np.arange(n_species), sizes)[:n]
+    sp = np.concatenate([sp, rng.integers(0, n_species, n - sp.size)])
+    sp = np.unique(sp, return_inverse=True)[1].ravel()[rng.permutation(n)]
+    genus = sp // 3
+    family = genus // 3
+    order = family // 2
+    return {"order": order, "family": family, "genus": genus, "species": sp}
+
+
+def _with_gaps(rng, codes):
+    """Copies of ``codes`` with -1 at random: a whole lineage below some rank, and single ranks
+    (unknown genus, known species: a gap)."""
+    out = {r: c.copy() for r, c in codes.items()}
+    n = len(next(iter(codes.values())))
+    ranks = list(codes)
+    below = rng.random(n) < 0.1  # unknown from family down
+    for r in ranks[1:]:
+        out[r][below] = -1
+    out["genus"][rng.random(n) < 0.1] = -1  # gaps: genus unknown, species known
+    out["species"][rng.random(n) < 0.15] = -1
+    return out
+
+
+def _brute_scores(X, codes, k, queries=None):
+    """Independent reference: per rank, plain scores from scikit-learn's brute-force cosine kNN
+    and level scores from a full float64 similarity matrix with the child taxon masked out."""
+    n = len(X)
+    queries = np.arange(n) if queries is None else queries
+    _, nn = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(X).kneighbors(X)
+    assert (nn[:, 0] == np.arange(n)).all()
+    nn = nn[:, 1:]
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    S = Xn @ Xn.T.copy()
+    np.fill_diagonal(S, -np.inf)
+    ranks = list(codes)
+    out = {}
+    for ri, r in enumerate(ranks):
+        c = np.asarray(codes[r])
+        agr, ceil, top1, lagr, lceil = [], [], [], [], []
+        chance, lchance = [], []
+        for i in range(n):
+            if c[i] == -1:
+                continue
+            m = int((c == c[i]).sum())
+            if m >= 2:
+                chance.append((m - 1) / (n - 1))
+                if i in queries:
+                    same = (c[nn[i]] == c[i]) & (c[nn[i]] != -1)
+                    agr.append(same.mean())
+                    top1.append(same[0])
+                    ceil.append(min(k, m - 1) / k)
+            if ri + 1 < len(ranks):
+                ch = np.asarray(codes[ranks[ri + 1]])
+                child = (ch == ch[i]) if ch[i] != -1 else (np.arange(n) == i)
+                a = int(((c == c[i]) & ~child).sum())
+                if a >= 1 and int((~child).sum()) >= k:
+                    lchance.append(a / (~child).sum())
+                    if i in queries:
+                        s = np.where(child, -np.inf, S[i])
+                        order = np.lexsort((np.arange(n), -s))[:k]
+                        lagr.append(np.mean(c[order] == c[i]))
+                        lceil.append(min(k, a) / k)
+        mean = lambda v: float(np.mean(v)) if len(v) else np.nan  # noqa: E731
+        out[r] = dict(agreement=mean(agr), top1=mean(top1), ceiling=mean(ceil), chance=mean(chance),
+                      n_evaluated=len(agr), n_unknown=int((c == -1).sum()),
+                      level_agreement=mean(lagr), level_ceiling=mean(lceil), level_chance=mean(lchance),
+                      level_n_evaluated=len(lagr) if ri + 1 < len(ranks) else np.nan)
+    return out
+
+
+def _assert_matches(df, ref):
+    df = df.set_index("rank")
+    for r, want in ref.items():
+        for col, v in want.items():
+            got = df.loc[r, col]
+            if isinstance(v, float) and math.isnan(v):
+                assert math.isnan(got), (r, col, got)
+            else:
+                assert got == pytest.approx(v, abs=1e-12), (r, col, got, v)
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+@pytest.mark.parametrize("gaps", [False, True])
+def test_ceiling_and_level_agreement_equal_brute_force(use_numba, gaps, monkeypatch):
+    _set_numba(monkeypatch, use_numba)
+    rng = np.random.default_rng(21 + gaps)
+    n = 420
+    codes = _nested_codes(rng, n)
+    if gaps:
+        codes = _with_gaps(rng, codes)
+    # clustered by species, so neighbours share taxa well above chance but not always
+    X = rng.normal(size=(60, 12))[np.maximum(codes["species"], 0)] + 0.9 * rng.normal(size=(n, 12))
+    ref = _brute_scores(X, codes, 7)
+    for bs in (64, 4096):  # 64: many blocks, transposed (column) offers
+        df = knn_rank_agreement(X, codes, k=7, block_size=bs)
+        _assert_matches(df, ref)
+    d = df.set_index("rank")
+    assert list(d["level_child"]) == ["family", "genus", "species", ""]
+    assert d.loc["species", "level_note"] == "finest rank: no child rank"
+    assert (d["agreement"] <= d["ceiling"] + 1e-12).all()
+    assert (d["level_agreement"].iloc[:-1] <= d["level_ceiling"].iloc[:-1] + 1e-12).all()
+    norm = (d["agreement"] - d["chance"]) / (d["ceiling"] - d["chance"])
+    np.testing.assert_allclose(d["agreement_normalised"], norm, atol=1e-12)
+    lnorm = (d["level_agreement"] - d["level_chance"]) / (d["level_ceiling"] - d["level_chance"])
+    np.testing.assert_allclose(d["level_normalised"], lnorm, atol=1e-12)
+    np.testing.assert_allclose(d["top1_normalised"], (d["top1"] - d["chance"]) / (1 - d["chance"]), atol=1e-12)
+    if gaps:
+        assert (d["n_unknown"].iloc[1:] > 0).all() and 0 < d.loc["genus", "level_n_evaluated"]
+
+
+def test_level_neighbours_exclude_the_child_taxon_exactly():
+    # every item's nearest neighbours are its own species; outside it, its genus mates are next,
+    # then the other genus: genus-level agreement counts only the genus mates outside the species
+    codes = {"genus": np.repeat([0, 1], 6), "species": np.repeat([0, 1, 2, 3], 3)}
+    sp = codes["species"]
+    X = np.eye(4)[sp] * 10 + np.eye(4)[[0, 0, 2, 2]][sp] * 3 + 1e-3 * np.random.default_rng(0).normal(size=(12, 4))
+    df = knn_rank_agreement(X, codes, k=4).set_index("rank")
+    g = df.loc["genus"]
+    # plain: 2 species mates + 2 of the 3 other congeners = 4/4; level: 3 congeners outside the
+    # species, then 1 from the other genus = 3/4, which is the ceiling min(4, 3)/4
+    assert g["agreement"] == 1.0 and g["ceiling"] == 1.0
+    assert g["level_agreement"] == pytest.approx(0.75) and g["level_ceiling"] == pytest.approx(0.75)
+    assert g["level_chance"] == pytest.approx(3 / 9) and g["level_normalised"] == pytest.approx(1.0)
+    assert df.loc["species", "ceiling"] == pytest.approx(0.5)  # min(4, 2)/4
+
+
+def _perfect_embedding(codes, noise=1e-4, seed=0):
+    """One-hot blocks per rank, weighted so that sharing a finer rank always means more similar
+    (similarities follow the tree), plus tiny noise that orders items within a taxon."""
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for depth, c in enumerate(codes.values()):
+        dense = np.unique(c, return_inverse=True)[1].ravel()
+        blocks.append(np.eye(dense.max() + 1)[dense] * 2.0 ** depth)
+    X = np.hstack(blocks)
+    return X + noise * rng.normal(size=X.shape)
+
+
+@pytest.mark.parametrize("max_queries", [None, 150])
+def test_perfect_embedding_reaches_the_ceiling_at_every_rank(max_queries):
+    rng = np.random.default_rng(23)
+    codes = _nested_codes(rng, 500, n_species=250)
+    X = _perfect_embedding(codes)
+    df = knn_rank_agreement(X, codes, k=10, max_queries=max_queries, seed=3).set_index("rank")
+    # the raw agreement stays far below 1 at fine ranks: only the ceiling makes ranks comparable
+    assert df.loc["species", "agreement"] < 0.6 and df.loc["species", "agreement_excess"] < 0.6
+    np.testing.assert_allclose(df["agreement"], df["ceiling"], atol=1e-12)
+    np.testing.assert_allclose(df["agreement_normalised"], 1.0, atol=1e-12)
+    np.testing.assert_allclose(df["top1_normalised"], 1.0, atol=1e-12)
+    lev = df.iloc[:-1]
+    assert (lev["level_n_evaluated"] > 0).all()
+    np.testing.assert_allclose(lev["level_agreement"], lev["level_ceiling"], atol=1e-12)
+    np.testing.assert_allclose(lev["level_normalised"], 1.0, atol=1e-12)
+    if max_queries:
+        assert (df["estimator"] == "query-subsample").all()
+        exact = knn_rank_agreement(X, codes, k=10).set_index("rank")
+        assert (df["chance"] == exact["chance"]).all()  # chance: exact over all items
+        assert not np.allclose(df["ceiling"], exact["ceiling"])  # ceiling: over the same queries
+        # no sampling spread in the normalised score (every query at its own ceiling), although
+        # agreement and ceiling vary: the interval is the rule of three, not their spread
+        assert (df["agreement_ci95"] > 3 / df["n_evaluated"]).iloc[2:].all()
+        assert (df["agreement_normalised_ci95"] <= 3 / df["n_evaluated"] + 1e-12).all()
+        assert (lev["level_normalised_ci95"] <= 3 / lev["level_n_evaluated"] + 1e-12).all()
+
+
+def test_null_random_embedding_scores_zero_normalised():
+    # random embeddings know nothing of the taxonomy: normalised (and level) agreement ~ 0.
+    # Tolerance: mean over 8 seeds within 0.004 of 0, every seed within 0.01 (measured: s.d.
+    # of one seed 0.0007-0.002 per rank, N = 1500; both bounds are about 5 s.d.)
+    vals = {c: [] for c in ("agreement_normalised", "level_normalised")}
+    for seed in range(8):
+        rng = np.random.default_rng(100 + seed)
+        codes = _nested_codes(rng, 1500, n_species=600)
+        X = rng.normal(size=(1500, 16))
+        df = knn_rank_agreement(X, codes, k=10).set_index("rank")
+        vals["agreement_normalised"].append(df["agreement_normalised"].to_numpy())
+        vals["level_normalised"].append(df["level_normalised"].to_numpy()[:-1])
+    for name, v in vals.items():
+        v = np.array(v)
+        assert np.abs(v.mean(axis=0)).max() < 0.004, (name, v.mean(axis=0))
+        assert np.abs(v).max() < 0.01, (name, v)
+
+
+def test_unknown_codes_are_not_scored_and_never_agree():
+    rng = np.random.default_rng(31)
+    n = 300
+    genus = np.repeat(np.arange(30), 10)
+    X = rng.normal(size=(30, 8))[genus] + 0.3 * rng.normal(size=(n, 8))
+    unknown = np.zeros(n, dtype=bool)
+    unknown[genus < 6] = True  # six whole genera unknown: if -1 were a taxon they would all agree
+    unknown[rng.choice(np.flatnonzero(genus >= 6), 20, replace=False)] = True
+    g = np.where(unknown, -1, genus)
+    row = knn_rank_agreement(X, {"genus": g}, k=5).iloc[0]
+    idx, _ = knn_indices(X, 5)
+    known = np.flatnonzero(~unknown)
+    same = (g[idx[known]] == g[known][:, None]) & (g[idx[known]] != -1)
+    m = np.array([(g == g[i]).sum() for i in known])
+    assert row["n_unknown"] == unknown.sum() and row["n_evaluated"] == known.size
+    assert row["n_taxa"] == 24 and row["n_excluded_singletons"] == 0
+    assert row["agreement"] == pytest.approx(same.mean())
+    assert row["chance"] == pytest.approx(np.mean((m - 1) / (n - 1)))  # known sizes, all N - 1 others
+    assert row["ceiling"] == pytest.approx(np.mean(np.minimum(5, m - 1) / 5))
+    # the same scores whatever the unknown items' codes would have been: -1 is "not this taxon"
+    g2 = g.copy()
+    g2[unknown] = -1
+    assert knn_rank_agreement(X, {"genus": g2}, k=5).iloc[0]["agreement"] == row["agreement"]
+    # a rank where nothing is known
+    df = knn_rank_agreement(X, {"genus": g, "species": np.full(n, -1)}, k=5).set_index("rank")
+    sp = df.loc["species"]
+    assert sp["n_unknown"] == n and sp["n_evaluated"] == 0 and math.isnan(sp["agreement"])
+    assert sp["note"] == "every item unknown at this rank"
+    assert df.loc["genus", "level_n_evaluated"] == known.size  # unknown species: own child taxon
+    # ... so the genus level neighbours are the plain ones
+    assert df.loc["genus", "level_agreement"] == pytest.approx(row["agreement"])
+
+
+def test_query_subsample_level_scores_are_the_brute_force_over_the_queries():
+    rng = np.random.default_rng(41)
+    n = 400
+    codes = _with_gaps(rng, _nested_codes(rng, n))
+    X = rng.normal(size=(60, 10))[np.maximum(codes["species"], 0)] + 1.0 * rng.normal(size=(n, 10))
+    q = np.sort(np.random.default_rng(7).choice(n, 120, replace=False))  # the estimator's sample
+    df = knn_rank_agreement(X, codes, k=6, max_queries=120, seed=7)
+    ref = _brute_scores(X, codes, 6, queries=q)
+    _assert_matches(df, ref)
+    d = df.set_index("rank")
+    assert (d["estimator"] == "query-subsample").all()
+    assert (d["level_agreement_ci95"].iloc[:-1] > 0).all() and (d["agreement_normalised_ci95"] > 0).all()
+
+
+def test_defaults_unchanged_and_level_off():
+    rng = np.random.default_rng(51)
+    codes = _nested_codes(rng, 300)
+    X = rng.normal(size=(300, 6))
+    full = knn_rank_agreement(X, codes, k=5)
+    off = knn_rank_agreement(X, codes, k=5, level=False)
+    plain = ["rank", "k", "n_taxa", "agreement", "chance", "agreement_excess", "top1", "n_evaluated",
+             "n_excluded_singletons", "estimator", "n_queries", "agreement_ci95", "top1_ci95", "note"]
+    assert list(full.columns[:len(plain)]) == plain  # existing columns first, in their order
+    pd.testing.assert_frame_equal(full[plain], off[plain])
+    assert off["level_agreement"].isna().all() and (off["level_note"] == "level=False").all()
+    assert (full["n_unknown"] == 0).all()
+
+
+def assert_public_api(module, max_positional=3):
+    """Every callable in ``module.__all__`` takes at most ``max_positional`` positional
+    parameters and has a docstring (shared with tests/test_clustering.py)."""
+    import inspect
+
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if callable(obj):
+            params = inspect.signature(obj).parameters.values()
+            assert sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in params) <= max_positional, name
+            assert obj.__doc__, name
+
+
+def test_public_api():
+    import treeprobe._knn_kernels as K
+    import treeprobe.neighbors as NB
+
+    assert_public_api(NB)
+    assert all(callable(getattr(K, name)) for name in K.__all__)

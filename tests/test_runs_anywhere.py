@@ -64,10 +64,10 @@ def test_readme_main_command_from_a_bare_copy(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = repo / "out" / "bioclip2"
     rep = json.loads((out / "report.json").read_text())
-    assert rep["provenance"]["n_items"] == 909 and rep["skipped"]["count"] == 121
+    assert rep["provenance"]["n_items"] == 902 and rep["skipped"]["count"] == 128
     img = {m["method"]: m for m in rep["mantel"] if m["level"] == "image"}
     assert img["pearson"]["statistic"] == pytest.approx(BEFORE_IMAGE_PEARSON_R, abs=1e-15)
     assert img["pearson"]["p_value"] == pytest.approx(1 / 1000)
     for fig in ("tsne_by_rank", "umap_by_rank", "rank_metrics", "mantel_distances"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 10_000, fig
-    assert "items analysed: 909" in res.stdout
+    assert "items analysed: 902" in res.stdout

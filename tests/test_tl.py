@@ -24,6 +24,10 @@ def bc2():
     return tp.datasets.bioclip2_1k()
 
 
+#: The missing-rank tokens before the valid-inference change (the literal "incertae sedis" was a taxon).
+OLD_MISSING = ("", "nan", "none", "null", "na", "n/a")
+
+
 @pytest.fixture(scope="module")
 def analysed():
     ds = tp.datasets.bioclip2_1k()
@@ -31,11 +35,15 @@ def analysed():
     return ds, report
 
 
-def test_intrinsic_numbers_unchanged_by_the_redesign(analysed):
-    ds, report = analysed
+def test_legacy_image_permutation_reproduces_the_numbers_before_the_redesign():
+    """The item-permutation test under its new name (permute="images"), with the old rules for missing
+    ranks (placeholders, old tokens), gives exactly the numbers of commit fa863c2."""
+    ds = tp.datasets.bioclip2_1k(missing=OLD_MISSING, unknown="placeholder")
+    report = tp.tl.intrinsic(ds, permute=("images",), **FAST)
     got = {(r.level, r.method): r.statistic for r in report.mantel.itertuples()}
     assert got == pytest.approx(BEFORE_MANTEL, rel=0, abs=1e-15)
     assert set(report.mantel.p_value) == {0.02}  # 1 / (49 + 1): no permutation reaches the observed r
+    assert set(report.mantel.scheme) == {"images"}
     knn = report.knn.set_index("rank")["agreement"]
     assert {r: knn[r] for r in BEFORE_KNN} == pytest.approx(BEFORE_KNN, abs=1e-15)
     pur = report.clustering.set_index("rank")["purity"]
@@ -43,44 +51,85 @@ def test_intrinsic_numbers_unchanged_by_the_redesign(analysed):
     assert report.n_items == 909 and len(report.skipped) == 121
 
 
+def test_default_tests_are_species_level_and_say_what_they_permuted(analysed):
+    ds, report = analysed
+    m = report.mantel
+    assert set(m.scheme) == {"species"} and len(m) == 4
+    assert (m.permuted.str.contains("within strata of equal image count")).all()
+    img = m[m.level == "image"].iloc[0]
+    # between-species pairs only: all pairs minus those within a tree leaf (species, or an item's own leaf)
+    leaves = np.unique(ds.taxonomy.clade_structure().item_node, return_counts=True)[1]
+    n = len(ds)
+    assert img.n_pairs == n * (n - 1) // 2 - int((leaves * (leaves - 1) // 2).sum())
+    assert report.n_items == 902 and len(report.skipped) == 128
+
+
 def test_tools_store_under_their_keys(analysed):
     ds, report = analysed
     for key in ("mantel", "mantel_tree", "mantel_pairs", "clustering", "knn", "knn_params", "timings", "provenance"):
         assert key in ds.uns, key
     assert ds.uns["mantel"] is report.mantel and ds.uns["knn_params"] == {"k": 10, "max_queries": 100_000}
-    assert report.provenance["n_taxa"]["kingdom"] == 5 and report.provenance["embedding_dim"] == 768
+    assert report.provenance["n_taxa"]["kingdom"] == 4 and report.provenance["embedding_dim"] == 768
 
 
 def test_clade_mantel_equals_explicit_matrices(bc2):
-    """tl.mantel on ds['Insecta'] against an independent computation: scipy on the explicit N x N
-    cosine and tree distance matrices of exactly those items."""
+    """tl.mantel on ds['Insecta'] against an independent computation: numpy on the explicit N x N
+    cosine and tree distance matrices of exactly those items, over pairs from different tree leaves
+    (default, species permuted) and over all pairs (images permuted)."""
     ins = bc2["Insecta"]
-    table = tp.tl.mantel(ins, methods=("pearson",), levels=("image",), permutations=0)
+    table = tp.tl.mantel(ins, methods=("pearson",), levels=("image",), permute=("species", "images"),
+                         permutations=0)
     X = ins.unit.astype(np.float64)  # the tools' float32 unit vectors, in float64 from here
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     D = 1.0 - X @ X.T
     np.fill_diagonal(D, 0.0)
-    T = ins.taxonomy.clade_structure().item_distances()
-    r = np.corrcoef(squareform(D, checks=False), squareform(T, checks=False))[0, 1]
+    cs = ins.taxonomy.clade_structure()
+    T = cs.item_distances()
+    iu = np.triu_indices(len(ins), 1)
+    between = cs.item_node[iu[0]] != cs.item_node[iu[1]]
+    r_between = np.corrcoef(D[iu][between], T[iu][between])[0, 1]
+    r_all = np.corrcoef(squareform(D, checks=False), squareform(T, checks=False))[0, 1]
     assert len(ins) == 190 and (ins.items["class"] == "Insecta").all()
-    assert table.statistic.iloc[0] == pytest.approx(r, abs=1e-10)
+    got = table.set_index("scheme").statistic
+    assert got["species"] == pytest.approx(r_between, abs=1e-10)
+    assert got["images"] == pytest.approx(r_all, abs=1e-10)
+    assert table.set_index("scheme").n_pairs["species"] == int(between.sum())
     assert "mantel" in ins.uns and "mantel" not in bc2.uns  # stored on the slice only
 
 
 def test_mantel_seed_stream_and_levels(bc2):
-    """Each test's permutation seed is the next draw of default_rng(seed): order image x methods, then centroid."""
-    from treeprobe.mantel import mantel_tree
+    """Each test's permutation seed is the next draw of default_rng(seed): order scheme x level x method."""
+    from treeprobe.mantel import mantel_centroids, mantel_species
 
     ins = bc2["Insecta"]
     table = tp.tl.mantel(ins, methods=("pearson",), permutations=19, seed=3)
     assert table.level.tolist() == ["image", "species-centroid"]
     s_img, s_cent = np.random.default_rng(3).integers(2**31, size=2)
-    direct = mantel_tree(ins.unit, ins.taxonomy.clade_structure(), method="pearson", permutations=19,
-                         alternative="greater", seed=int(s_img))
-    assert table.p_value.iloc[0] == direct.p_value and table.statistic.iloc[0] == direct.statistic
-    assert s_img != s_cent
+    cs = ins.taxonomy.clade_structure()
+    units = np.unique(cs.item_node, return_inverse=True)[1]
+    direct = mantel_species(ins.unit, cs, units, method="pearson", permutations=19, seed=int(s_img))
+    cent = mantel_centroids(ins.unit, cs, units, method="pearson", permutations=19, seed=int(s_cent))
+    assert (table.statistic.iloc[0], table.p_value.iloc[0]) == (direct.statistic, direct.p_value)
+    assert (table.statistic.iloc[1], table.p_value.iloc[1]) == (cent.statistic, cent.p_value)
     with pytest.raises(TreeprobeError, match="unknown Mantel level 'genus'"):
         tp.tl.mantel(ins, levels=("genus",))
+    with pytest.raises(TreeprobeError, match="unknown permutation scheme 'rows'"):
+        tp.tl.mantel(ins, permute=("rows",))
+    with pytest.raises(TreeprobeError, match="'colour' is not a column"):
+        tp.tl.mantel(ins, control="colour")
+
+
+def test_partial_mantel_row_controls_for_a_covariate(bc2):
+    from treeprobe.partial_mantel import partial_mantel_tree
+
+    table = tp.tl.mantel(bc2, methods=("pearson",), levels=("image",), control="img_type", permutations=19, seed=5)
+    row = table[table.level == "image | img_type"].iloc[0]
+    seeds = np.random.default_rng(5).integers(2**31, size=2)
+    direct = partial_mantel_tree(bc2.unit, bc2.taxonomy.clade_structure(), bc2.items.img_type.to_numpy(),
+                                 name="img_type", permutations=19, seed=int(seeds[1]))
+    assert row.statistic == pytest.approx(direct.statistic, abs=1e-12) and row.p_value == direct.p_value
+    assert row.r_dz > 0.1 and row.statistic < table.statistic.iloc[0]  # img_type explains part of r
+    assert "img_type" in row.permuted
 
 
 def test_user_tree_lists_items_not_on_it(bc2, tmp_path):

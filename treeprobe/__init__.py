@@ -6,7 +6,7 @@ results), tools that compute on it (:mod:`treeprobe.tl`), plots that read what t
 (:mod:`treeprobe.datasets`)::
 
     import treeprobe as tp
-    ds = tp.datasets.bioclip2_1k()          # 909 real BioCLIP 2 embeddings with lineages
+    ds = tp.datasets.bioclip2_1k()          # 902 real BioCLIP 2 embeddings with lineages
     tp.tl.mantel(ds["Insecta"])             # Mantel test inside one clade
     tp.tl.tsne(ds); tp.pl.tsne(ds, color="order")
     report = tp.tl.intrinsic(ds)            # everything, as in `treeprobe intrinsic`

@@ -99,6 +99,13 @@ def _add_intrinsic(sub) -> None:
     s.add_argument("--cluster-methods", default=",".join(d["cluster_methods"]),
                    help=f"clustering methods (default {','.join(d['cluster_methods'])})")
     s.add_argument("--no-centroids", action="store_true", help="skip the species-centroid Mantel tests")
+    s.add_argument("--permute", choices=("species", "images", "both"), default="species",
+                   help="what the Mantel p-values permute: species (default: whole species among tree positions, "
+                        "within strata of equal image count; r over between-species pairs), images (all pairs, "
+                        "images permuted: tests whether images are exchangeable), or both")
+    s.add_argument("--control", metavar="COLUMN",
+                   help="also run a partial Mantel test controlling for this items column (categorical: "
+                        "same/different; numeric: absolute difference), e.g. img_type")
     o = a.add_argument_group("output")
     o.add_argument("--out", default="treeprobe_out", help="output folder (default ./treeprobe_out)")
     o.add_argument("--no-figures", action="store_true", help="write numbers only")
@@ -170,6 +177,7 @@ def cmd_intrinsic(args) -> int:
         seed=args.seed, permutations=args.permutations, knn_k=args.knn_k, knn_max_queries=args.knn_max_queries,
         rank_lengths=_rank_lengths(args.rank_lengths), maps=_split(args.maps), max_map_points=args.max_map_points,
         cluster_methods=_split(args.cluster_methods), centroid_level=not args.no_centroids,
+        permute=("species", "images") if args.permute == "both" else (args.permute,), control=args.control,
     )
     _print_summary(report, paths)
     return 0
@@ -179,7 +187,7 @@ def _print_summary(report, paths) -> None:
     print(f"items analysed: {report.n_items}   skipped: {len(report.skipped)}")
     for _, row in report.mantel.iterrows():
         print(f"Mantel {row['level']:>16s} {row['method']:<8s} r = {row['statistic']:+.4f}  p = {row['p_value']:.4g}"
-              f"  ({row['permutations']} permutations)")
+              f"  ({row['permutations']} permutations; {row.get('scheme', '')} permuted)")
     if len(report.knn):
         print("kNN agreement (excess over chance): " + ", ".join(
             f"{r['rank']} {r['agreement']:.3f} ({r['agreement_excess']:+.3f})" for _, r in report.knn.iterrows()))

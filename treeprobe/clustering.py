@@ -26,6 +26,7 @@ from scipy.special import gammaln
 from treeprobe.errors import TreeprobeError
 from treeprobe._utils import SEED_BOUND, l2_normalise
 from treeprobe._validation import check_choice, check_codes
+from treeprobe.neighbors import _unknown_mask
 
 __all__ = [
     "purity_score",
@@ -479,6 +480,7 @@ _COLUMNS = [
     "rank", "method", "k", "n_items", "n_singleton_taxa",
     "purity", "purity_chance", "purity_chance_sd", "purity_excess",
     "nmi", "nmi_chance", "nmi_chance_sd", "ami", "ari", "ari_chance", "ari_chance_sd", "note",
+    "n_unknown",
 ]
 _CHANCE_SCORES = ("purity", "nmi", "ari")  # the chance values rankwise_clustering reports
 
@@ -498,17 +500,21 @@ def rankwise_clustering(
 ) -> pd.DataFrame:
     """Cluster ``X`` (N, D; L2-normalised inside) at every rank into k = #taxa and score it.
 
-    For each rank in ``codes_by_rank`` (rank -> int codes (N,), in rank order) and each
-    method (see :func:`cluster_labels`), the clustering is scored with
-    :func:`clustering_scores` and :func:`chance_baseline` (purity, NMI, ARI chance values
-    over ``n_permutations`` label permutations). The Ward tree is built once and cut for
-    every rank.
+    For each rank in ``codes_by_rank`` (rank -> int codes (N,), in rank order; -1 = taxon
+    unknown at that rank) and each method (see :func:`cluster_labels`), the clustering is
+    scored with :func:`clustering_scores` and :func:`chance_baseline` (purity, NMI, ARI chance
+    values over ``n_permutations`` label permutations). A rank is clustered and scored on the
+    items known at it only: k = number of known taxa, the permutations shuffle the known items'
+    labels, and the items with code -1 are counted in ``n_unknown``. The Ward tree is built
+    once per distinct set of known items (once in all when no code is -1) and cut for every
+    rank that has that set.
 
-    Returns a tidy DataFrame, one row per (rank, method): rank, method, k, n_items,
-    n_singleton_taxa, purity, purity_chance, purity_chance_sd, purity_excess, nmi,
-    nmi_chance, nmi_chance_sd, ami, ari, ari_chance, ari_chance_sd, note. Scores are NaN
-    with a ``note`` when the rank has a single taxon, when k >= N (every item its own
-    taxon) or when agglomerative clustering is refused for size (N > max_agglomerative).
+    Returns a tidy DataFrame, one row per (rank, method): rank, method, k (known taxa),
+    n_items (items clustered: the known ones), n_singleton_taxa, purity, purity_chance,
+    purity_chance_sd, purity_excess, nmi, nmi_chance, nmi_chance_sd, ami, ari, ari_chance,
+    ari_chance_sd, note, n_unknown. Scores are NaN with a ``note`` when the rank has a single
+    taxon, when k >= n_items (every item its own taxon), when no item is known at the rank,
+    or when agglomerative clustering is refused for size (n_items > max_agglomerative).
     ``progress``: tqdm bar over ranks (None = only on a terminal). ``n_threads``: see
     :func:`cluster_labels`.
     """
@@ -519,6 +525,8 @@ def rankwise_clustering(
 
 def _skip_note(k: int, n: int) -> str:
     """Why a rank with ``k`` taxa over ``n`` items is not clustered ('' if it is)."""
+    if n == 0:
+        return "every item unknown at this rank"
     if k == 1:
         return "single taxon"
     if k >= n:
@@ -546,30 +554,43 @@ def _rankwise_clustering(X, codes_by_rank, methods, seed, n_permutations, n_init
     prepared = {}
     for rank, codes in codes_by_rank.items():
         codes = check_codes(codes, n, rank)
-        _, counts = np.unique(codes, return_counts=True)
-        prepared[rank] = (codes, counts)
+        known = ~_unknown_mask(codes)
+        _, counts = np.unique(codes[known], return_counts=True)
+        prepared[rank] = (known, codes[known], counts)
 
-    ward: dict[int, np.ndarray] | None = None
-    ward_note = ""
+    # one Ward tree per distinct set of known items, cut at every k of the ranks sharing it
+    ward: dict[bytes, tuple] = {}
     if "agglomerative" in methods:
-        ks = [c.size for _, c in prepared.values() if not _skip_note(c.size, n)]
-        ward, ward_note = _ward_for_ranks(Xn, ks, max_agglomerative)
+        groups: dict[bytes, list[int]] = {}
+        for known, _, counts in prepared.values():
+            if not _skip_note(counts.size, int(known.sum())):
+                groups.setdefault(np.packbits(known).tobytes(), []).append(counts.size)
+        for key, ks in groups.items():
+            known = next(kn for kn, _, _ in prepared.values() if np.packbits(kn).tobytes() == key)
+            ward[key] = _ward_for_ranks(Xn if known.all() else Xn[known], ks, max_agglomerative)
 
     # k-means works on float32 rows above the mini-batch threshold (one copy for all ranks)
     Xk = np.ascontiguousarray(Xn, dtype=np.float32) if n > minibatch_threshold else Xn
     rows = []
     bar = tqdm(prepared.items(), desc="clustering ranks", total=len(prepared),
                disable=None if progress is None else not progress)
-    for rank, (codes, counts) in bar:
+    for rank, (known, codes, counts) in bar:
         k = int(counts.size)
+        n_known = int(known.sum())
         for method in methods:
             row = dict.fromkeys(_COLUMNS, np.nan)
-            row.update(rank=rank, method=method, k=k, n_items=n,
-                       n_singleton_taxa=int((counts == 1).sum()), note=_skip_note(k, n))
-            if method == "agglomerative" and ward is None and not row["note"]:
+            row.update(rank=rank, method=method, k=k, n_items=n_known, n_unknown=n - n_known,
+                       n_singleton_taxa=int((counts == 1).sum()), note=_skip_note(k, n_known))
+            cuts, ward_note = ward.get(np.packbits(known).tobytes(), (None, "")) if method == "agglomerative" \
+                else (None, "")
+            if method == "agglomerative" and cuts is None and not row["note"]:
                 row["note"] = ward_note
             if not row["note"]:
-                pred = _kmeans(Xk, k, seed, n_init, minibatch_threshold) if method == "kmeans" else ward[k]
+                if method == "kmeans":
+                    src = Xk if n_known > minibatch_threshold else Xn
+                    pred = _kmeans(src if n_known == n else src[known], k, seed, n_init, minibatch_threshold)
+                else:
+                    pred = cuts[k]
                 row.update(clustering_scores(codes, pred))
                 base = chance_baseline(codes, pred, n_permutations, seed=seed, scores=_CHANCE_SCORES)
                 row.update({key: val for key, val in base.items() if key in _COLUMNS})

@@ -34,7 +34,7 @@ import pandas as pd
 from treeprobe._utils import RANKS, row_norms
 from treeprobe._validation import check_embeddings
 from treeprobe.errors import TreeprobeError
-from treeprobe.taxonomy import PLACEHOLDER, SEP, Taxonomy, placeable_mask
+from treeprobe.taxonomy import MISSING_TOKENS, PLACEHOLDER, SEP, Taxonomy, placeable_mask
 
 PLACEHOLDER_PREFIX = PLACEHOLDER.split("{")[0]  # "incertae_sedis_"
 
@@ -75,6 +75,13 @@ class TreeData:
         Inputs a loader already left out; rows set aside here are appended to it.
     source : str
         Where the data came from (a path, ``bioclip2-1k``, ...).
+    missing : iterable of str
+        Rank values read as unknown (case-insensitive; default
+        :data:`treeprobe.taxonomy.MISSING_TOKENS`: ``incertae sedis``, ``unknown``, ``NA``, ``-``, ...).
+    unknown : ``"separate"`` or ``"placeholder"``
+        How items unknown at a rank are treated (:class:`~treeprobe.taxonomy.Taxonomy`): ``"separate"``
+        (default) never counts two unknowns as one taxon; ``"placeholder"`` is the pre-0.2 rule
+        (one ``incertae_sedis_<rank>`` taxon per parent).
 
     Attributes: ``X``, ``items`` (index 0..N-1), ``obsm`` (dict name → (N, k) array), ``uns``
     (dict of results, keys listed in :mod:`treeprobe.tl`), ``skipped``, ``source``, and the lazily
@@ -92,7 +99,8 @@ class TreeData:
     """
 
     def __init__(self, X=None, items: pd.DataFrame | None = None, *, skipped: pd.DataFrame | None = None,
-                 source: str = "", obsm: dict | None = None, uns: dict | None = None):
+                 source: str = "", obsm: dict | None = None, uns: dict | None = None,
+                 missing=MISSING_TOKENS, unknown: str = "separate"):
         if items is None:
             raise TreeprobeError("TreeData needs an items table with the rank columns")
         items = items.reset_index(drop=True)
@@ -100,7 +108,9 @@ class TreeData:
             X = check_embeddings(X, n_rows=len(items))
         if len(items) == 0:
             raise TreeprobeError("no items: the data is empty")
-        keep, set_aside = self._usable_rows(X, items)
+        self.missing = tuple(missing)
+        self.unknown = unknown
+        keep, set_aside = self._usable_rows(X, items, self.missing)
         self.skipped = concat_skipped([skipped, *set_aside])
         self.source = str(source)
         if keep.all():
@@ -118,7 +128,7 @@ class TreeData:
         self._unit: np.ndarray | None = None
 
     @staticmethod
-    def _usable_rows(X, items: pd.DataFrame) -> tuple[np.ndarray, list[pd.DataFrame]]:
+    def _usable_rows(X, items: pd.DataFrame, missing) -> tuple[np.ndarray, list[pd.DataFrame]]:
         """(keep (N,) bool, skipped frames): non-finite / zero embeddings, then lineages without kingdom."""
         out = []
         keep = np.ones(len(items), dtype=bool)
@@ -130,7 +140,7 @@ class TreeData:
             if zero.any():
                 out.append(skip_records(items, zero, "zero-norm embedding"))
             keep = finite & (norms > 0)
-        placed = placeable_mask(items, RANKS)
+        placed = placeable_mask(items, RANKS, missing=missing)
         if (keep & ~placed).any():
             out.append(skip_records(items, keep & ~placed, f"no taxonomy (missing {RANKS[0]})"))
         return keep & placed, out
@@ -153,7 +163,7 @@ class TreeData:
     def taxonomy(self) -> Taxonomy:
         """The :class:`~treeprobe.taxonomy.Taxonomy` of the items (built once, then cached)."""
         if self._taxonomy is None:
-            self._taxonomy = Taxonomy.from_frame(self.items, RANKS)
+            self._taxonomy = Taxonomy.from_frame(self.items, RANKS, unknown=self.unknown, missing=self.missing)
         return self._taxonomy
 
     @property
@@ -233,6 +243,7 @@ class TreeData:
         new.uns = {}
         new.skipped = self.skipped.copy()
         new.source = self.source
+        new.missing, new.unknown = self.missing, self.unknown
         new._taxonomy = None
         new._unit = None if self._unit is None else self._unit[idx]
         return new

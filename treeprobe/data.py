@@ -27,7 +27,7 @@ import pandas as pd
 from treeprobe._utils import IMAGE_EXTENSIONS, RANKS
 from treeprobe.core import SKIPPED_COLUMNS, TreeData, empty_skipped
 from treeprobe.errors import TreeprobeError
-from treeprobe.taxonomy import clean_lineages
+from treeprobe.taxonomy import MISSING_TOKENS, clean_lineages
 
 __all__ = ["load_data", "load_embeddings", "load_inat_folder", "load_metadata_csv"]
 
@@ -59,10 +59,10 @@ def _canonical_rank_columns(df: pd.DataFrame, what: str, need_path: bool) -> pd.
     return df
 
 
-def _finish_items(df: pd.DataFrame, base_dir: str) -> pd.DataFrame:
+def _finish_items(df: pd.DataFrame, base_dir: str, missing=MISSING_TOKENS) -> pd.DataFrame:
     """Clean ranks ('' for missing), make ``path`` absolute (relative to ``base_dir``), order columns."""
     df = df.reset_index(drop=True).copy()
-    df[list(RANKS)] = clean_lineages(df)
+    df[list(RANKS)] = clean_lineages(df, missing=missing)
     if "path" in df.columns:
         paths = df["path"].astype("string").fillna("").str.strip().astype(object)
         df["path"] = [
@@ -90,7 +90,7 @@ def _read_csv(path: str) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- loaders
 
 
-def load_metadata_csv(path) -> TreeData:
+def load_metadata_csv(path, *, missing=MISSING_TOKENS) -> TreeData:
     """Images listed in a CSV with columns ``path`` + the 7 ranks (+ any covariates).
 
     Relative paths are resolved against the CSV's folder. Rows whose image is missing
@@ -99,8 +99,8 @@ def load_metadata_csv(path) -> TreeData:
     """
     path = _require_file(path)
     df = _canonical_rank_columns(_read_csv(path), f"metadata CSV {path}", need_path=True)
-    items = _finish_items(df, os.path.dirname(path))
-    return TreeData(None, items, skipped=empty_skipped(), source=path)
+    items = _finish_items(df, os.path.dirname(path), missing)
+    return TreeData(None, items, skipped=empty_skipped(), source=path, missing=missing)
 
 
 def _parse_inat_folder_name(name: str) -> dict | None:
@@ -121,7 +121,7 @@ def _parse_inat_folder_name(name: str) -> dict | None:
     }
 
 
-def load_inat_folder(root) -> TreeData:
+def load_inat_folder(root, *, missing=MISSING_TOKENS) -> TreeData:
     """An iNat21-style folder: one subfolder per species named
     ``<id>_<Kingdom>_<Phylum>_<Class>_<Order>_<Family>_<Genus>_<epithet>`` holding images
     (``treeprobe._utils.IMAGE_EXTENSIONS``, any case; not recursive).
@@ -165,9 +165,9 @@ def load_inat_folder(root) -> TreeData:
         )
     if not rows:
         raise TreeprobeError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
-    items = _finish_items(pd.DataFrame(rows), root)
+    items = _finish_items(pd.DataFrame(rows), root, missing)
     skipped_df = pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)) if skipped else empty_skipped()
-    return TreeData(None, items, skipped=skipped_df, source=root)
+    return TreeData(None, items, skipped=skipped_df, source=root, missing=missing)
 
 
 def _stack_parquet_embeddings(path: str):
@@ -246,7 +246,7 @@ def _load_npy(path: str, metadata) -> tuple[pd.DataFrame, np.ndarray, str]:
     return df, emb, os.path.dirname(metadata)
 
 
-def load_embeddings(path, metadata=None) -> TreeData:
+def load_embeddings(path, metadata=None, *, missing=MISSING_TOKENS) -> TreeData:
     """Precomputed embeddings with lineages.
 
     * ``.npy`` (N, D) + a metadata CSV (``metadata=``, else ``metadata.csv`` beside the
@@ -279,7 +279,7 @@ def load_embeddings(path, metadata=None) -> TreeData:
     else:
         raise TreeprobeError(f"unsupported embeddings file {path}: expected .npy or .parquet")
 
-    df = _finish_items(df, base)
+    df = _finish_items(df, base, missing)
     finite = np.isfinite(emb).all(axis=1)
     zero = finite & ~np.any(emb != 0, axis=1)
     keep = finite & ~zero
@@ -295,11 +295,11 @@ def load_embeddings(path, metadata=None) -> TreeData:
     if len(df) == 0:
         raise TreeprobeError(f"no usable embeddings in {path} (all {len(records)} rows skipped)")
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    return TreeData(emb, df, skipped=skipped_df, source=path)
+    return TreeData(emb, df, skipped=skipped_df, source=path, missing=missing)
 
 
-def load_data(path, embeddings: bool = False) -> TreeData:
-    """Load whatever ``path`` is: a folder → :func:`load_inat_folder`; ``.csv`` →
+def load_data(path, embeddings: bool = False, *, missing=MISSING_TOKENS) -> TreeData:
+    """Load whatever ``path`` is (``missing``: rank values read as unknown): a folder → :func:`load_inat_folder`; ``.csv`` →
     :func:`load_metadata_csv`; ``.npy``/``.parquet`` → :func:`load_embeddings`.
 
     ``embeddings=True`` requires the result to carry embeddings (an image folder or
@@ -310,11 +310,11 @@ def load_data(path, embeddings: bool = False) -> TreeData:
     path = _require_file(path)
     ext = os.path.splitext(path)[1].lower()
     if os.path.isdir(path):
-        ds = load_inat_folder(path)
+        ds = load_inat_folder(path, missing=missing)
     elif ext == ".csv":
-        ds = load_metadata_csv(path)
+        ds = load_metadata_csv(path, missing=missing)
     elif ext in (".npy", ".parquet"):
-        ds = load_embeddings(path)
+        ds = load_embeddings(path, missing=missing)
     else:
         raise TreeprobeError(
             f"don't know how to read {path}: expected an image folder, a .csv, a .npy or a .parquet"

@@ -19,18 +19,21 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 BIOCLIP2_1K = ASSETS / "bioclip2_1k" / "example_1k.parquet"
 
 
-def bioclip2_1k() -> TreeData:
-    """The bundled 1,030 real BioCLIP 2 embeddings: a TreeData of 909 items (768-d float32, as
-    released, not normalised); the 121 rows without taxonomy are in ``skipped``.
+def bioclip2_1k(*, missing=None, unknown: str = "separate") -> TreeData:
+    """The bundled 1,030 real BioCLIP 2 embeddings: a TreeData of 902 items (768-d float32, as
+    released, not normalised); the 121 rows without taxonomy and the 7 of kingdom "incertae sedis" are in ``skipped``.
+    ``missing`` (rank values read as unknown) and ``unknown`` (how unknowns are treated) as in
+    :class:`~treeprobe.core.TreeData`.
 
     >>> ds = bioclip2_1k()
     >>> len(ds), ds.n_dims, len(ds.skipped)
-    (909, 768, 121)
+    (902, 768, 128)
     """
     from treeprobe.data import load_embeddings
+    from treeprobe.taxonomy import MISSING_TOKENS
 
-    ds = load_embeddings(BIOCLIP2_1K)
-    ds.source = "bioclip2-1k"
+    ds = load_embeddings(BIOCLIP2_1K, missing=MISSING_TOKENS if missing is None else missing)
+    ds.source, ds.unknown = "bioclip2-1k", unknown
     return ds
 
 

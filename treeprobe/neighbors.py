@@ -8,7 +8,10 @@ dot product of unit vectors (cosine similarity in [-1, 1]; cosine distance = 1 -
   never ``N x N``; self is excluded; ties in similarity are broken by the smaller index
   (deterministic).
 * :func:`knn_rank_agreement` — per rank, the share of each item's k nearest
-  neighbours that belong to its own taxon, next to its chance value.
+  neighbours that belong to its own taxon, next to its chance value and its ceiling (the most
+  any embedding can score with these taxon sizes and k), normalised between the two; and the
+  level-specific share among the neighbours outside the item's own child taxon (genus
+  agreement without species agreement counted again). Codes of -1 mark unknown taxa.
 """
 
 from __future__ import annotations
@@ -53,13 +56,15 @@ class _TopBuffer:
 
     ``vals``/``idx`` (n, cap): the buffer (``-inf``/``-1`` while not full); ``thr`` (n,): its
     minimum, below which offers are ignored. Entries equal to the threshold are dropped
-    (their order in float32 does not matter: see :func:`knn_indices`).
+    (their order in float32 does not matter: see :func:`knn_indices`). ``vals``/``idx``/``thr``
+    may be given (views into the level buffers of :class:`_LevelSearch`).
     """
 
-    def __init__(self, n: int, cap: int):
-        self.vals = np.full((n, cap), -np.inf, dtype=np.float32)
-        self.idx = np.full((n, cap), -1, dtype=np.int64)
-        self.thr = np.full(n, -np.inf, dtype=np.float32)
+    def __init__(self, n: int, cap: int, arrays=None):
+        if arrays is None:
+            arrays = (np.full((n, cap), -np.inf, dtype=np.float32), np.full((n, cap), -1, dtype=np.int64),
+                      np.full(n, -np.inf, dtype=np.float32))
+        self.vals, self.idx, self.thr = arrays
         self.cap = cap
 
     def update(self, r0: int, S: np.ndarray, c0: int) -> None:
@@ -68,7 +73,7 @@ class _TopBuffer:
         if kernels is None:
             self._update_numpy(r0, S, c0)
             return
-        rows, cols = kernels[:2] if S.size >= _PARALLEL_MIN else kernels[2:]
+        rows, cols = kernels[:2] if S.size >= _PARALLEL_MIN else kernels[2:4]
         if S.flags.c_contiguous:
             rows(S, r0, c0, self.vals, self.idx, self.thr)
         elif S.T.flags.c_contiguous:  # a transposed block: scan its columns, tile by tile
@@ -118,15 +123,62 @@ class _TopBuffer:
         self.thr[g] = all_vals.min(axis=1)
 
 
+class _LevelSearch:
+    """The plain top-``cap`` buffer of :class:`_TopBuffer` plus one per level with exclusions.
+
+    Level l of buffer row g is offered only the columns ``col`` whose exclusion code differs:
+    ``ccode[col, l] != rcode[g, l]`` (int32 (N, L) and (n, L); an item shares its own code, so
+    self is excluded too). ``lvals``/``lidx`` (L, n, cap), ``lthr`` (n, L). ``nested`` bool
+    (n,): the row's exclusion classes nest level by level (see :func:`_nested_rows`). Every
+    block is read once for all the buffers (numba), or masked level by level (numpy fallback).
+    """
+
+    def __init__(self, n: int, cap: int, rcode: np.ndarray, ccode: np.ndarray, nested: np.ndarray):
+        n_lv = rcode.shape[1]
+        self.main = _TopBuffer(n, cap)
+        self.cap = cap
+        self.lvals = np.full((n_lv, n, cap), -np.inf, dtype=np.float32)
+        self.lidx = np.full((n_lv, n, cap), -1, dtype=np.int64)
+        self.lthr = np.full((n, n_lv), -np.inf, dtype=np.float32)
+        self.rcode = np.ascontiguousarray(rcode, dtype=np.int32)
+        self.ccode = np.ascontiguousarray(ccode, dtype=np.int32)
+        self.nested = np.ascontiguousarray(nested, dtype=np.bool_)
+
+    def level(self, lv: int) -> _TopBuffer:
+        """Level ``lv``'s buffers as a :class:`_TopBuffer` (views)."""
+        return _TopBuffer(self.lthr.shape[0], self.cap, (self.lvals[lv], self.lidx[lv], self.lthr[:, lv]))
+
+    def update(self, r0: int, S: np.ndarray, c0: int) -> None:
+        """Offer ``S[i, j]`` (row r0 + i, column c0 + j; never self) to the plain and level buffers."""
+        kernels = _numba_kernels()
+        if kernels is None:
+            self.main._update_numpy(r0, S, c0)
+            b, c = S.shape
+            for lv in range(self.lthr.shape[1]):
+                same = self.rcode[r0:r0 + b, lv][:, None] == self.ccode[c0:c0 + c, lv][None, :]
+                self.level(lv)._update_numpy(r0, np.where(same, np.float32(-np.inf), S), c0)
+            return
+        rows, cols = kernels[4:6] if S.size >= _PARALLEL_MIN else kernels[6:]
+        m = self.main
+        args = (m.vals, m.idx, m.thr, self.lvals, self.lidx, self.lthr, self.rcode, self.ccode, self.nested)
+        if S.flags.c_contiguous:
+            rows(S, r0, c0, *args)
+        elif S.T.flags.c_contiguous:
+            cols(S.T, r0, c0, *args)
+        else:
+            rows(np.ascontiguousarray(S), r0, c0, *args)
+
+
 @functools.lru_cache(maxsize=None)
 def _load_numba_kernels():
-    """(rows, cols, rows_serial, cols_serial) of :mod:`treeprobe._knn_kernels`, or None without numba."""
+    """(rows, cols, rows_serial, cols_serial, and the same four of the level kernels) of
+    :mod:`treeprobe._knn_kernels`, or None without numba."""
     try:
-        from treeprobe import _knn_kernels
+        from treeprobe import _knn_kernels as K
     except ImportError:  # pragma: no cover - numba comes with umap-learn
         return None
-    return (_knn_kernels.offer_rows, _knn_kernels.offer_cols,
-            _knn_kernels.offer_rows_serial, _knn_kernels.offer_cols_serial)
+    return (K.offer_rows, K.offer_cols, K.offer_rows_serial, K.offer_cols_serial,
+            K.offer_levels_rows, K.offer_levels_cols, K.offer_levels_rows_serial, K.offer_levels_cols_serial)
 
 
 def _numba_kernels():
@@ -153,8 +205,17 @@ def _f64_products(X: np.ndarray, rows: np.ndarray, chunk: int = _F64_COLUMN_CHUN
     return S
 
 
-def _exact_rows(X: np.ndarray, rows: np.ndarray, k: int, block_size: int):
-    """Exact float64 top-k (ties by index, self excluded) of ``rows``, by full products."""
+def _f64_dots(Xn: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 dot products of the row pairs (Xn[a[p]], Xn[b[p]]), (P,): float32 rows are cast
+    inside einsum's buffers (no float64 copy of the gathered rows: ~3x faster)."""
+    return np.einsum("ij,ij->i", Xn[a], Xn[b], dtype=np.float64)
+
+
+def _exact_rows(X: np.ndarray, rows: np.ndarray, k: int, block_size: int, excl=None):
+    """Exact float64 top-k (ties by index, self excluded) of ``rows``, by full products.
+
+    ``excl``: optional (row codes (len(rows),), column codes (N,)): columns sharing the row's
+    code are excluded too (level searches)."""
     n = X.shape[0]
     out_idx = np.empty((rows.size, k), dtype=np.int64)
     out_sim = np.empty((rows.size, k), dtype=np.float64)
@@ -163,6 +224,8 @@ def _exact_rows(X: np.ndarray, rows: np.ndarray, k: int, block_size: int):
         rr = rows[a:a + step]
         S = _f64_products(X, rr)
         S[np.arange(rr.size), rr] = -np.inf
+        if excl is not None:
+            S[excl[0][a:a + step, None] == excl[1][None, :]] = -np.inf
         cols = np.broadcast_to(np.arange(n), S.shape)
         order = np.lexsort((cols, -S), axis=1)[:, :k]
         out_idx[a:a + step] = order
@@ -212,6 +275,17 @@ def knn_indices(X, k: int, block_size: int = DEFAULT_BLOCK_SIZE, *, extra: int |
         Cosine similarities (float32 for float32 input, else float64), descending.
     """
     Xn = check_embeddings(X) if normalised else l2_normalise(X)
+    out_idx, out_sim, _ = _knn_search(Xn, k, block_size, extra, queries)
+    return out_idx, out_sim.astype(Xn.dtype, copy=False)
+
+
+def _knn_search(Xn: np.ndarray, k: int, block_size: int, extra: int | None, queries, levels=None):
+    """:func:`knn_indices` of the normalised ``Xn`` (N, D), plus the level neighbours.
+
+    ``levels``: None, or (ccode int32 (N, L), nested bool (N,), active bool (Q, L)): the
+    exclusion codes and nesting of :class:`_LevelSearch` and, per level, the query rows whose
+    level neighbours are wanted. Returns (indices (Q, k), similarities float64 (Q, k), level
+    neighbour sets int64 (L, Q, k) with -1 in inactive rows, or None)."""
     n = Xn.shape[0]
     k = check_int(k, "k")
     if k >= n:
@@ -220,14 +294,26 @@ def knn_indices(X, k: int, block_size: int = DEFAULT_BLOCK_SIZE, *, extra: int |
     extra = max(4, k // 4) if extra is None else max(int(extra), 0)
     cap = min(k + extra, n - 1)
     X32 = np.ascontiguousarray(Xn, dtype=np.float32)  # Xn itself for float32 input
-    if queries is None:
-        item = np.arange(n)  # the item behind each buffer row
-        buf = _search_all(X32, cap, block_size)
+    item = np.arange(n) if queries is None else _check_queries(queries, n)  # the item behind each buffer row
+    if levels is None:
+        buf = _TopBuffer(item.size, cap)
     else:
-        item = _check_queries(queries, n)
-        buf = _search_queries(X32, item, cap, block_size)
-    out_idx, out_sim = _rescore(buf, Xn, item, k, block_size)
-    return out_idx, out_sim.astype(Xn.dtype, copy=False)
+        ccode, nested, _ = levels
+        buf = _LevelSearch(item.size, cap, ccode[item], ccode, nested[item])
+    if queries is None:
+        _search_all(X32, buf, block_size)
+    else:
+        _search_queries(X32, item, buf, block_size)
+    main = buf if levels is None else buf.main
+    out_idx, out_sim = _rescore(main, Xn, item, k, block_size)
+    level_idx = None
+    if levels is not None:
+        ccode, _, active = levels
+        level_idx = np.full((ccode.shape[1], item.size, k), -1, dtype=np.int64)
+        for lv in range(ccode.shape[1]):
+            excl = (buf.rcode[:, lv], buf.ccode[:, lv])
+            level_idx[lv] = _topk_sets(buf.level(lv), Xn, item, k, block_size, active[:, lv], excl)
+    return out_idx, out_sim, level_idx
 
 
 def _check_queries(queries, n: int) -> np.ndarray:
@@ -238,12 +324,12 @@ def _check_queries(queries, n: int) -> np.ndarray:
     return item.astype(np.int64)
 
 
-def _search_all(X32: np.ndarray, cap: int, block_size: int) -> _TopBuffer:
-    """Top-``cap`` float32 candidates of every row (self excluded), over the upper triangle of
+def _search_all(X32: np.ndarray, buf, block_size: int) -> None:
+    """Fill ``buf`` (:class:`_TopBuffer` or :class:`_LevelSearch`, one row per item) with the
+    top-``cap`` float32 candidates of every row (self excluded), over the upper triangle of
     block pairs: each block product is offered to its rows and, transposed, to its columns."""
     n = X32.shape[0]
     starts = list(range(0, n, block_size))
-    buf = _TopBuffer(n, cap)
     for bi, r0 in enumerate(starts):
         r1 = min(r0 + block_size, n)
         A = X32[r0:r1]
@@ -255,13 +341,12 @@ def _search_all(X32: np.ndarray, cap: int, block_size: int) -> _TopBuffer:
             buf.update(r0, S, c0)
             if c0 != r0:
                 buf.update(c0, S.T, r0)
-    return buf
 
 
-def _search_queries(X32: np.ndarray, item: np.ndarray, cap: int, block_size: int) -> _TopBuffer:
-    """Top-``cap`` float32 candidates of the rows ``item`` (Q,) among all N rows (self excluded)."""
+def _search_queries(X32: np.ndarray, item: np.ndarray, buf, block_size: int) -> None:
+    """Fill ``buf`` (one row per query) with the top-``cap`` float32 candidates of the rows
+    ``item`` (Q,) among all N rows (self excluded)."""
     n = X32.shape[0]
-    buf = _TopBuffer(item.size, cap)
     for a in range(0, item.size, block_size):
         qa = item[a:a + block_size]
         A = X32[qa]
@@ -271,42 +356,92 @@ def _search_queries(X32: np.ndarray, item: np.ndarray, cap: int, block_size: int
             own = np.flatnonzero((qa >= c0) & (qa < c1))
             S[own, qa[own] - c0] = -np.inf
             buf.update(a, S, c0)
-    return buf
 
 
-def _rescore(buf: _TopBuffer, Xn: np.ndarray, item: np.ndarray, k: int, block_size: int):
+def _topk_sets(buf: _TopBuffer, Xn: np.ndarray, item: np.ndarray, k: int, block_size: int,
+               active: np.ndarray, excl) -> np.ndarray:
+    """The exact top-k *sets* (int64 (Q, k), in no particular order; -1 in inactive rows) of a
+    level buffer: what :func:`_rescore` finds, but only the candidates within the float32
+    bound of the k-th are re-scored in float64 (those clearly above it are in, those below
+    out), a few per row instead of all k. ``excl``: (row codes (Q,), column codes (N,))."""
+    n, dim = Xn.shape
+    out = np.full((item.size, k), -1, dtype=np.int64)
+    sel = np.flatnonzero(active)
+    if sel.size == 0:
+        return out
+    vals, idx, thr = buf.vals[sel], buf.idx[sel], buf.thr[sel]
+    tol2 = 2 * _f32_dot_tolerance(dim)
+    kth = -np.partition(-vals, k - 1, axis=1)[:, k - 1]
+    certified = (buf.cap == n - 1) | (thr == -np.inf) | (thr < kth - tol2)
+    sure = vals > (kth + tol2)[:, None]
+    band = (vals >= (kth - tol2)[:, None]) & ~sure
+    sure[~certified] = band[~certified] = False
+    need = k - sure.sum(axis=1)
+    # the band: re-scored in float64, ranked by (similarity desc, index) within its row
+    bi, bj = np.nonzero(band)
+    bc = idx[bi, bj]
+    s64 = np.empty(bi.size, dtype=np.float64)
+    step = max(1, _RESCORE_ELEMENTS // max(dim, 1))
+    for a in range(0, bi.size, step):
+        s64[a:a + step] = _f64_dots(Xn, item[sel[bi[a:a + step]]], bc[a:a + step])
+    order = np.lexsort((bc, -s64, bi))
+    bi, bc = bi[order], bc[order]
+    counts = np.bincount(bi, minlength=sel.size)
+    pos = np.arange(bi.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    chosen = pos < need[bi]
+    si, sj = np.nonzero(sure)
+    rows = np.concatenate([si, bi[chosen]])
+    cols = np.concatenate([idx[si, sj], bc[chosen]])
+    order = np.argsort(rows, kind="stable")
+    ok = np.flatnonzero(certified)
+    out[sel[ok]] = cols[order].reshape(ok.size, k)
+    bad = np.flatnonzero(~certified)
+    if bad.size:
+        out[sel[bad]] = _exact_rows(Xn, item[sel[bad]], k, block_size, (excl[0][sel[bad]], excl[1]))[0]
+    return out
+
+
+def _rescore(buf: _TopBuffer, Xn: np.ndarray, item: np.ndarray, k: int, block_size: int, *,
+             active: np.ndarray | None = None, excl=None):
     """Exact (float64) top-k of each buffer row: the float32 candidates near the k-th are
     re-scored in float64; rows whose buffer cannot certify the result (more near-ties than it
-    holds) are recomputed in full. Returns (indices int64 (Q, k), similarities float64 (Q, k))."""
+    holds) are recomputed in full. ``active`` (Q,) bool: only these rows (others get -1/NaN;
+    each needs k candidates). ``excl``: the (row codes (Q,), column codes (N,)) of a level
+    buffer, for the full recomputation. Returns (indices int64 (Q, k), similarities float64 (Q, k))."""
     n, dim = Xn.shape
     nq = item.size
     cap = buf.cap
+    out_idx = np.full((nq, k), -1, dtype=np.int64)
+    out_sim = np.full((nq, k), np.nan, dtype=np.float64)
+    sel = np.arange(nq) if active is None else np.flatnonzero(active)
+    if sel.size == 0:
+        return out_idx, out_sim
+    vals, idx, thr = (buf.vals, buf.idx, buf.thr) if active is None else (buf.vals[sel], buf.idx[sel], buf.thr[sel])
     tol = _f32_dot_tolerance(dim)
-    kth = -np.partition(-buf.vals, k - 1, axis=1)[:, k - 1]
+    kth = -np.partition(-vals, k - 1, axis=1)[:, k - 1]
     bound = kth - 2 * tol
-    certified = (cap == n - 1) | (buf.thr == -np.inf) | (buf.thr < bound)
-    cand = buf.vals >= bound[:, None]
+    certified = (cap == n - 1) | (thr == -np.inf) | (thr < bound)
+    cand = vals >= bound[:, None]
     cand[~certified] = False
     ri, cj = np.nonzero(cand)
-    ci = buf.idx[ri, cj]
+    ci = idx[ri, cj]
+    it = item[sel]
     s64 = np.empty(ri.size, dtype=np.float64)
     step = max(1, _RESCORE_ELEMENTS // max(dim, 1))
     for a in range(0, ri.size, step):
-        s64[a:a + step] = np.einsum("ij,ij->i", Xn[item[ri[a:a + step]]].astype(np.float64),
-                                    Xn[ci[a:a + step]].astype(np.float64))
+        s64[a:a + step] = _f64_dots(Xn, it[ri[a:a + step]], ci[a:a + step])
     order = np.lexsort((ci, -s64, ri))
     ri, ci, s64 = ri[order], ci[order], s64[order]
-    counts = np.bincount(ri, minlength=nq)
+    counts = np.bincount(ri, minlength=sel.size)
     first = np.cumsum(counts) - counts
     rows_ok = np.flatnonzero(certified)
     take = first[rows_ok][:, None] + np.arange(k)
-    out_idx = np.empty((nq, k), dtype=np.int64)
-    out_sim = np.empty((nq, k), dtype=np.float64)
-    out_idx[rows_ok] = ci[take]
-    out_sim[rows_ok] = s64[take]
+    out_idx[sel[rows_ok]] = ci[take]
+    out_sim[sel[rows_ok]] = s64[take]
     bad = np.flatnonzero(~certified)
     if bad.size:
-        out_idx[bad], out_sim[bad] = _exact_rows(Xn, item[bad], k, block_size)
+        ex = None if excl is None else (excl[0][sel[bad]], excl[1])
+        out_idx[sel[bad]], out_sim[sel[bad]] = _exact_rows(Xn, it[bad], k, block_size, ex)
     return out_idx, out_sim
 
 
@@ -319,35 +454,75 @@ def knn_rank_agreement(
     max_queries: int | None = None,
     seed: int = 0,
     normalised: bool = False,
+    level: bool = True,
 ) -> pd.DataFrame:
-    """Share of each item's k nearest neighbours (cosine) that share its taxon, per rank.
+    """Share of each item's k nearest neighbours (cosine) that share its taxon, per rank,
+    next to its chance value and its ceiling, and the level-specific share.
 
-    The kNN graph is computed once (:func:`knn_indices`) and reused for every rank.
+    The kNN graph is computed once (:func:`knn_indices`) and reused for every rank; the
+    level-specific neighbours come from the same pass over the similarity blocks.
     Above ``max_queries`` items the means below are estimated from a uniform random sample
     of ``max_queries`` query items (seeded), each with its exact k nearest neighbours among
-    all N: ``estimator`` = 'query-subsample' and ``agreement_ci95`` / ``top1_ci95`` give the
-    95 % half-widths (normal approximation, finite-population corrected; ``3/n`` when every
-    sampled item scored the same, e.g. all 1). The work is then
-    ``max_queries x N`` similarities instead of ``N x N / 2``. ``chance`` is always exact.
+    all N: ``estimator`` = 'query-subsample' and the ``*_ci95`` columns give the 95 %
+    half-widths (normal approximation, finite-population corrected; ``3/n`` when every sampled
+    item scored the same, e.g. all 1; the normalised scores' by linearisation of the ratio).
+    The work is then ``max_queries x N`` similarities instead of ``N x N / 2``. ``chance`` and
+    ``level_chance`` are always exact (over all N items, from the taxon sizes alone);
+    ``ceiling`` and ``level_ceiling`` are means over the *scored* items, i.e. estimated on the
+    same queries as the agreement, so the normalised scores never exceed 1 and a perfect
+    embedding scores exactly 1 under subsampling too (exact when every item is a query).
 
-    For item i in taxon t (size n_t) with neighbours j_1..j_k:
+    **Unknown taxa.** A code of -1 means the item's taxon at that rank is unknown: the item is
+    not scored at that rank (counted in ``n_unknown``), stays a possible neighbour of the
+    others but never agrees with them (two unknowns are never the same taxon), and taxon sizes,
+    chance and ceiling count the known items only.
+
+    For an evaluated item i (known at the rank, in a taxon of m_i >= 2 known items) with
+    neighbours j_1..j_k among the other N - 1 items:
 
     * ``agreement`` = mean_i (1/k) Σ_m [code(j_m) == code(i)]
     * ``top1`` = mean_i [code(j_1) == code(i)]  (its chance value is also ``chance``)
-    * ``chance`` = mean_i (n_t - 1)/(N - 1): the expected share if the k neighbours were
+    * ``chance`` = mean_i (m_i - 1)/(N - 1): the expected share if the k neighbours were
       drawn at random from the other N - 1 items
-    * ``agreement_excess`` = (agreement - chance)/(1 - chance)  (0 = chance, 1 = perfect;
-      NaN when chance == 1, i.e. a single taxon)
+    * ``ceiling`` = mean_i min(k, m_i - 1)/k: the most any embedding can score (at most
+      m_i - 1 others share the taxon); reached, at every rank at once, by an embedding whose
+      similarities follow the tree (closer within species than within genus, and so on)
+    * ``agreement_normalised`` = (agreement - chance)/(ceiling - chance): 0 = chance,
+      1 = the ceiling, comparable across ranks; NaN with a note when ceiling == chance
+      (a single taxon, or k = N - 1)
+    * ``top1_normalised`` = (top1 - chance)/(1 - chance) (the top-1 ceiling is 1)
+    * ``agreement_excess`` = (agreement - chance)/(1 - chance)  (kept for comparison: its
+      maximum is below 1 when k > m_i - 1; NaN when chance == 1, i.e. a single taxon)
 
-    Items alone in their taxon (n_t == 1) cannot have a same-taxon neighbour: they are
+    Items alone in their taxon (m_i == 1) cannot have a same-taxon neighbour: they are
     excluded from every mean above and counted in ``n_excluded_singletons``.
+
+    **Level-specific agreement** (``level=True``; every rank but the last, whose child rank
+    c is the next one in ``codes_by_rank``): the same share among the k nearest neighbours of
+    i *outside its own child taxon* (its rank-c taxon; an item unknown at c is its own child
+    taxon), so genus agreement does not count species agreement again. With c_i = size of i's
+    child taxon and a_i = number of items in i's rank taxon but not in its child taxon:
+
+    * ``level_agreement`` = mean_i (1/k) Σ_m [code(j'_m) == code(i)], j'_1..j'_k the k nearest
+      items outside i's child taxon
+    * ``level_chance`` = mean_i a_i/(N - c_i);  ``level_ceiling`` = mean_i min(k, a_i)/k
+    * ``level_normalised`` = (level_agreement - level_chance)/(level_ceiling - level_chance)
+
+    over ``level_n_evaluated`` items: known at the rank, a_i >= 1, N - c_i >= k.
+    ``level_child`` names the child rank; ``level_note`` says why level scores are NaN.
+    Cost: no N x N memory and no extra block products: one more top-(k + extra) buffer per
+    level, filled from the same similarity blocks (memory (R - 1) * Q * (k + extra) * 12 B:
+    1.0 GB for 6 levels at Q = N = 1M, k = 10; 100 MB at the 100,000 queries of
+    ``treeprobe.tl.knn``), plus a scan of each block entry above the level thresholds; measured
+    about 1.25x the time of ``level=False`` at N = 100,000 (``benchmarks/bench_knn.py``).
 
     Parameters
     ----------
     X : array (N, D)
         Embeddings (L2-normalised inside).
     codes_by_rank : mapping rank -> int array (N,)
-        Taxon code per item at each rank (any integer labels), in rank order.
+        Taxon code per item at each rank (any integer labels; -1 = unknown), in rank order
+        (top first): the level-specific scores of a rank exclude the next rank's taxa.
     k : int
         Neighbours per item, ``k <= N - 1`` (else :class:`TreeprobeError`).
     block_size : int
@@ -358,13 +533,20 @@ def knn_rank_agreement(
         Seed of the query sample.
     normalised : bool
         ``X`` comes from :func:`l2_normalise` (no copy is made; see :func:`knn_indices`).
+    level : bool
+        Compute the level-specific columns (False: NaN, and only the plain search).
 
     Returns
     -------
-    DataFrame, one row per rank: rank, k, n_taxa, agreement, chance, agreement_excess,
-    top1, n_evaluated (items whose neighbours were scored), n_excluded_singletons (items
-    alone in their taxon, among all N), estimator ('exact' | 'query-subsample'),
-    n_queries, agreement_ci95, top1_ci95 (NaN when exact), note ('' or why scores are NaN).
+    DataFrame, one row per rank: rank, k, n_taxa (known taxa), agreement, chance,
+    agreement_excess, top1, n_evaluated (items whose neighbours were scored),
+    n_excluded_singletons (known items alone in their taxon, among all N), estimator
+    ('exact' | 'query-subsample'), n_queries, agreement_ci95, top1_ci95 (NaN when exact),
+    note ('' or why scores are NaN), then n_unknown (items with code -1, among all N), ceiling,
+    agreement_normalised, agreement_normalised_ci95, top1_normalised, level_child,
+    level_agreement, level_chance, level_ceiling, level_normalised, level_n_evaluated,
+    level_agreement_ci95, level_normalised_ci95, level_note. Agreements, chances and ceilings
+    are shares in [0, 1]; the normalised scores are <= 1 (0 at chance, negative below it).
 
     Three genera of two items in two kingdoms; every item's nearest neighbour is its congener:
 
@@ -375,12 +557,21 @@ def knn_rank_agreement(
        rank  agreement  chance  agreement_excess
     kingdom        1.0   0.467               1.0
       genus        1.0   0.200               1.0
+
+    Outside its own genus, each Kingdom-0 item's nearest is the other genus of its kingdom:
+
+    >>> print(df[["rank", "level_child", "level_agreement", "level_ceiling"]].to_string(index=False))
+       rank level_child  level_agreement  level_ceiling
+    kingdom       genus              1.0            1.0
+      genus                          NaN            NaN
     """
     X = check_embeddings(X)
     n = X.shape[0]
     if int(k) >= n:
         raise TreeprobeError(f"k={k} neighbours needs at least k+1={int(k) + 1} items; got {n}")
-    codes_by_rank = {r: check_codes(c, n, r) for r, c in codes_by_rank.items()}
+    k = int(k)
+    ranks = list(codes_by_rank)
+    taxa = {r: _TaxonCodes(check_codes(c, n, r)) for r, c in codes_by_rank.items()}
     if max_queries is not None:
         check_int(max_queries, "max_queries", minimum=2)
     sampled = max_queries is not None and n > int(max_queries)
@@ -388,46 +579,191 @@ def knn_rank_agreement(
         queries = np.sort(np.random.default_rng(seed).choice(n, int(max_queries), replace=False))
     else:
         queries = np.arange(n)
-    nn_idx, _ = knn_indices(X, k, block_size=block_size, queries=queries if sampled else None,
-                            normalised=normalised)
-    rows = [_agreement_row(rank, codes, nn_idx, queries, int(k), sampled) for rank, codes in codes_by_rank.items()]
-    return pd.DataFrame(rows)
+    pairs = list(zip(ranks[:-1], ranks[1:])) if level else []
+    stats = [_level_stats(taxa[r], taxa[c], k) for r, c in pairs]
+    # the levels with an item to score get a buffer each (a level without one is left out)
+    used = [i for i, st in enumerate(stats) if st["eval"][queries].any()]
+    levels = None
+    if used:
+        ccode = np.stack([taxa[pairs[i][1]].exclusion for i in used], axis=1)
+        active = np.stack([stats[i]["eval"][queries] for i in used], axis=1)
+        levels = (ccode, _nested_rows(ccode), active)
+    Xn = check_embeddings(X) if normalised else l2_normalise(X)
+    nn_idx, _, level_idx = _knn_search(Xn, k, block_size, None, queries if sampled else None, levels)
+    rows = []
+    for i, rank in enumerate(ranks):
+        row = _agreement_row(rank, taxa[rank], nn_idx, queries, k, sampled)
+        if i < len(pairs):
+            lidx = level_idx[used.index(i)] if i in used else None  # None: nothing to score
+            row.update(_level_row(taxa[rank], stats[i], lidx, queries, k, sampled, ranks[i + 1]))
+        else:
+            row.update(level_child="", level_note="finest rank: no child rank" if level else "level=False")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=_COLUMNS)
 
 
-def _agreement_row(rank: str, codes: np.ndarray, nn_idx: np.ndarray, queries: np.ndarray, k: int,
+#: Columns of :func:`knn_rank_agreement`, in order.
+_COLUMNS = ["rank", "k", "n_taxa", "agreement", "chance", "agreement_excess", "top1", "n_evaluated",
+            "n_excluded_singletons", "estimator", "n_queries", "agreement_ci95", "top1_ci95", "note",
+            "n_unknown", "ceiling", "agreement_normalised", "agreement_normalised_ci95", "top1_normalised",
+            "level_child", "level_agreement", "level_chance", "level_ceiling", "level_normalised",
+            "level_n_evaluated", "level_agreement_ci95", "level_normalised_ci95", "level_note"]
+
+
+def _unknown_mask(codes: np.ndarray) -> np.ndarray:
+    """Bool (N,): items whose code is -1 (taxon unknown at that rank); none for non-numeric labels."""
+    codes = np.asarray(codes)
+    if codes.dtype.kind not in "iuf":
+        return np.zeros(codes.shape, dtype=bool)
+    return codes == -1
+
+
+class _TaxonCodes:
+    """One rank's codes (N,) as dense taxa: ``inv`` int64 (N,) taxon index 0..n_taxa-1 of the
+    known items, -1 where unknown (code -1); ``size`` int64 (N,) known items in the item's taxon
+    (0 if unknown); ``exclusion`` int32 (N,) a class per taxon, each unknown item its own."""
+
+    def __init__(self, codes: np.ndarray):
+        codes = np.asarray(codes)
+        known = ~_unknown_mask(codes)
+        self.n = codes.shape[0]
+        self.inv = np.full(self.n, -1, dtype=np.int64)
+        _, inv, counts = np.unique(codes[known], return_inverse=True, return_counts=True)
+        self.inv[known] = inv.ravel()
+        self.n_taxa = int(counts.size)
+        self.known = known
+        self.n_unknown = int(self.n - known.sum())
+        self.size = np.zeros(self.n, dtype=np.int64)
+        self.size[known] = counts[self.inv[known]]
+        excl = self.inv.copy()
+        excl[~known] = self.n_taxa + np.arange(self.n_unknown)
+        self.exclusion = excl.astype(np.int32)
+
+
+def _nested_rows(ccode: np.ndarray) -> np.ndarray:
+    """Bool (N,): items whose exclusion classes nest, level by level (``ccode`` (N, L)): at
+    every level l >= 1 the item's class lies inside one class of level l - 1. Their level
+    thresholds rise with the level, which the kernels exploit (see :mod:`treeprobe._knn_kernels`);
+    an item with a gap in its lineage (unknown at one rank, known below) is scanned level by level."""
+    ok = np.ones(ccode.shape[0], dtype=bool)
+    for lv in range(1, ccode.shape[1]):
+        fine = ccode[:, lv].astype(np.int64)
+        pair = np.unique(fine * (int(ccode[:, lv - 1].max()) + 1) + ccode[:, lv - 1])
+        n_parents = np.bincount(pair // (int(ccode[:, lv - 1].max()) + 1), minlength=int(fine.max()) + 1)
+        ok &= n_parents[fine] == 1
+    return ok
+
+
+def _level_stats(parent: _TaxonCodes, child: _TaxonCodes, k: int) -> dict:
+    """Per item (N,) of rank ``parent`` with child rank ``child``: ``a`` (items in its taxon but not
+    in its child taxon), ``pool`` (N - child taxon size), ``eval`` (bool: scored at this level)."""
+    n = parent.n
+    c = np.where(child.known, child.size, 1)  # an item unknown at the child rank is its own child taxon
+    both = parent.known & child.known
+    overlap = np.ones(n, dtype=np.int64)
+    if both.any():
+        pair = parent.inv[both] * max(child.n_taxa, 1) + child.inv[both]
+        _, pinv, pcount = np.unique(pair, return_inverse=True, return_counts=True)
+        overlap[both] = pcount[pinv.ravel()]
+    a = np.where(parent.known, parent.size - overlap, 0)
+    pool = n - c
+    return dict(a=a, pool=pool, eval=parent.known & (a >= 1) & (pool >= k))
+
+
+def _ci95(per_item: np.ndarray, n_pop: int) -> float:
+    """95 % half-width of the mean of ``per_item`` (a uniform sample of ``n_pop`` items),
+    finite-population corrected; the rule of three, 3/n, when the sample has no spread."""
+    n_eval = per_item.size
+    fpc = np.sqrt(max(n_pop - n_eval, 0) / max(n_pop - 1, 1))
+    sd = per_item.std(ddof=1)
+    # no spread in the sample (all 0 or all 1): the rule of three, 3/n, bounds the
+    # population's deviation at 95 % where the normal interval would say 0
+    half = 1.96 * sd / np.sqrt(n_eval) if sd > 0 else 3.0 / n_eval
+    return float(half * fpc)
+
+
+def _ratio_ci95(score: np.ndarray, ceil: np.ndarray, chance: float, n_pop: int) -> float:
+    """95 % half-width of R = (mean(score) - chance)/(mean(ceil) - chance), both means over the
+    same sample (per-item arrays (n,)), by linearisation: the :func:`_ci95` of
+    (score_i - chance - R (ceil_i - chance))/(mean(ceil) - chance). NaN when R is undefined."""
+    den = float(ceil.mean()) - chance
+    if not den > 1e-12:
+        return np.nan
+    r = (float(score.mean()) - chance) / den
+    return _ci95((score - chance - r * (ceil - chance)) / den, n_pop)
+
+
+def _normalised(value: float, chance: float, ceiling: float) -> float:
+    """(value - chance)/(ceiling - chance), NaN when the ceiling does not exceed chance."""
+    return (value - chance) / (ceiling - chance) if ceiling > chance + 1e-12 else np.nan
+
+
+def _agreement_row(rank: str, tx: _TaxonCodes, nn_idx: np.ndarray, queries: np.ndarray, k: int,
                    sampled: bool) -> dict:
-    """One row of :func:`knn_rank_agreement`: the scores of rank ``rank`` (codes (N,)) from the
+    """The plain columns of :func:`knn_rank_agreement` for rank ``rank`` (taxa ``tx``) from the
     neighbours ``nn_idx`` (Q, k) of the items ``queries`` (Q,)."""
-    n = codes.shape[0]
-    _, inv, counts = np.unique(codes, return_inverse=True, return_counts=True)
-    size = counts[inv]  # taxon size per item
-    keep_all = size > 1
-    n_pop = int(keep_all.sum())  # items that can have a same-taxon neighbour
+    n = tx.n
+    keep_all = tx.size > 1  # known items that can have a same-taxon neighbour
+    n_pop = int(keep_all.sum())
     keep = keep_all[queries]
     n_eval = int(keep.sum())
-    row = dict(rank=rank, k=k, n_taxa=int(counts.size), agreement=np.nan,
-               chance=np.nan, agreement_excess=np.nan, top1=np.nan,
-               n_evaluated=n_eval, n_excluded_singletons=int(n - n_pop),
+    row = dict(rank=rank, k=k, n_taxa=tx.n_taxa, n_evaluated=n_eval,
+               n_excluded_singletons=int((tx.size == 1).sum()),
                estimator="query-subsample" if sampled else "exact", n_queries=int(queries.size),
-               agreement_ci95=np.nan, top1_ci95=np.nan, note="")
+               note="", n_unknown=tx.n_unknown)
     if n_eval == 0:
-        row["note"] = "every taxon has a single item" if n_pop == 0 else "no sampled item in a taxon of >1"
+        row["note"] = ("every item unknown at this rank" if tx.n_unknown == n else
+                       "every taxon has a single item" if n_pop == 0 else "no sampled item in a taxon of >1")
         return row
     q = queries[keep]
-    same = inv[nn_idx[keep]] == inv[q][:, None]  # (n_eval, k)
-    agreement = float(same.mean())
-    chance = float(np.mean((size[keep_all] - 1) / (n - 1)))  # exact, over all items
-    row.update(agreement=agreement, chance=chance, top1=float(same[:, 0].mean()))
+    same = tx.inv[nn_idx[keep]] == tx.inv[q][:, None]  # (n_eval, k); unknown neighbours (-1) never agree
+    per_item = same.mean(axis=1)
+    agreement = float(per_item.mean())
+    chance = float(np.mean((tx.size[keep_all] - 1) / (n - 1)))  # exact, over all items
+    ceil_i = np.minimum(k, tx.size[q] - 1) / k  # over the scored items: the queries when sampled
+    ceiling = float(ceil_i.mean())
+    top1 = float(same[:, 0].mean())
+    row.update(agreement=agreement, chance=chance, top1=top1, ceiling=ceiling,
+               agreement_normalised=_normalised(agreement, chance, ceiling),
+               top1_normalised=_normalised(top1, chance, 1.0))
     if sampled and n_eval > 1:
-        fpc = np.sqrt(max(n_pop - n_eval, 0) / max(n_pop - 1, 1))
-        for name, per_item in (("agreement", same.mean(axis=1)), ("top1", same[:, 0])):
-            sd = per_item.std(ddof=1)
-            # no spread in the sample (all 0 or all 1): the rule of three, 3/n, bounds the
-            # population's deviation at 95 % where the normal interval would say 0
-            half = 1.96 * sd / np.sqrt(n_eval) if sd > 0 else 3.0 / n_eval
-            row[f"{name}_ci95"] = float(half * fpc)
+        row["agreement_ci95"] = _ci95(per_item, n_pop)
+        row["top1_ci95"] = _ci95(same[:, 0].astype(float), n_pop)
+        row["agreement_normalised_ci95"] = _ratio_ci95(per_item, ceil_i, chance, n_pop)
     if chance < 1.0:
         row["agreement_excess"] = (agreement - chance) / (1.0 - chance)
-    if counts.size == 1:
+    if tx.n_taxa == 1:
         row["note"] = "single taxon"
+    elif not ceiling > chance + 1e-12:
+        row["note"] = "ceiling == chance: agreement_normalised undefined"
+    return row
+
+
+def _level_row(tx: _TaxonCodes, st: dict, level_idx: np.ndarray | None, queries: np.ndarray, k: int,
+               sampled: bool, child: str) -> dict:
+    """The level columns of :func:`knn_rank_agreement` for one rank: ``st`` from
+    :func:`_level_stats`, ``level_idx`` (Q, k) the neighbours outside each query's child taxon."""
+    ev_all = st["eval"]
+    n_pop = int(ev_all.sum())
+    keep = ev_all[queries]
+    n_eval = int(keep.sum())
+    row = dict(level_child=child, level_n_evaluated=n_eval, level_note="")
+    if n_eval == 0:
+        row["level_note"] = ("no item has a taxon member outside its own child taxon" if n_pop == 0
+                             else "no sampled item with a taxon member outside its child taxon")
+        return row
+    q = queries[keep]
+    same = tx.inv[level_idx[keep]] == tx.inv[q][:, None]
+    per_item = same.mean(axis=1)
+    agreement = float(per_item.mean())
+    chance = float(np.mean(st["a"][ev_all] / st["pool"][ev_all]))  # exact, over all items
+    ceil_i = np.minimum(k, st["a"][q]) / k  # over the scored items
+    ceiling = float(ceil_i.mean())
+    row.update(level_agreement=agreement, level_chance=chance, level_ceiling=ceiling,
+               level_normalised=_normalised(agreement, chance, ceiling))
+    if sampled and n_eval > 1:
+        row["level_agreement_ci95"] = _ci95(per_item, n_pop)
+        row["level_normalised_ci95"] = _ratio_ci95(per_item, ceil_i, chance, n_pop)
+    if not ceiling > chance + 1e-12:
+        row["level_note"] = "level_ceiling == level_chance: level_normalised undefined"
     return row

@@ -33,6 +33,7 @@ class DisplayFigure(Figure):
         return buf.getvalue()
 
 _OTHER_GREY = "#c8c8c8"
+_UNKNOWN_GREY = "#ececec"
 
 
 def _palette(n: int) -> list:
@@ -96,14 +97,19 @@ def plot_rank_maps(
         labels = np.asarray(labels_by_rank[rank]).astype(str)
         if labels.shape != (n,):
             raise TreeprobeError(f"labels for rank {rank!r} have shape {labels.shape}; expected ({n},)")
-        counts = Counter(labels.tolist())
+        unknown = labels == ""  # unknown at this rank: never a taxon of its own
+        counts = Counter(labels[~unknown].tolist())
         top = sorted(counts, key=lambda t: (-counts[t], t))[:top_n]
-        is_top = np.isin(labels, top)
+        is_top = np.isin(labels, top) & ~unknown
         n_other_taxa = len(counts) - len(top)
-        if (~is_top).any():
-            ax.scatter(coords[~is_top, 0], coords[~is_top, 1], s=size, c=_OTHER_GREY,
+        other = ~is_top & ~unknown
+        if unknown.any():
+            ax.scatter(coords[unknown, 0], coords[unknown, 1], s=size, c=_UNKNOWN_GREY, linewidths=0,
+                       rasterized=True, label=f"unknown at this rank ({int(unknown.sum())})")
+        if other.any():
+            ax.scatter(coords[other, 0], coords[other, 1], s=size, c=_OTHER_GREY,
                        linewidths=0, rasterized=True,
-                       label=f"other {n_other_taxa} taxa ({int((~is_top).sum())})")
+                       label=f"other {n_other_taxa} taxa ({int(other.sum())})")
         for colour, taxon in zip(colours, top):
             m = labels == taxon
             ax.scatter(coords[m, 0], coords[m, 1], s=size, color=colour, linewidths=0,

@@ -84,8 +84,10 @@ class Report:
         """The few numbers a reader looks at first."""
         out = {}
         for _, row in self.mantel.iterrows():
-            out[f"mantel_{row['level']}_{row['method']}_r"] = row["statistic"]
-            out[f"mantel_{row['level']}_{row['method']}_p"] = row["p_value"]
+            scheme = row.get("scheme")
+            key = f"mantel_{row['level']}_{row['method']}" + (f"_{scheme}_permuted" if scheme == "images" else "")
+            out[f"{key}_r"] = row["statistic"]
+            out[f"{key}_p"] = row["p_value"]
         if len(self.knn):
             for _, row in self.knn.iterrows():
                 out[f"knn_{row['rank']}_agreement_excess"] = row.get("agreement_excess")
@@ -173,6 +175,21 @@ def _md_table(df: pd.DataFrame, cols: list[str], nd=3) -> str:
     return "\n".join(lines)
 
 
+HOW_TO_READ = """## How to read this report
+
+- **Each number comes with its reference.** A score is shown next to its chance value (what a representation
+  unrelated to the taxonomy scores with these taxon sizes) and, where one exists, its ceiling (the most any
+  representation can score here); read the excess over chance, or the normalised score (0 = chance, 1 = ceiling).
+- **Each p-value says what was permuted** (column `permuted`), and so which question it answers. Images of one
+  species are not independent draws: a test that permutes images only asks whether images are exchangeable,
+  which within-species similarity alone rejects. The species-level tests move whole species between tree
+  positions (and only between species with the same number of images), so they ask whether the representation
+  follows the tree *above* species.
+- **Unknown ranks are not evidence of identity.** Items unknown at a rank are not scored at that rank, and two
+  unknowns are never counted as the same taxon; the counts lost at each rank are in the taxa table.
+- **Skipped inputs** are listed with their reason at the end; nothing is dropped silently."""
+
+
 def render_markdown(report: Report, figures: dict[str, str] | None = None) -> str:
     """A short readable report; ``figures`` maps figure name → relative PNG path."""
     prov = report.provenance
@@ -181,12 +198,13 @@ def render_markdown(report: Report, figures: dict[str, str] | None = None) -> st
                  f"(digest `{str(prov.get('model', {}).get('digest', '–'))[:16]}`). "
                  f"Data: `{prov.get('data', {}).get('source', '–')}`. "
                  f"Items analysed: {prov.get('n_items')}; skipped: {len(report.skipped)}. Seed: {prov.get('seed')}.")
+    lines += ["", HOW_TO_READ]
     lines += ["", "## Does embedding distance follow the tree? (Mantel)", "",
               "Correlation between cosine distance of embeddings and patristic distance on the tree "
               f"({prov.get('tree', {}).get('kind', 'rank taxonomy')}); one-sided permutation p-value "
-              "(H1: closer on the tree → closer in embedding space).", ""]
-    lines.append(_md_table(report.mantel, ["level", "method", "statistic", "p_value", "permutations",
-                                           "n_items", "estimator"]))
+              "(H1: closer on the tree → closer in embedding space). `permuted` says what each p-value permuted.", ""]
+    lines.append(_md_table(report.mantel, ["level", "scheme", "method", "statistic", "p_value", "permutations",
+                                           "n_items", "n_pairs", "estimator", "permuted"]))
     lines += ["", "## Rank-wise clustering", "",
               "k-means / agglomerative clustering with k = number of taxa at each rank. Every score is shown "
               "next to its chance value (same k, permuted labels); `purity_excess` = (purity − chance)/(1 − chance). "
@@ -195,9 +213,13 @@ def render_markdown(report: Report, figures: dict[str, str] | None = None) -> st
                                                "nmi", "nmi_chance", "ami", "ari", "note"]))
     lines += ["", "## Nearest-neighbour rank agreement", "",
               "Share of each item's k nearest neighbours (cosine) in its own taxon; items alone in their taxon are "
-              "excluded and counted.", ""]
-    knn_cols = ["rank", "k", "agreement", "chance", "agreement_excess", "top1", "n_evaluated",
-                "n_excluded_singletons"]
+              "excluded and counted. `ceiling`: the most any embedding can reach with these taxon sizes and k; "
+              "`agreement_normalised` = (agreement − chance) / (ceiling − chance), comparable across ranks. "
+              "`level_agreement`: the same among neighbours outside the item's own taxon one rank below, so a "
+              "rank is not credited with its children's agreement.", ""]
+    knn_cols = ["rank", "k", "agreement", "chance", "ceiling", "agreement_normalised", "agreement_excess",
+                "level_agreement", "level_chance", "level_ceiling", "top1", "n_evaluated",
+                "n_excluded_singletons", "n_unknown"]
     if "estimator" in report.knn and (report.knn["estimator"] == "query-subsample").any():
         n_q = int(report.knn["n_queries"].iloc[0])
         lines += [f"Estimated from {n_q:,} random query items (each with its exact neighbours among all "
@@ -286,7 +308,9 @@ def load_report(out_dir: str | os.PathLike) -> Report:
     items = pd.read_csv(out / "items.csv", keep_default_na=False, na_values=[""], low_memory=False)
     for r in RANKS:
         items[r] = items[r].fillna("").astype(str)
-    tax = Taxonomy.from_frame(items)
+    rules = rep.get("provenance", {}).get("taxonomy", {"unknown": "placeholder"})  # reports before 0.2: placeholders
+    tax = Taxonomy.from_frame(items, unknown=rules.get("unknown", "placeholder"),
+                              **({"missing": rules["missing"]} if "missing" in rules else {}))
     maps = {}
     for name in ("tsne", "umap"):
         if f"{name}_1" in items.columns:

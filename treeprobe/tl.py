@@ -39,9 +39,13 @@ from treeprobe.errors import TreeprobeError
 from treeprobe.mantel import SPEARMAN_MAX_N
 
 __all__ = ["embed", "mantel", "clustering", "knn", "tsne", "umap", "intrinsic", "check_analysable",
-           "MANTEL_LEVELS", "MAPS"]
+           "MANTEL_LEVELS", "MANTEL_SCHEMES", "MAPS"]
 
 MANTEL_LEVELS = ("image", "species-centroid")
+#: What a Mantel p-value can permute (see :func:`mantel`).
+MANTEL_SCHEMES = ("species", "images")
+CENTROIDS_PERMUTED_FREELY = ("species centroids permuted freely among tree positions (image counts ignored: "
+                             "miscalibrated when the number of images per species varies with the clade)")
 MAPS = ("tsne", "umap")
 
 
@@ -59,8 +63,11 @@ def check_analysable(data: TreeData) -> None:
     if len(data) < 3:
         raise TreeprobeError(f"only {len(data)} usable item(s) after dropping bad rows; need at least 3")
     tax = data.taxonomy
-    if tax.n_taxa(tax.ranks[-1]) < 2:
-        raise TreeprobeError(f"all items belong to a single taxon ({tax.taxon_labels(tax.ranks[-1])[0]}): "
+    last = tax.ranks[-1]
+    n_leaves = tax.n_taxa(last) + int((~tax.known(last)).sum()) if tax.unknown == "separate" else tax.n_taxa(last)
+    if n_leaves < 2:
+        raise TreeprobeError("all items belong to a single taxon "
+                             f"({tax.taxon_labels(last)[0] if tax.n_taxa(last) else 'unknown'}): "
                              "there is no tree to compare with")
 
 
@@ -124,7 +131,10 @@ def _mantel_inputs(data: TreeData, tree, rank_lengths):
     clades = tax.clade_structure(rank_lengths)
     info = dict(kind="rank taxonomy (patristic, " +
                 ("one unit per rank" if rank_lengths is None else f"rank lengths {rank_lengths}") + ")")
-    return Xn, clades, tax.codes(tax.ranks[-1]), info, np.ones(len(data), dtype=bool)
+    # the units of the species-level tests are the tree's leaves: a species, or an item known only
+    # above species (its own leaf: an unknown is not evidence of identity)
+    units = np.unique(clades.item_node, return_inverse=True)[1].astype(np.int64)
+    return Xn, clades, units, info, np.ones(len(data), dtype=bool)
 
 
 def _centroid_inputs(X_m: np.ndarray, clades, codes: np.ndarray):
@@ -150,39 +160,79 @@ def _pair_sample(Xn: np.ndarray, clades, *, n_pairs: int, seed: int) -> dict:
     return dict(d_embed=d, d_tree=t)
 
 
+def _mantel_row(level: str, scheme: str, res) -> dict:
+    row = dict(level=level, scheme=scheme, **res.to_dict())
+    row["permuted"] = res.details.get("permuted", "")
+    return row
+
+
 def mantel(data: TreeData, *, methods: Sequence[str] = ("pearson", "spearman"),
-           levels: Sequence[str] = MANTEL_LEVELS, tree=None, rank_lengths=None, permutations: int = 999,
-           seed: int = 0, spearman_max_n: int = SPEARMAN_MAX_N, progress: bool = False) -> pd.DataFrame:
+           levels: Sequence[str] = MANTEL_LEVELS, permute: Sequence[str] = ("species",), control: str | None = None,
+           tree=None, rank_lengths=None, permutations: int = 999, seed: int = 0,
+           spearman_max_n: int = SPEARMAN_MAX_N, progress: bool = False) -> pd.DataFrame:
     """Mantel tests of embedding cosine distance against tree distance; stores ``uns["mantel"]``.
 
-    levels: ``"image"`` (every item) and/or ``"species-centroid"`` (one unit-norm centroid per species,
+    levels: ``"image"`` (images) and/or ``"species-centroid"`` (one unit-norm centroid per species,
     at least 3 species). methods: ``"pearson"`` (exact, no N×N matrix) and/or ``"spearman"``.
+    permute (what each p-value permutes; one row per scheme):
+
+    * ``"species"`` (default): at image level r over **between-species pairs**, species moved among
+      tree positions with all their images, only between species with the same number of images;
+      at centroid level the centroids' positions permuted within the same size strata. Answers
+      "does the representation follow the tree above species?" (see :mod:`treeprobe.permutation`).
+    * ``"images"``: all pairs, images permuted among tree positions (centroids permuted freely):
+      tests whether images are exchangeable, which within-species similarity alone rejects.
+
+    control: an ``items`` column; adds a partial Mantel row (between-species pairs, r(d, t | z) with
+    z = same/different category, or |difference| for a numeric column; see
+    :func:`treeprobe.partial_mantel.partial_mantel_tree` for its permutation scheme).
     tree: an ete3 tree with branch lengths, leaves named by species binomial (items whose species is
-    not a leaf are left out of the Mantel tests and listed in ``uns["mantel_not_in_tree"]``); default
-    the rank taxonomy, one unit per rank or ``rank_lengths`` (7 numbers). Alternative: greater.
-    Each test's permutation seed is drawn in the order image × methods, then centroid × methods from
-    ``np.random.default_rng(seed)``. Returns the table (columns level, method, statistic, p_value, ...).
+    not a leaf are left out and listed in ``uns["mantel_not_in_tree"]``); default the rank taxonomy,
+    one unit per rank or ``rank_lengths`` (7 numbers). Alternative: greater. Each test's permutation
+    seed is the next draw of ``np.random.default_rng(seed)`` in the order scheme × level × method,
+    then the partial Mantel. Returns the table (level, scheme, method, statistic, p_value, permuted, ...).
     """
-    from treeprobe.mantel import mantel_tree
+    from treeprobe import mantel as m
+    from treeprobe.partial_mantel import partial_mantel_tree
 
     _check_data(data)
     for lv in levels:
         check_choice(lv, "Mantel level", MANTEL_LEVELS)
-    X_m, clades, codes, info, in_tree = _mantel_inputs(data, tree, rank_lengths)
+    for scheme in permute:
+        check_choice(scheme, "permutation scheme", MANTEL_SCHEMES)
+    if control is not None and control not in data.items.columns:
+        raise TreeprobeError(f"--control {control!r} is not a column of the items "
+                             f"(columns: {', '.join(map(str, data.items.columns))})")
+    X_m, clades, units, info, in_tree = _mantel_inputs(data, tree, rank_lengths)
     rng = np.random.default_rng(seed)
     rows = []
-
-    def run(X, cs, level):
-        for method in methods:
-            res = mantel_tree(X, cs, method=method, permutations=permutations, alternative="greater",
-                              seed=int(rng.integers(SEED_BOUND)), spearman_max_n=spearman_max_n,
-                              progress=progress)
-            rows.append(dict(level=level, **res.to_dict()))
-
-    if "image" in levels:
-        run(X_m, clades, "image")
-    if "species-centroid" in levels and int(codes.max()) + 1 >= 3:
-        run(*_centroid_inputs(X_m, clades, codes), "species-centroid")
+    enough = int(units.max()) + 1 >= 3
+    for scheme in permute:
+        for level in levels:
+            if level == "species-centroid" and not enough:
+                continue
+            for method in methods:
+                kw = dict(method=method, permutations=permutations, alternative="greater",
+                          seed=int(rng.integers(SEED_BOUND)), spearman_max_n=spearman_max_n, progress=progress)
+                if scheme == "species":
+                    fn = m.mantel_species if level == "image" else m.mantel_centroids
+                    res = fn(X_m, clades, units, **kw)
+                elif level == "image":
+                    res = m.mantel_tree(X_m, clades, **kw)
+                else:
+                    res = m.mantel_tree(*_centroid_inputs(X_m, clades, units), **kw)
+                    res.details["permuted"] = CENTROIDS_PERMUTED_FREELY
+                rows.append(_mantel_row(level, scheme, res))
+    if control is not None:
+        z = data.items[control].to_numpy()[in_tree]
+        res = partial_mantel_tree(X_m, clades, z, name=control, permutations=permutations,
+                                  seed=int(rng.integers(SEED_BOUND)))
+        rows.append(dict(level=f"image | {control}", scheme=res.permutation, method="pearson (partial)",
+                         statistic=res.statistic, p_value=res.p_value, permutations=res.permutations,
+                         n_items=res.n_items, n_pairs=res.n_pairs, alternative=res.alternative, estimator="exact",
+                         permuted=res.permuted, r_dt=res.r_dt, r_dz=res.r_dz, r_tz=res.r_tz,
+                         details=dict(control=res.control, mantel_p_value=res.mantel_p_value,
+                                      n_species=res.n_species, pairs=res.pairs)))
     table = pd.DataFrame(rows)
     data.uns["mantel"] = table
     data.uns["mantel_tree"] = info
@@ -271,6 +321,7 @@ def package_versions() -> dict:
 
 def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, permutations: int = 999,
               mantel_methods: Sequence[str] = ("pearson", "spearman"), centroid_level: bool = True,
+              permute: Sequence[str] = ("species",), control: str | None = None,
               cluster_methods: Sequence[str] = ("kmeans", "agglomerative"), chance_permutations: int = 20,
               knn_k: int = 10, knn_max_queries: int | None = 100_000, maps: Sequence[str] = MAPS,
               max_map_points: int | None = DEFAULT_MAX_MAP_POINTS, spearman_max_n: int = SPEARMAN_MAX_N,
@@ -291,8 +342,9 @@ def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, pe
         timings[key] = time.perf_counter() - t
 
     levels = ("image", "species-centroid") if centroid_level else ("image",)
-    timed("mantel_s", mantel, methods=mantel_methods, levels=levels, tree=tree, rank_lengths=rank_lengths,
-          permutations=permutations, seed=seed, spearman_max_n=spearman_max_n, progress=progress)
+    timed("mantel_s", mantel, methods=mantel_methods, levels=levels, permute=permute, control=control, tree=tree,
+          rank_lengths=rank_lengths, permutations=permutations, seed=seed, spearman_max_n=spearman_max_n,
+          progress=progress)
     timed("clustering_s", clustering, methods=cluster_methods, seed=seed, chance_permutations=chance_permutations,
           progress=progress)
     timed("knn_s", knn, k=knn_k, max_queries=knn_max_queries, seed=seed)
@@ -305,6 +357,7 @@ def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, pe
     prov.update(
         seed=seed, permutations=permutations, knn_k=data.uns["knn_params"]["k"], knn_max_queries=knn_max_queries,
         n_items=len(data), embedding_dim=data.n_dims, n_taxa={r: tax.n_taxa(r) for r in tax.ranks},
+        taxonomy=dict(unknown=data.unknown, missing=list(data.missing)),
         tree=data.uns["mantel_tree"], timings=timings, versions=package_versions(), command=" ".join(sys.argv),
     )
     data.uns["provenance"] = prov
