@@ -14,6 +14,7 @@ SHARED = str(SHARED_DATA)
 PARQUET = os.path.join(SHARED, "tol200m_bioclip2_embeddings_1k", "example_1k.parquet")
 PHOTOS = os.path.join(SHARED, "multikingdom_photos_index", "metadata.csv")
 FAST = ["--permutations", "49", "--maps", "none", "--cluster-methods", "kmeans", "--quiet"]
+NO_CLUSTERING = ["--permutations", "49", "--maps", "none", "--cluster-methods", "none", "--quiet"]  # tests of other parts
 
 
 def run(args, capsys):
@@ -103,8 +104,8 @@ def test_tree_export_and_user_tree(tmp_path, capsys):
     X = rng.normal(size=(len(meta), 16)) + 3 * np.eye(16)[pd.factorize(meta["family"])[0] % 16]
     np.save(tmp_path / "emb.npy", X.astype(np.float32))
     meta.to_csv(tmp_path / "meta.csv", index=False)
-    base = ["intrinsic", "--embeddings", str(tmp_path / "emb.npy"), "--metadata", str(tmp_path / "meta.csv"), *FAST,
-            "--no-figures"]
+    base = ["intrinsic", "--embeddings", str(tmp_path / "emb.npy"), "--metadata", str(tmp_path / "meta.csv"),
+            *NO_CLUSTERING, "--no-figures"]
     assert run(base + ["--out", out1], capsys)[0] == 0
     assert run(base + ["--out", out2, "--tree", nwk], capsys)[0] == 0
     r1 = {(m["level"], m["method"]): m["statistic"] for m in load_report(out1)["mantel"]}
@@ -139,7 +140,7 @@ def test_one_cli_mounts_every_command(capsys):
 def test_example_runs_without_any_path(tmp_path, capsys):
     """The bundled real example (byte-identical to the shared file: tests/test_datasets.py) from the CLI."""
     a = str(tmp_path / "example")
-    assert run(["intrinsic", "--example", "bioclip2-1k", "--out", a, *FAST, "--no-figures"], capsys)[0] == 0
+    assert run(["intrinsic", "--example", "bioclip2-1k", "--out", a, *NO_CLUSTERING, "--no-figures"], capsys)[0] == 0
     ra = load_report(a)
     check_complete(ra, 902)
     assert ra["skipped"]["count"] == 128 and ra["provenance"]["data"]["source"] == "example bioclip2-1k (bundled)"
@@ -256,8 +257,10 @@ def test_report_folder_round_trip_and_figure_redraw(tmp_path, capsys):
 
 def test_knn_query_subsample_on_real_embeddings(tmp_path, capsys):
     exact_out, est_out = str(tmp_path / "exact"), str(tmp_path / "est")
-    assert run(["intrinsic", "--embeddings", PARQUET, "--out", exact_out, *FAST, "--no-centroids"], capsys)[0] == 0
-    args = ["intrinsic", "--embeddings", PARQUET, "--out", est_out, *FAST, "--no-centroids", "--knn-max-queries"]
+    assert run(["intrinsic", "--embeddings", PARQUET, "--out", exact_out, *NO_CLUSTERING, "--no-centroids"],
+               capsys)[0] == 0
+    args = ["intrinsic", "--embeddings", PARQUET, "--out", est_out, *NO_CLUSTERING, "--no-centroids",
+            "--knn-max-queries"]
     assert run(args + ["300"], capsys)[0] == 0
     exact = {r["rank"]: r for r in load_report(exact_out)["knn"]}
     est = {r["rank"]: r for r in load_report(est_out)["knn"]}

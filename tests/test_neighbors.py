@@ -332,17 +332,26 @@ def _assert_matches(df, ref):
                 assert got == pytest.approx(v, abs=1e-12), (r, col, got, v)
 
 
+def _dense_codes(rng, n, n_species=90):
+    """Nested codes with large taxa: species uniform over ``n_species``, 3 a genus, 4 genera a
+    family, 3 families an order (many level buffers fill from outside the plain top k)."""
+    sp = rng.integers(0, n_species, n)
+    return {"order": sp // 36, "family": sp // 12, "genus": sp // 3, "species": sp}
+
+
 @pytest.mark.parametrize("use_numba", [True, False])
 @pytest.mark.parametrize("gaps", [False, True])
-def test_ceiling_and_level_agreement_equal_brute_force(use_numba, gaps, monkeypatch):
+@pytest.mark.parametrize("taxa", ["uneven", "dense"])
+def test_ceiling_and_level_agreement_equal_brute_force(use_numba, gaps, taxa, monkeypatch):
     _set_numba(monkeypatch, use_numba)
     rng = np.random.default_rng(21 + gaps)
-    n = 420
-    codes = _nested_codes(rng, n)
+    n = 420 if taxa == "uneven" else 600
+    codes = _nested_codes(rng, n) if taxa == "uneven" else _dense_codes(rng, n)
     if gaps:
         codes = _with_gaps(rng, codes)
     # clustered by species, so neighbours share taxa well above chance but not always
-    X = rng.normal(size=(60, 12))[np.maximum(codes["species"], 0)] + 0.9 * rng.normal(size=(n, 12))
+    dim = 12 if taxa == "uneven" else 16
+    X = rng.normal(size=(90, dim))[np.maximum(codes["species"], 0)] + 0.9 * rng.normal(size=(n, dim))
     ref = _brute_scores(X, codes, 7)
     for bs in (64, 4096):  # 64: many blocks, transposed (column) offers
         df = knn_rank_agreement(X, codes, k=7, block_size=bs)
@@ -514,3 +523,16 @@ def test_public_api():
 
     assert_public_api(NB)
     assert all(callable(getattr(K, name)) for name in K.__all__)
+
+
+def test_level_scores_same_with_and_without_numba(monkeypatch):
+    rng = np.random.default_rng(61)
+    codes = _with_gaps(rng, _nested_codes(rng, 500))
+    X = rng.normal(size=(60, 9))[np.maximum(codes["species"], 0)] + rng.normal(size=(500, 9))
+    out = []
+    for use_numba in (True, False):
+        _set_numba(monkeypatch, use_numba)
+        out.append([knn_rank_agreement(X, codes, k=8, block_size=128),
+                    knn_rank_agreement(X, codes, k=8, block_size=128, max_queries=150, seed=2)])
+    for fast, slow in zip(*out):
+        pd.testing.assert_frame_equal(fast, slow, check_exact=True)

@@ -85,14 +85,23 @@ offer_cols_serial = numba.njit(cache=True, nogil=True)(_offer_cols)
 # --- level buffers: top-cap among the columns outside the row's own exclusion class ----------
 #
 # ``lvals``/``lidx`` (L, n, cap) and ``lthr`` (n, L): one top-``cap`` buffer per level l for every
-# row g, offered only the columns ``col`` with ``ccode[col, l] != rcode[g, l]`` (int32 exclusion
-# codes: the item's own child taxon at that level; self always shares its own code). The plain
-# buffer (``vals``/``idx``/``thr``) is filled from the same pass, so each block is read once.
-# ``nested`` (bool (n,)): row g's eligible set at each level contains its set at the previous
-# level (whoever shares its class at level l + 1 shares its class at level l), so its thresholds
-# rise with l and one count of the thresholds an entry beats tells which levels it may enter.
-# The plain buffer sees a superset of every level's columns, so its threshold is never below a
-# level's: entries at or below the lowest level threshold are skipped at once.
+# row g, offered only the columns ``col`` with ``ccode[l, col] != rcode[g, l]`` (int32 exclusion
+# codes >= 0, ``ccode`` (L, N) and ``rcode`` (n, L): the item's own child taxon at that level;
+# self always shares its own code). The plain buffer (``vals``/``idx``/``thr``) is filled from the
+# same pass, so each block is read once.
+#
+# Which entries can enter a buffer is decided first, for a run of entries at once, by a
+# branch-free count that the compiler vectorises: ``need = [s > t] * 64 + Σ_l [s > lthr_l] -
+# Σ_l [col shares g's class at level l]``. For a row whose levels nest (``nested[g]``: whoever
+# shares its class at level l + 1 shares it at level l) its eligible levels are a suffix
+# l >= e (e = the number of shared classes) and, the eligible sets growing with l, its
+# thresholds rise with l, so the levels an entry beats are a prefix l < b: some level can take
+# it iff b > e. For other rows the shared count is left out (their codes are compared with -2,
+# which no code equals): need iff some threshold is beaten. The few entries with need > 0 are
+# then offered level by level. (Written out in both kernels: shared functions ran slower.)
+
+_RUN = 256  # entries per branch-free count in the row kernel (thresholds refreshed after each)
+_SUB = 32  # entries per sub-run whose largest count decides whether it is scanned at all
 
 
 @numba.njit(inline="always", nogil=True)
@@ -114,111 +123,96 @@ def _insert_level(lvals, lidx, lv, g, s, col):
     return mv
 
 
-@numba.njit(inline="always", nogil=True)
-def _lowest(lthr, g, nested):
-    """Lowest level threshold of row g (the first one when its levels nest)."""
-    lo = lthr[g, 0]
-    if not nested[g]:
-        for lv in range(1, lthr.shape[1]):
-            if lthr[g, lv] < lo:
-                lo = lthr[g, lv]
-    return lo
-
-
 def _offer_levels_rows(S, r0, c0, vals, idx, thr, lvals, lidx, lthr, rcode, ccode, nested):
-    """:func:`_offer_rows` into the plain buffer and the level buffers (rows r0 + i).
-
-    Two passes per row: a branch-free one listing the entries above the row's lowest level
-    threshold (a share of the row large enough to defeat branch prediction when the classes
-    are interleaved), then the offers of the listed entries.
-
-    Rows whose levels nest (thresholds rising with the level): an entry can only enter the levels
-    below its band b = #{l : s > lthr[g, l]}, and none of them if the column shares the row's
-    class at level b - 1 (it then shares the classes of every level below): one branch-free
-    count and one code comparison settle the common case. Otherwise every level is tried.
-    (Written out in both kernels: as a shared function it ran several times slower.)"""
+    """:func:`_offer_rows` into the plain buffer and the level buffers (rows r0 + i), in runs
+    of ``_RUN`` entries: a vectorised count of what each entry can enter, then the offers."""
     b, c = S.shape
     n_lv = lthr.shape[1]
     for i in numba.prange(b):
         g = r0 + i
+        row = S[i]
         t = thr[g]
-        tl = _lowest(lthr, g, nested)
-        cand = np.empty(c, dtype=np.int32)
-        cnt = 0
-        for j in range(c):
-            cand[cnt] = j
-            cnt += S[i, j] > tl
-        for p in range(cnt):
-            j = cand[p]
-            s = S[i, j]
-            col = c0 + j
-            if s > t:
-                t = _insert(vals, idx, g, s, col)
-            if nested[g]:
-                band = 0
-                for lv in range(n_lv):
-                    band += s > lthr[g, lv]
-                if band > 0 and ccode[col, band - 1] != rcode[g, band - 1]:
-                    for lv in range(band):
-                        if ccode[col, lv] != rcode[g, lv]:
-                            lthr[g, lv] = _insert_level(lvals, lidx, lv, g, s, col)
-                    tl = lthr[g, 0]
-            else:
-                lo = t
-                for lv in range(n_lv):
-                    if s > lthr[g, lv] and ccode[col, lv] != rcode[g, lv]:
-                        lthr[g, lv] = _insert_level(lvals, lidx, lv, g, s, col)
-                    lo = min(lo, lthr[g, lv])
-                tl = lo
+        acc = np.empty(_RUN, dtype=np.int32)
+        for a in range(0, c, _RUN):
+            w = min(a + _RUN, c) - a
+            seg = row[a:a + w]
+            for j in range(w):
+                acc[j] = (seg[j] > t) * 64
+            for lv in range(n_lv):
+                x = lthr[g, lv]
+                r = rcode[g, lv] if nested[g] else -2
+                cc = ccode[lv, c0 + a:c0 + a + w]
+                for j in range(w):
+                    acc[j] += (seg[j] > x) - (cc[j] == r)
+            for s0 in range(0, w, _SUB):  # offers, in sub-runs without any need skipped
+                s1 = min(s0 + _SUB, w)
+                hi = acc[s0]
+                for j in range(s0 + 1, s1):
+                    hi = max(hi, acc[j])
+                if hi <= 0:
+                    continue
+                for j in range(s0, s1):
+                    if acc[j] > 0:
+                        s = seg[j]
+                        col = c0 + a + j
+                        if s > t:
+                            t = _insert(vals, idx, g, s, col)
+                        for lv in range(n_lv):
+                            if s > lthr[g, lv] and ccode[lv, col] != rcode[g, lv]:
+                                lthr[g, lv] = _insert_level(lvals, lidx, lv, g, s, col)
         thr[g] = t
 
 
 def _offer_levels_cols(St, r0, c0, vals, idx, thr, lvals, lidx, lthr, rcode, ccode, nested):
     """:func:`_offer_cols` into the plain buffer and the level buffers (rows r0 + j of St's
-    columns), listing each tile row's entries above their lowest level thresholds first
-    (the offers as in :func:`_offer_levels_rows`)."""
+    columns): for each column, a vectorised count over the tile's rows, then the offers."""
     c, b = St.shape
     n_lv = lthr.shape[1]
     tile = _TILE
     for jt in numba.prange((b + tile - 1) // tile):
         j0 = jt * tile
         j1 = min(j0 + tile, b)
+        w = j1 - j0
         t = np.empty(tile, dtype=np.float32)
-        tl = np.empty(tile, dtype=np.float32)
-        cand = np.empty(tile, dtype=np.int32)
-        for j in range(j0, j1):
-            t[j - j0] = thr[r0 + j]
-            tl[j - j0] = _lowest(lthr, r0 + j, nested)
+        lt = np.empty((n_lv, tile), dtype=np.float32)  # the tile rows' level thresholds
+        rc = np.empty((n_lv, tile), dtype=np.int32)  # their codes (-2: not nested)
+        acc = np.empty(tile, dtype=np.int32)
+        for j in range(w):
+            g = r0 + j0 + j
+            t[j] = thr[g]
+            for lv in range(n_lv):
+                lt[lv, j] = lthr[g, lv]
+                rc[lv, j] = rcode[g, lv] if nested[g] else -2
         for i in range(c):
             col = c0 + i
-            cnt = 0
-            for j in range(j0, j1):
-                cand[cnt] = j - j0
-                cnt += St[i, j] > tl[j - j0]
-            for p in range(cnt):
-                jj = cand[p]
-                s = St[i, j0 + jj]
-                g = r0 + j0 + jj
-                if s > t[jj]:
-                    t[jj] = _insert(vals, idx, g, s, col)
-                if nested[g]:
-                    band = 0
-                    for lv in range(n_lv):
-                        band += s > lthr[g, lv]
-                    if band > 0 and ccode[col, band - 1] != rcode[g, band - 1]:
-                        for lv in range(band):
-                            if ccode[col, lv] != rcode[g, lv]:
-                                lthr[g, lv] = _insert_level(lvals, lidx, lv, g, s, col)
-                        tl[jj] = lthr[g, 0]
-                else:
-                    lo = t[jj]
-                    for lv in range(n_lv):
-                        if s > lthr[g, lv] and ccode[col, lv] != rcode[g, lv]:
-                            lthr[g, lv] = _insert_level(lvals, lidx, lv, g, s, col)
-                        lo = min(lo, lthr[g, lv])
-                    tl[jj] = lo
-        for j in range(j0, j1):
-            thr[r0 + j] = t[j - j0]
+            seg = St[i, j0:j1]
+            for j in range(w):
+                acc[j] = (seg[j] > t[j]) * 64
+            for lv in range(n_lv):
+                cc = ccode[lv, col]
+                ltl = lt[lv]
+                rcl = rc[lv]
+                for j in range(w):
+                    acc[j] += (seg[j] > ltl[j]) - (rcl[j] == cc)
+            for s0 in range(0, w, _SUB):
+                s1 = min(s0 + _SUB, w)
+                hi = acc[s0]
+                for j in range(s0 + 1, s1):
+                    hi = max(hi, acc[j])
+                if hi <= 0:
+                    continue
+                for j in range(s0, s1):
+                    if acc[j] > 0:
+                        s = seg[j]
+                        g = r0 + j0 + j
+                        if s > t[j]:
+                            t[j] = _insert(vals, idx, g, s, col)
+                        for lv in range(n_lv):
+                            if s > lt[lv, j] and ccode[lv, col] != rcode[g, lv]:
+                                lt[lv, j] = _insert_level(lvals, lidx, lv, g, s, col)
+                                lthr[g, lv] = lt[lv, j]
+        for j in range(w):
+            thr[r0 + j0 + j] = t[j]
 
 
 offer_levels_rows = numba.njit(parallel=True, cache=True, nogil=True)(_offer_levels_rows)

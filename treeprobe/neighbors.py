@@ -127,8 +127,8 @@ class _LevelSearch:
     """The plain top-``cap`` buffer of :class:`_TopBuffer` plus one per level with exclusions.
 
     Level l of buffer row g is offered only the columns ``col`` whose exclusion code differs:
-    ``ccode[col, l] != rcode[g, l]`` (int32 (N, L) and (n, L); an item shares its own code, so
-    self is excluded too). ``lvals``/``lidx`` (L, n, cap), ``lthr`` (n, L). ``nested`` bool
+    ``ccode[col, l] != rcode[g, l]`` (int32 codes >= 0, (N, L) and (n, L); kept as (L, N) and
+    (n, L); an item shares its own code, so self is excluded too). ``lvals``/``lidx`` (L, n, cap), ``lthr`` (n, L). ``nested`` bool
     (n,): the row's exclusion classes nest level by level (see :func:`_nested_rows`). Every
     block is read once for all the buffers (numba), or masked level by level (numpy fallback).
     """
@@ -141,7 +141,7 @@ class _LevelSearch:
         self.lidx = np.full((n_lv, n, cap), -1, dtype=np.int64)
         self.lthr = np.full((n, n_lv), -np.inf, dtype=np.float32)
         self.rcode = np.ascontiguousarray(rcode, dtype=np.int32)
-        self.ccode = np.ascontiguousarray(ccode, dtype=np.int32)
+        self.ccode = np.ascontiguousarray(np.asarray(ccode, dtype=np.int32).T)  # (L, N): runs per level
         self.nested = np.ascontiguousarray(nested, dtype=np.bool_)
 
     def level(self, lv: int) -> _TopBuffer:
@@ -155,7 +155,7 @@ class _LevelSearch:
             self.main._update_numpy(r0, S, c0)
             b, c = S.shape
             for lv in range(self.lthr.shape[1]):
-                same = self.rcode[r0:r0 + b, lv][:, None] == self.ccode[c0:c0 + c, lv][None, :]
+                same = self.rcode[r0:r0 + b, lv][:, None] == self.ccode[lv, c0:c0 + c][None, :]
                 self.level(lv)._update_numpy(r0, np.where(same, np.float32(-np.inf), S), c0)
             return
         rows, cols = kernels[4:6] if S.size >= _PARALLEL_MIN else kernels[6:]
@@ -311,7 +311,7 @@ def _knn_search(Xn: np.ndarray, k: int, block_size: int, extra: int | None, quer
         ccode, _, active = levels
         level_idx = np.full((ccode.shape[1], item.size, k), -1, dtype=np.int64)
         for lv in range(ccode.shape[1]):
-            excl = (buf.rcode[:, lv], buf.ccode[:, lv])
+            excl = (buf.rcode[:, lv], buf.ccode[lv])
             level_idx[lv] = _topk_sets(buf.level(lv), Xn, item, k, block_size, active[:, lv], excl)
     return out_idx, out_sim, level_idx
 
