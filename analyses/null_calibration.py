@@ -573,27 +573,24 @@ def run_calibration(worlds: Sequence[str], *, replicates: int, permutations: int
     last = time.time()
     bar = tqdm(total=len(todo), desc="null calibration", disable=not progress, dynamic_ncols=True)
     args = [(w, r, seed, permutations, tests) for w, r in todo]
+    def collect(results) -> None:
+        nonlocal last
+        for rec in results:
+            records.append(rec)
+            bar.set_postfix_str(rec["world"])
+            bar.update()
+            if path is not None and time.time() - last > SAVE_EVERY_S:
+                _write_json(path, snapshot())
+                last = time.time()
+
     try:
         if jobs > 1 and len(args) > 1:
             import multiprocessing as mp
 
             with mp.get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
-                for rec in pool.imap_unordered(_run_task_star, args):
-                    records.append(rec)
-                    bar.set_postfix_str(rec["world"])
-                    bar.update()
-                    if path is not None and time.time() - last > SAVE_EVERY_S:
-                        _write_json(path, snapshot())
-                        last = time.time()
+                collect(pool.imap_unordered(_run_task_star, args))
         else:
-            for a in args:
-                rec = run_task(*a)
-                records.append(rec)
-                bar.set_postfix_str(rec["world"])
-                bar.update()
-                if path is not None and time.time() - last > SAVE_EVERY_S:
-                    _write_json(path, snapshot())
-                    last = time.time()
+            collect(run_task(*a) for a in args)
     finally:
         bar.close()
         if path is not None:

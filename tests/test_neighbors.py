@@ -536,3 +536,49 @@ def test_level_scores_same_with_and_without_numba(monkeypatch):
                     knn_rank_agreement(X, codes, k=8, block_size=128, max_queries=150, seed=2)])
     for fast, slow in zip(*out):
         pd.testing.assert_frame_equal(fast, slow, check_exact=True)
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+@pytest.mark.parametrize("gaps", [False, True])
+def test_level_buffers_hold_the_top_cap_outside_each_child_taxon(use_numba, gaps, monkeypatch):
+    # the float32 top-cap buffers themselves (not only the top k re-scored from them), fed the
+    # same blocks row-wise and transposed (the two numba kernels), against the full matrix of
+    # those blocks with each row's child taxon masked out, level by level
+    from treeprobe import neighbors as NB
+
+    _set_numba(monkeypatch, use_numba)
+    rng = np.random.default_rng(71 + gaps)
+    n, cap = 600, 10
+    codes = _dense_codes(rng, n)
+    if gaps:
+        codes = _with_gaps(rng, codes)
+    X = rng.normal(size=(90, 16))[np.maximum(codes["species"], 0)] + 0.9 * rng.normal(size=(n, 16))
+    X32 = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    ranks = list(codes)
+    ccode = np.stack([NB._TaxonCodes(codes[r]).exclusion for r in ranks[1:]], axis=1)
+    nested = NB._nested_rows(ccode)
+    assert nested.all() != gaps  # the gaps make some rows non-nested
+    rows = np.arange(300)
+    blocks = [(c0, NB._gemm(X32[c0:c0 + 75], X32[rows])) for c0 in range(0, n, 75)]  # (75, 300) each
+    full = np.concatenate([S for _, S in blocks]).T.copy()  # (300, n), the same float32 values
+    full[rows, rows] = -np.inf
+    for orientation in ("rows", "cols"):
+        buf = NB._LevelSearch(rows.size, cap, ccode[rows], ccode, nested[rows])
+        for c0, S in blocks:
+            S = S.copy()
+            own = np.arange(c0, c0 + S.shape[0])
+            S[own < rows.size, own[own < rows.size]] = -np.inf  # self: never offered
+            if orientation == "rows":
+                buf.update(0, np.ascontiguousarray(S.T), c0)  # C-contiguous: the row kernel
+            else:
+                buf.update(0, S.T, c0)  # transposed view: the column kernel
+        want = -np.sort(-full, axis=1)[:, :cap]
+        np.testing.assert_array_equal(-np.sort(-buf.main.vals, axis=1), want)
+        np.testing.assert_array_equal(buf.main.thr, want[:, -1])
+        for lv in range(ccode.shape[1]):
+            masked = np.where(ccode[rows, lv][:, None] == ccode[:, lv][None, :], -np.inf, full)
+            want = -np.sort(-masked, axis=1)[:, :cap]
+            np.testing.assert_array_equal(-np.sort(-buf.lvals[lv], axis=1), want, err_msg=f"{orientation} {lv}")
+            np.testing.assert_array_equal(buf.lthr[:, lv], want[:, -1])
+            got_sims = np.take_along_axis(full, buf.lidx[lv], axis=1)  # the indices match the values
+            np.testing.assert_array_equal(got_sims, buf.lvals[lv])

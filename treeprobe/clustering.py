@@ -556,17 +556,17 @@ def _rankwise_clustering(X, codes_by_rank, methods, seed, n_permutations, n_init
         codes = check_codes(codes, n, rank)
         known = ~_unknown_mask(codes)
         _, counts = np.unique(codes[known], return_counts=True)
-        prepared[rank] = (known, codes[known], counts)
+        prepared[rank] = (known, np.packbits(known).tobytes(), codes[known], counts)
 
-    # one Ward tree per distinct set of known items, cut at every k of the ranks sharing it
+    # one Ward tree per distinct set of known items (key: the packed mask), cut at every k of
+    # the ranks that share it: (labels by k or None if refused for size, the note saying why)
     ward: dict[bytes, tuple] = {}
     if "agglomerative" in methods:
-        groups: dict[bytes, list[int]] = {}
-        for known, _, counts in prepared.values():
+        groups: dict[bytes, tuple] = {}
+        for known, key, _, counts in prepared.values():
             if not _skip_note(counts.size, int(known.sum())):
-                groups.setdefault(np.packbits(known).tobytes(), []).append(counts.size)
-        for key, ks in groups.items():
-            known = next(kn for kn, _, _ in prepared.values() if np.packbits(kn).tobytes() == key)
+                groups.setdefault(key, (known, []))[1].append(counts.size)
+        for key, (known, ks) in groups.items():
             ward[key] = _ward_for_ranks(Xn if known.all() else Xn[known], ks, max_agglomerative)
 
     # k-means works on float32 rows above the mini-batch threshold (one copy for all ranks)
@@ -574,15 +574,14 @@ def _rankwise_clustering(X, codes_by_rank, methods, seed, n_permutations, n_init
     rows = []
     bar = tqdm(prepared.items(), desc="clustering ranks", total=len(prepared),
                disable=None if progress is None else not progress)
-    for rank, (known, codes, counts) in bar:
+    for rank, (known, key, codes, counts) in bar:
         k = int(counts.size)
         n_known = int(known.sum())
         for method in methods:
             row = dict.fromkeys(_COLUMNS, np.nan)
             row.update(rank=rank, method=method, k=k, n_items=n_known, n_unknown=n - n_known,
                        n_singleton_taxa=int((counts == 1).sum()), note=_skip_note(k, n_known))
-            cuts, ward_note = ward.get(np.packbits(known).tobytes(), (None, "")) if method == "agglomerative" \
-                else (None, "")
+            cuts, ward_note = ward.get(key, (None, ""))
             if method == "agglomerative" and cuts is None and not row["note"]:
                 row["note"] = ward_note
             if not row["note"]:
