@@ -68,6 +68,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 
 from treeprobe import tl  # noqa: E402,F401  (for one-line registrations below)
 from treeprobe._utils import RANKS  # noqa: E402
+from treeprobe.compare import species_units  # noqa: E402,F401  (the tree's leaves, as tl.mantel's units)
 from treeprobe.core import TreeData  # noqa: E402
 
 __all__ = [
@@ -228,6 +229,51 @@ def _mantel_family(data, *, seed, permutations):
 register_family("mantel", _mantel_family)
 
 
+#: The covariate column of the worlds made for the partial Mantel test (see :func:`covariate_confound`).
+COVARIATE = "source"
+
+
+def _partial_family(data, *, seed, permutations):
+    """The partial Mantel row of ``tl.mantel(control=COVARIATE)`` (worlds without the column: no test)."""
+    if COVARIATE not in data.items.columns:
+        return {}
+    table = tl.mantel(data, methods=("pearson",), levels=("image",), control=COVARIATE, permutations=permutations,
+                      seed=seed)
+    return {f"partial/{COVARIATE}/{row.scheme}".replace(" ", ""): (row.statistic, row.p_value)
+            for row in table.itertuples() if row.method == "pearson (partial)"}
+
+
+register_family("partial", _partial_family)
+
+#: Where a world stores its second model's embeddings (paired-comparison worlds).
+SECOND_MODEL = "X_model_b"
+
+
+def _compare_family(data, *, seed, permutations, clustering: bool = False):
+    """Every paired difference test of ``treeprobe.compare.compare`` between the world's two models
+    (``data.X`` and ``data.obsm[SECOND_MODEL]``), named compare/<metric>/<rank> (compare-clustering/... for
+    the clustering rows); worlds with one model:
+    no test. Mantel (199 bootstrap draws) and kNN differences (10-group jackknife); with ``clustering``, the
+    k-means differences only (each jackknife group re-clustered: ~20x the cost, so a family of its own)."""
+    if SECOND_MODEL not in data.obsm:
+        return {}
+    from treeprobe.compare import compare
+
+    b = TreeData(np.ascontiguousarray(data.obsm[SECOND_MODEL], dtype=np.float32), data.items)
+    a = TreeData(data.X, data.items)
+    comp = compare({"a": a, "b": b}, on="row", seed=seed, permutations=19, bootstrap=199, similarity=False,
+                   distance_profiles=False, cluster_methods=("kmeans",) if clustering else (),
+                   chance_permutations=2)
+    rows = comp.differences
+    rows = rows[rows.metric.str.startswith("kmeans")] if clustering else rows
+    prefix = "compare-clustering" if clustering else "compare"
+    return {f"{prefix}/{r.metric}/{r.rank}".replace(" ", "_"): (r.difference, r.p_value) for r in rows.itertuples()}
+
+
+register_family("compare", _compare_family)
+register_family("compare-clustering", functools.partial(_compare_family, clustering=True))
+
+
 # ============================================================================================
 # Worlds
 # ============================================================================================
@@ -280,15 +326,6 @@ def _bioclip():
     items.insert(0, "path", ds.items["path"] if "path" in ds.items.columns else "")
     units = species_units(ds)
     return ds.X.copy(), items, units, np.asarray(ds.taxonomy.codes(RANKS[-1])) >= 0
-
-
-def species_units(data: TreeData) -> np.ndarray:
-    """Species unit of each item, int64 codes 0..S-1: its species, or (an item whose species is
-    unknown: taxonomy code −1) a unit of its own, as the tree's leaves are in ``tl.mantel``."""
-    codes = np.asarray(data.taxonomy.codes(RANKS[-1]), dtype=np.int64).copy()
-    unknown = codes < 0
-    codes[unknown] = codes.max(initial=-1) + 1 + np.arange(int(unknown.sum()))
-    return pd.factorize(codes, sort=True)[0].astype(np.int64)
 
 
 def _tree_data(X: np.ndarray, items: pd.DataFrame, source: str, **info) -> TreeData:
@@ -419,7 +456,65 @@ def power_worlds(fractions: Sequence[float] = DEFAULT_SIGNALS, *, replace: bool 
     return names
 
 
+def covariate_confound(seed: int, *, n_species: int = 220, images: tuple[int, int] = (1, 4), dim: int = 128,
+                       follow: float = 0.8, effect: float = 1.0, noise: float = 0.5) -> TreeData:
+    """Null world of the partial Mantel test: a two-category covariate (``source``, as photo source) that
+    follows the tree (each kingdom has a majority category, taken by ``follow`` of its species' images) and
+    shifts the embeddings (``effect`` × a shared random direction), on species clusters that are unrelated
+    to the tree otherwise (species means iid). The plain Mantel test rejects here (the covariate follows
+    the tree); the partial test, given the covariate, should not."""
+    lineage = _simulated_lineages(seed, n_species)
+    rng = np.random.default_rng(_sub_seed(seed, "vectors"))
+    sizes = rng.integers(images[0], images[1] + 1, size=n_species)
+    items, codes = _items(lineage, sizes)
+    kingdoms = np.sort(items["kingdom"].unique())
+    major = dict(zip(kingdoms, rng.integers(0, 2, size=len(kingdoms))))
+    base = items["kingdom"].map(major).to_numpy()
+    source = np.where(rng.random(len(items)) < follow, base, 1 - base)
+    u = rng.standard_normal(dim)
+    u *= effect / np.linalg.norm(u) * math.sqrt(dim) / 4
+    X = rng.standard_normal((n_species, dim))[codes] + noise * rng.standard_normal((len(codes), dim))
+    X = X + source[:, None] * u
+    items[COVARIATE] = np.where(source == 1, "museum", "field")
+    return _tree_data(X, items, "covariate-confound", n_species=n_species, follow=follow, effect=effect)
+
+
+def _two_models(data: TreeData, noise: float, noise_b: float, seed: int, name: str) -> TreeData:
+    """``data`` with two noisy copies of its embeddings: model a = X + noise·N(0, I), model b =
+    X + noise_b·N(0, I) (in ``obsm[SECOND_MODEL]``), noise scaled to the embeddings' per-coordinate sd."""
+    rng = np.random.default_rng(_sub_seed(seed, "models"))
+    X = np.asarray(data.X, dtype=np.float64)
+    scale = float(X.std())
+    a = X + noise * scale * rng.standard_normal(X.shape)
+    b = X + noise_b * scale * rng.standard_normal(X.shape)
+    out = _tree_data(a, data.items, name, noise=noise, noise_b=noise_b)
+    out.obsm[SECOND_MODEL] = b.astype(np.float32)
+    return out
+
+
+def same_model_simulated(seed: int, *, noise: float = 1.0, noise_b: float | None = None) -> TreeData:
+    """Paired-comparison null: a Brownian world (``simulate_world``, signal 0.05 × default, 1-3 images per
+    species) seen by two models that are the same model with independent noise of equal size, so every
+    difference between them is zero in expectation (``noise_b`` > ``noise``: model b is worse: power)."""
+    base = brownian(_sub_seed(seed, "base"), fraction=0.05)
+    return _two_models(base, noise, noise if noise_b is None else noise_b, seed,
+                       "same-model" if noise_b is None else f"degraded-{noise_b:g}")
+
+
+def same_model_real(seed: int, *, n: int = 400, noise: float = 1.0) -> TreeData:
+    """Paired-comparison null on real vectors: ``n`` random BioCLIP-2 items, two models = the real vectors
+    plus independent noise of equal size."""
+    X0, items0, _, _ = _bioclip()
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(items0), n, replace=False))
+    return _two_models(_tree_data(X0[idx], items0.iloc[idx], "real"), noise, noise, seed, "same-model-real")
+
+
 NULL_WORLDS = ("iid-gaussian", "shuffled-images", "species-clusters", "size-by-kingdom", "shuffled-species")
+#: Worlds of the partial Mantel and paired-comparison tests (run with --tests 'partial/*' / 'compare/*').
+COVARIATE_WORLDS = ("covariate-confound",)
+COMPARE_WORLDS = ("same-model", "same-model-real")
+COMPARE_POWER_WORLDS = ("degraded-1.3",)
 register_world("iid-gaussian", iid_gaussian, description="(a) iid Gaussian vectors, real taxonomy (400 items)")
 register_world("shuffled-images", shuffled_images, description="(b) real vectors shuffled against labels")
 register_world("species-clusters", species_clusters,
@@ -429,6 +524,14 @@ register_world("size-by-kingdom", size_by_kingdom,
 register_world("shuffled-species", shuffled_species,
                description="(e) real vectors, whole species reassigned to other species' lineages")
 power_worlds(DEFAULT_SIGNALS)
+register_world("covariate-confound", covariate_confound,
+               description="(f) a 2-category covariate that follows the tree and shifts embeddings; no tree signal")
+register_world("same-model", same_model_simulated,
+               description="(g) two models = one Brownian world + independent equal noise (paired null)")
+register_world("same-model-real", same_model_real,
+               description="(h) two models = 400 real BioCLIP-2 vectors + independent equal noise (paired null)")
+register_world("degraded-1.3", functools.partial(same_model_simulated, noise_b=1.3), null=False,
+               description="power of the paired tests: model b has 1.3x the noise of model a")
 
 
 # ============================================================================================

@@ -72,7 +72,9 @@ def score(model, preprocess, heldout: pd.DataFrame, *, seed: int, permutations: 
                ((k[len("knn_excess_"):], v) for k, v in knn_metrics(emb, heldout).items() if k.startswith("knn_excess_"))}
         res["metrics_source"] = "kNN fallback (treeprobe.pipeline missing)"
         return res
-    rep = analyse_embeddings(emb, heldout, seed=seed, **light_kwargs(analyse_embeddings, permutations))
+    from treeprobe.tl import intrinsic  # analyse_embeddings forwards its options to it
+
+    rep = analyse_embeddings(emb, heldout, seed=seed, **light_kwargs(intrinsic, permutations))
     res = pipeline_headline(rep)
     res["metrics_source"] = "treeprobe.pipeline.analyse_embeddings"
     return res

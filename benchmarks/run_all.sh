@@ -40,6 +40,9 @@ if [[ "${1:-}" != "--quick" ]]; then
   "$PY" benchmarks/bench_intrinsic.py --data benchmarks/_data/inat21_synth_1m --no-openblas-env \
     --json "$OUT/intrinsic_1m.json" | tee "$OUT/intrinsic_1m.txt"
 fi
+# Comparisons: 3 models, paired tests (20K x 512 here; --per-species 10 for the 100K target, ~1 h)
+"$PY" benchmarks/bench_compare.py --per-species 2 | tee "$OUT/compare_20k.txt"
+"$PY" benchmarks/bench_similarity.py | tee "$OUT/similarity.txt"
 # Training throughput vs open_clip's trainer needs a GPU; on the CPU only the smoke test runs:
 "$PY" benchmarks/train_throughput.py --model tiny --batch-size 8 --steps 5 --workers 0 | tee "$OUT/train_smoke.txt"
 # The design issue's "numbers do not change" check: compare two report.json files (old vs new code)

@@ -201,6 +201,38 @@ def test_brownian_worlds():
     assert d0.items["species"].equals(d1.items["species"])
 
 
+def test_covariate_confound_structure():
+    """The covariate follows the tree (each kingdom has a majority category holding ~80 % of its images) and
+    shifts the embeddings; species are clusters unrelated to the tree otherwise."""
+    d = nc.covariate_confound(3)
+    assert nc.COVARIATE in d.items.columns and set(d.items[nc.COVARIATE]) == {"museum", "field"}
+    share = d.items.groupby("kingdom")[nc.COVARIATE].agg(lambda v: v.value_counts(normalize=True).iloc[0])
+    assert np.all(share > 0.65) and share.mean() == pytest.approx(0.8, abs=0.08)
+    X = d.X.astype(float)
+    museum = (d.items[nc.COVARIATE] == "museum").to_numpy()
+    shift = np.linalg.norm(X[museum].mean(0) - X[~museum].mean(0))
+    assert shift > 0.5 * np.sqrt(X.shape[1]) / 4  # the effect direction has length sqrt(dim)/4
+    fam = nc.TESTS["partial"].fn
+    res = fam(d, seed=0, permutations=19)
+    assert list(res) == [f"partial/{nc.COVARIATE}/species-within-covariate"]
+    assert fam(nc.species_clusters(0), seed=0, permutations=19) == {}
+
+
+def test_two_model_worlds():
+    """Paired-comparison worlds: the same items twice, model b in obsm; equal noise under the null."""
+    d = nc.same_model_simulated(2)
+    b = d.obsm[nc.SECOND_MODEL]
+    assert b.shape == d.X.shape and not np.allclose(b, d.X)
+    # noise 1.0 x the base sd in each model: b - a and a itself both have sd sqrt(2) x the base sd
+    assert d.uns["world"]["noise"] == 1.0 and np.std(b - d.X) == pytest.approx(np.std(d.X), rel=0.1)
+    assert nc.WORLDS["same-model"].null and not nc.WORLDS["degraded-1.3"].null
+    worse = nc.WORLDS["degraded-1.3"].make(2)
+    assert worse.items.equals(d.items)
+    real = nc.same_model_real(0)
+    assert len(real) == 400 and nc.SECOND_MODEL in real.obsm
+    assert nc.TESTS["compare"].fn(nc.species_clusters(0), seed=0, permutations=19) == {}
+
+
 def test_cli_writes_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "res.json"
     args = ["--permutations", "9", "--worlds", "species-clusters", "--tests", "mantel/species-centroid/*",
@@ -280,3 +312,20 @@ def test_calibrated_or_conservative(world, test):
     assert row["verdict"] in ("calibrated", "conservative"), (
         f"{test} in {world}: {row['rejections']}/{row['n']} rejections at 0.05, "
         f"exact 95 % CI [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+
+
+#: (world, test pattern) pairs of the partial Mantel and paired-comparison tests, checked at 40 replicates.
+EXTRA_CALIBRATION = [("covariate-confound", "partial/*"), ("same-model", "compare/*"), ("same-model-real", "compare/*")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,pattern", EXTRA_CALIBRATION, ids=[f"{w}:{p}" for w, p in EXTRA_CALIBRATION])
+def test_partial_and_paired_tests_calibrated(world, pattern):
+    """Every partial-Mantel / paired-difference test is calibrated or conservative in its null world."""
+    obj = nc.run_calibration([world], replicates=SLOW_REPLICATES, permutations=SLOW_PERMUTATIONS, seed=0,
+                             tests=[pattern], progress=False)
+    rows = [r for r in obj["summary"] if r["world"] == world]
+    assert rows, f"no {pattern} test ran in {world}"
+    bad = [f"{r['test']}: {r['rejections']}/{r['n']} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for r in rows
+           if r["verdict"] not in ("calibrated", "conservative")]
+    assert not bad, "anti-conservative: " + "; ".join(bad)

@@ -41,7 +41,9 @@ def test_legacy_image_permutation_reproduces_the_numbers_before_the_redesign():
     ds = tp.datasets.bioclip2_1k(missing=OLD_MISSING, unknown="placeholder")
     report = tp.tl.intrinsic(ds, permute=("images",), **FAST)
     got = {(r.level, r.method): r.statistic for r in report.mantel.itertuples()}
-    assert got == pytest.approx(BEFORE_MANTEL, rel=0, abs=1e-15)
+    # 1e-13, not 1e-15: the BLAS Gram sums behind the exact Pearson r differ in the last bits between CPUs
+    # (1.2e-14 between the Intel host that recorded the numbers and an AMD EPYC one); any real change is >> 1e-13
+    assert got == pytest.approx(BEFORE_MANTEL, rel=0, abs=1e-13)
     assert set(report.mantel.p_value) == {0.02}  # 1 / (49 + 1): no permutation reaches the observed r
     assert set(report.mantel.scheme) == {"images"}
     knn = report.knn.set_index("rank")["agreement"]

@@ -154,8 +154,9 @@ def evaluate(model, items: pd.DataFrame, transform: Callable, *, device="cpu", s
                 res["tp_note"] = f"treeprobe.pipeline.analyse_embeddings not available ({e}); kNN metrics only"
             else:
                 try:
-                    report = analyse_embeddings(emb, items, seed=seed, **light_kwargs(analyse_embeddings,
-                                                                                         permutations))
+                    from treeprobe.tl import intrinsic  # analyse_embeddings forwards its options to it
+
+                    report = analyse_embeddings(emb, items, seed=seed, **light_kwargs(intrinsic, permutations))
                     res.update({f"tp_{k_}": v for k_, v in pipeline_headline(report).items()})
                 except Exception as e:  # noqa: BLE001 - evaluation must not kill training
                     log.warning("treeprobe pipeline evaluation failed: %s", e)

@@ -31,7 +31,8 @@ from treeprobe.errors import TreeprobeError
 #: Submodules reachable as attributes without importing them first.
 SUBMODULES = ("tl", "pl", "datasets", "data", "report", "taxonomy", "tree", "mantel", "clustering", "neighbors",
               "embedding_maps", "plots", "simulate", "synthetic_images", "models", "extract", "extract_dist",
-              "pipeline", "cli", "core", "permutation", "training")
+              "pipeline", "cli", "core", "permutation", "training", "compare", "compare_report", "compare_plots",
+              "similarity", "drilldown", "html_report", "training_curves", "partial_mantel")
 
 #: Classes and functions reachable at the top level, imported when first used.
 _LAZY_NAMES = {"Taxonomy": "taxonomy", "CladeStructure": "tree", "Report": "report", "write_report": "report",

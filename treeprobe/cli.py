@@ -1,6 +1,6 @@
 """The ``treeprobe`` command line: one program, one subcommand per job.
 
-``treeprobe intrinsic`` (the analysis), ``treeprobe tree`` (taxonomy → Newick), ``treeprobe extract``
+``treeprobe intrinsic`` (the analysis), ``treeprobe compare`` (several models, paired tests), ``treeprobe tree`` (taxonomy → Newick), ``treeprobe extract``
 (embed images into the cache, also under torchrun), ``treeprobe train`` / ``make-shards`` /
 ``export-weights`` (the BioCLIP-style trainer; ``treeprobe-train`` is an alias of ``treeprobe train``).
 
@@ -28,6 +28,8 @@ Run the full image path on synthetic species with the bundled demo checkpoint:
 Your own data:
   treeprobe intrinsic --embeddings emb.parquet --out out/mine          (or emb.npy --metadata meta.csv)
   treeprobe intrinsic --ckpt model.pt --data images.csv --out out/mine  (images + an open_clip checkpoint)
+Compare models on the same images (paired tests, figures, HTML report):
+  treeprobe compare --model a=a.pt --model b=b.pt --data images.csv --out out/ab
 Other commands: tree, extract, train, make-shards, export-weights (treeprobe COMMAND --help).
 """
 
@@ -106,11 +108,127 @@ def _add_intrinsic(sub) -> None:
     s.add_argument("--control", metavar="COLUMN",
                    help="also run a partial Mantel test controlling for this items column (categorical: "
                         "same/different; numeric: absolute difference), e.g. img_type")
-    o = a.add_argument_group("output")
-    o.add_argument("--out", default="treeprobe_out", help="output folder (default ./treeprobe_out)")
+    _add_output(a, "treeprobe_out")
+    a.set_defaults(func=cmd_intrinsic)
+
+
+def _add_output(parser, default: str) -> None:
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", default=default, help=f"output folder (default ./{default})")
     o.add_argument("--no-figures", action="store_true", help="write numbers only")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
-    a.set_defaults(func=cmd_intrinsic)
+
+
+def _add_compare(sub) -> None:
+    from treeprobe import tl
+    from treeprobe.compare import compare
+    from treeprobe.pipeline import load_inputs
+
+    a = sub.add_parser(
+        "compare", help="several models on the same items: every metric per model, paired tests, figures",
+        description="Score N >= 2 models on the same items (aligned by item id) and test their differences with "
+                    "paired schemes that resample species, never images (see treeprobe.compare). Or, with --run, "
+                    "plot every metric against training step for the checkpoints of a treeprobe-train run.",
+        epilog="examples:\n  treeprobe compare --model clip=ViT-B-16:openai --model bioclip=hf-hub:imageomics/bioclip "
+               "--data images.csv --out out/clip_vs_bioclip\n  treeprobe compare --model a=emb_a.parquet "
+               "--model b=emb_b.parquet --out out/ab\n  treeprobe compare --run runs/tiny --data heldout.csv "
+               "--out out/curves",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = a.add_argument_group("models (two or more), or a training run")
+    src.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
+                     help="a model: a checkpoint (.pt, .safetensors) or hf-hub:ORG/NAME (embeds --data), ARCH:PRETRAINED "
+                          "(open_clip), an embeddings file (.npy, .parquet), or example:bioclip2-1k; repeat for each")
+    src.add_argument("--run", help="a treeprobe-train output folder: evaluate each checkpoint on --data and plot "
+                                   "the metrics against training step")
+    src.add_argument("--data", help="the images (metadata CSV or iNat21 folder) the checkpoints embed")
+    src.add_argument("--metadata", help="metadata CSV for .npy embeddings files")
+    src.add_argument("--on", help="id column matching items across models (default: path, uuid, id or item)")
+    src.add_argument("--intersect", action="store_true",
+                     help="compare on the items every model has (default: a mismatch is an error)")
+    m = a.add_argument_group("embedding")
+    m.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow torch checkpoints holding non-tensor Python objects (unpickling runs their code)")
+    bs = _default(load_inputs, "batch_size")
+    m.add_argument("--batch-size", type=int, default=bs, help=f"images per forward pass (default {bs})")
+    m.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    m.add_argument("--cache-dir", help="embedding cache folder (default $TREEPROBE_CACHE or ~/.cache/treeprobe)")
+    s = a.add_argument_group("analysis")
+    d = {k: _default(compare, k) for k in ("seed", "permutations", "bootstrap", "max_pairs", "jackknife")}
+    s.add_argument("--seed", type=int, default=d["seed"], help=f"seed of every stochastic step (default {d['seed']})")
+    s.add_argument("--permutations", type=int, default=d["permutations"],
+                   help=f"permutations of each model's own Mantel tests (default {d['permutations']})")
+    s.add_argument("--bootstrap", type=int, default=d["bootstrap"],
+                   help=f"species bootstrap resamples of the paired intervals (default {d['bootstrap']})")
+    s.add_argument("--jackknife", type=int, default=d["jackknife"],
+                   help="species groups of the jackknife behind the kNN and clustering differences (each group left "
+                        f"out in turn, every search and clustering redone; 0 = off; default {d['jackknife']})")
+    s.add_argument("--max-pairs", type=int, default=d["max_pairs"],
+                   help=f"item pairs in the Mantel bootstrap sums (all pairs below it; default {d['max_pairs']})")
+    s.add_argument("--control", metavar="COLUMN", help="also compare partial Mantel r controlling for this column")
+    s.add_argument("--knn-k", type=int, default=_default(tl.intrinsic, "knn_k"), help="neighbours for kNN agreement")
+    s.add_argument("--cluster-methods", default=",".join(_default(tl.intrinsic, "cluster_methods")),
+                   help="clustering methods (default %(default)s; none to skip)")
+    s.add_argument("--drilldown", action="store_true", help="also draw the drill-down t-SNE (one row per model)")
+    s.add_argument("--no-similarity", action="store_true", help="skip CKA / RSA between models")
+    _add_output(a, "treeprobe_compare")
+    a.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    """``treeprobe compare``: models side by side with paired tests, or the curves of a training run."""
+    if args.run:
+        return _compare_run(args)
+    if len(args.model) < 2:
+        raise TreeprobeError(f"compare needs at least 2 --model options (got {len(args.model)}), or --run RUN")
+    for name in ("permutations", "bootstrap", "max_pairs", "knn_k", "batch_size"):
+        if getattr(args, name) < 1:
+            raise TreeprobeError(f"--{name.replace('_', '-')} must be positive")
+    from treeprobe.pipeline import run_compare
+
+    inputs = dict(data=args.data, metadata=args.metadata, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                  device=args.device, progress=not args.quiet, trust_checkpoint=args.trust_checkpoint, seed=args.seed)
+    comp, paths = run_compare(
+        models=args.model, out=args.out, figures=not args.no_figures, inputs=inputs, seed=args.seed,
+        permutations=args.permutations, bootstrap=args.bootstrap, max_pairs=args.max_pairs, control=args.control,
+        jackknife=args.jackknife,
+        on=args.on, mismatch="intersect" if args.intersect else "error", similarity=not args.no_similarity,
+        drilldown=args.drilldown, knn_k=args.knn_k, cluster_methods=_split(args.cluster_methods),
+        progress=not args.quiet)
+    print(f"models: {', '.join(comp.models)}   items: {comp.params['n_items']}")
+    diffs = comp.differences
+    head = diffs[diffs["metric"].str.startswith("mantel") | diffs["metric"].str.startswith("partial")]
+    for _, r in head.iterrows():
+        print(f"{r['metric']} ({r['rank']}): {r['model_a']} {r['estimate_a']:+.4f} vs {r['model_b']} "
+              f"{r['estimate_b']:+.4f}  difference {r['difference']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+              f"  p = {r['p_value']:.3g}")
+    if paths:
+        print(f"report: {paths.get('html')}  json: {paths.get('json')}")
+    return 0
+
+
+def _compare_run(args) -> int:
+    """``treeprobe compare --run RUN --data HELDOUT``: every checkpoint of a run scored on held-out images."""
+    from pathlib import Path
+
+    from treeprobe import training_curves as tc
+    from treeprobe._utils import atomic_write_text
+    from treeprobe.plots import save_figure
+    from treeprobe.tl import default_device
+
+    if args.model:
+        raise TreeprobeError("pass --run or --model, not both")
+    if args.data is None:
+        raise TreeprobeError("--run needs --data: the held-out images (metadata CSV or folder) each checkpoint embeds")
+    run = tc.read_run(args.run)
+    table = tc.evaluate_run(run, args.data, permutations=args.permutations, seed=args.seed,
+                            device=args.device or default_device(), progress=not args.quiet, cache_dir=args.cache_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "training_curves.csv", table.to_csv(index=False))
+    if not args.no_figures:
+        save_figure(tc.plot_training_curves(table, loss=run), str(out / "training_curves"))
+    print(f"{len(run.checkpoints)} checkpoints of {args.run} scored on {args.data}: {out / 'training_curves.csv'}")
+    return 0
 
 
 def _add_tree(sub) -> None:
@@ -135,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"treeprobe {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_intrinsic(sub)
+    _add_compare(sub)
     _add_tree(sub)
     add_extract(sub)
     add_training(sub)

@@ -16,7 +16,8 @@ import pandas as pd
 from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 
-__all__ = ["analyse_embeddings", "load_inputs", "run_intrinsic"]
+__all__ = ["analyse_embeddings", "load_inputs", "run_intrinsic", "parse_model_spec", "load_models",
+           "run_compare"]
 
 DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "demo_clip.pt"
 
@@ -110,3 +111,80 @@ def run_intrinsic(*, out: str | None = None, tree: str | None = None, figures: b
     report = tl.intrinsic(ds, tree=read_newick(tree) if tree else None, provenance=prov, **analysis_kwargs)
     paths = write_report(report, out, figures=figures) if out else {}
     return report, paths
+
+
+CKPT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+EMBEDDING_SUFFIXES = (".npy", ".parquet", ".npz")
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``NAME=SOURCE`` or ``SOURCE`` → (name, :func:`load_inputs` keywords for the model part).
+
+    SOURCE: a checkpoint file (.pt, .pth, .bin, .safetensors, .ckpt) or ``hf-hub:ORG/NAME``
+    (embeds ``--data``); an embeddings file (.npy, .parquet, .npz); ``example:NAME`` (a bundled
+    example); or ``ARCH:PRETRAINED`` (an open_clip architecture and pretrained tag, e.g.
+    ``ViT-B-16:openai``). NAME defaults to the file's stem (or the source text).
+
+    >>> parse_model_spec("bioclip=hf-hub:imageomics/bioclip")
+    ('bioclip', {'ckpt': 'hf-hub:imageomics/bioclip'})
+    >>> parse_model_spec("ViT-B-16:openai")
+    ('ViT-B-16:openai', {'model': 'ViT-B-16', 'pretrained': 'openai'})
+    """
+    name, sep, source = spec.partition("=")
+    if not sep or not name or "/" in name or name.startswith("hf-hub:"):
+        name, source = "", spec
+    source = source.strip()
+    if not source:
+        raise TreeprobeError(f"empty model source in {spec!r}; use NAME=CHECKPOINT, NAME=EMBEDDINGS or ARCH:TAG")
+    suffix = Path(source).suffix.lower()
+    if source.startswith("hf-hub:") or suffix in CKPT_SUFFIXES:
+        kw = dict(ckpt=source)
+    elif suffix in EMBEDDING_SUFFIXES:
+        kw = dict(embeddings=source)
+    elif source.startswith("example:"):
+        kw = dict(example=source.split(":", 1)[1])
+    elif ":" in source:
+        arch, tag = source.split(":", 1)
+        kw = dict(model=arch, pretrained=tag or None)
+    else:
+        raise TreeprobeError(f"cannot tell what model source {source!r} is: give a checkpoint (.pt, .safetensors, "
+                             "hf-hub:ORG/NAME), an embeddings file (.npy, .parquet), example:NAME or ARCH:PRETRAINED")
+    if not name:
+        name = Path(source).stem if ("ckpt" in kw or "embeddings" in kw) and not source.startswith("hf-hub:") else source
+    return name, kw
+
+
+def load_models(specs, *, data: str | None = None, metadata: str | None = None, **common) -> tuple[dict, dict]:
+    """One TreeData per model spec (:func:`parse_model_spec`) and their provenance: models given as
+    checkpoints / architectures embed the images of ``data``; embedding files and examples are read.
+    ``common``: the other :func:`load_inputs` keywords (cache_dir, batch_size, device, ...)."""
+    out, prov = {}, {}
+    for spec in specs:
+        name, kw = parse_model_spec(spec)
+        if name in out:
+            raise TreeprobeError(f"two models are named {name!r}; name them: NAME=SOURCE")
+        if "ckpt" in kw or "model" in kw:
+            if data is None:
+                raise TreeprobeError(f"model {name!r} is a checkpoint: pass --data with the images to embed")
+            kw["data"] = data
+        elif "embeddings" in kw:
+            kw["metadata"] = metadata
+        ds, p = load_inputs(**kw, **common)
+        out[name], prov[name] = ds, p
+    return out, prov
+
+
+def run_compare(*, models, out: str | None = None, figures: bool = True, inputs: dict | None = None, **compare_kwargs):
+    """Load every model (:func:`load_models` with ``inputs``) → :func:`treeprobe.compare.compare` → write
+    (:func:`treeprobe.compare_report.write_comparison`). Returns ``(comparison, written paths)``."""
+    from treeprobe.compare import compare
+    from treeprobe.compare_report import write_comparison
+
+    inputs = dict(inputs or {})
+    inputs.setdefault("progress", compare_kwargs.get("progress", False))
+    datasets, prov = load_models(models, **inputs)
+    for name, ds in datasets.items():
+        ds.uns["provenance"] = prov[name]
+    comp = compare(datasets, **compare_kwargs)
+    paths = write_comparison(comp, out, figures=figures) if out else {}
+    return comp, paths

@@ -11,7 +11,14 @@ plot                   reads                                 after
 :func:`umap`           ``obsm["X_umap"]``                    ``tp.tl.umap(data)``
 :func:`rank_metrics`   ``uns["clustering"]``, ``uns["knn"]``  ``tp.tl.clustering`` / ``tp.tl.knn``
 :func:`mantel`         ``uns["mantel_pairs"]``               ``tp.tl.mantel(data)``
+:func:`metric_panels`  ``comparison.per_model``               ``tp.tl.compare(...)``
+:func:`distance_profiles`  ``comparison.extras``              ``tp.tl.compare(...)``
+:func:`drilldown`      ``comparison.extras``                  ``tp.tl.compare(..., drilldown=True)``
+:func:`training_curves`  a curves table                       ``treeprobe.training_curves.evaluate_run``
 =====================  ====================================  =====================================
+
+The comparison plots take the :class:`~treeprobe.compare.Comparison` that :func:`treeprobe.tl.compare`
+returns (or its ``compare.json`` loaded as a dict), so paper figures are redrawn without embeddings.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from treeprobe._utils import RANKS
 from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 
-__all__ = ["embedding", "tsne", "umap", "rank_metrics", "mantel"]
+__all__ = ["embedding", "tsne", "umap", "rank_metrics", "mantel", "metric_panels", "distance_profiles",
+           "drilldown", "training_curves"]
 
 _MAP_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
 
@@ -99,3 +107,59 @@ def mantel(data: TreeData, *, save: str | None = None):
 
     pairs = _needs(data, "uns", "mantel_pairs", "mantel")
     return _finish(plot_mantel_scatter(pairs["d_embed"], pairs["d_tree"]), save)
+
+
+def _comparison_part(comparison, key: str, tool: str):
+    """``key`` of a Comparison (attribute or extras) or of its JSON dict."""
+    if isinstance(comparison, dict):
+        part = comparison.get(key)
+    else:
+        part = getattr(comparison, key, None)
+        if part is None:
+            part = getattr(comparison, "extras", {}).get(key)
+    if part is None or (hasattr(part, "__len__") and not len(part)):
+        raise TreeprobeError(f"this comparison has no {key!r}: run {tool}")
+    return part
+
+
+def metric_panels(comparison, *, metrics: Sequence[str] | None = None, save: str | None = None):
+    """Per-rank scores of every model with 95 % intervals and chance, one panel per metric
+    (default: those of kNN agreement, level-specific kNN agreement, k-means NMI and purity that were computed)."""
+    import pandas as pd
+
+    from treeprobe.compare_plots import plot_metric_panels
+    from treeprobe.compare_report import PANEL_METRICS
+
+    table = pd.DataFrame(_comparison_part(comparison, "per_model", "treeprobe.tl.compare(...)"))
+    wanted = list(metrics) if metrics else [m for m in PANEL_METRICS if m in set(table["metric"])]
+    return _finish(plot_metric_panels(table[table["metric"].isin(wanted)], metrics=wanted or None), save)
+
+
+def distance_profiles(comparison, *, save: str | None = None):
+    """Mean embedding distance of item pairs by the rank of their lowest common ancestor, one line per model."""
+    import pandas as pd
+
+    from treeprobe.compare_plots import plot_distance_profiles
+
+    prof = _comparison_part(comparison, "distance_profiles", "treeprobe.tl.compare(..., distance_profiles=True)")
+    return _finish(plot_distance_profiles({m: pd.DataFrame(v) for m, v in prof.items()}), save)
+
+
+def drilldown(comparison, *, top_n: int = 10, save: str | None = None):
+    """The BioCLIP-style drill-down t-SNE: one row per model, one column per rank, each column the
+    largest taxon of the rank above (same seed and perplexity for every model, one colour per taxon)."""
+    import pandas as pd
+
+    from treeprobe.compare_plots import plot_drilldown
+
+    table = _comparison_part(comparison, "drilldown_tsne", "treeprobe.tl.compare(..., drilldown=True)")
+    return _finish(plot_drilldown(pd.DataFrame(table), top_n=top_n), save)
+
+
+def training_curves(table, *, loss=None, save: str | None = None):
+    """Each metric against training step (one line per rank or level, interval bands where known), from
+    :func:`treeprobe.training_curves.evaluate_run` or :func:`~treeprobe.training_curves.curves_from_log`;
+    ``loss``: the run (or its log) to add the training loss."""
+    from treeprobe.training_curves import plot_training_curves
+
+    return _finish(plot_training_curves(table, loss=loss), save)

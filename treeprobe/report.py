@@ -7,6 +7,7 @@ provenance as a dict). :func:`write_report` renders it to a folder:
 - ``per_rank.csv`` — one row per rank: taxa counts, clustering and kNN scores with chance;
 - ``figures/*.png|pdf`` — rank-coloured t-SNE/UMAP maps, per-rank metrics, Mantel distance plot;
 - ``report.md``    — a short human-readable report that shows the figures.
+- ``report.html``  — the same report as one self-contained page (figures embedded, sortable tables, opens offline);
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ def render_markdown(report: Report, figures: dict[str, str] | None = None) -> st
 
 
 def write_report(report: Report, out_dir: str | os.PathLike, *, figures: bool = True) -> dict[str, str]:
-    """Write report.json, per_rank.csv, figures/ and report.md into ``out_dir``; return their paths."""
+    """Write report.json, per_rank.csv, items.csv, figures/, report.md and report.html (one self-contained
+    page: figures embedded, sortable tables) into ``out_dir``; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str] = {}
@@ -262,6 +264,10 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures: bool = 
     rel = {k: os.path.relpath(v, out) for k, v in fig_paths.items()}
     atomic_write_text(out / "report.md", render_markdown(report, rel))
     paths["markdown"] = str(out / "report.md")
+    from treeprobe.html_report import intrinsic_html, write_html
+
+    write_html(intrinsic_html(report, fig_paths), out / "report.html")
+    paths["html"] = str(out / "report.html")
     paths.update({f"figure:{k}": v for k, v in fig_paths.items()})
     return paths
 

@@ -16,6 +16,8 @@ tool                     stores
 :func:`tsne`, :func:`umap`  ``obsm["X_tsne"]`` / ``obsm["X_umap"]`` (N, 2; NaN for rows not drawn),
                          ``uns["tsne"]`` / ``uns["umap"]`` (subsample, title, seed)
 :func:`intrinsic`        all of the above + ``uns["timings"]``; returns the :class:`~treeprobe.report.Report`
+:func:`compare`          several TreeData (one per model, same items): every tool on each, paired tests;
+                         returns a :class:`~treeprobe.compare.Comparison`
 =======================  ==========================================================================
 
 Every stochastic step takes ``seed``; the same call on the same data gives the same numbers.
@@ -38,7 +40,7 @@ from treeprobe.core import TreeData, skip_records
 from treeprobe.errors import TreeprobeError
 from treeprobe.mantel import SPEARMAN_MAX_N
 
-__all__ = ["embed", "mantel", "clustering", "knn", "tsne", "umap", "intrinsic", "check_analysable",
+__all__ = ["embed", "mantel", "clustering", "knn", "tsne", "umap", "intrinsic", "compare", "check_analysable",
            "MANTEL_LEVELS", "MANTEL_SCHEMES", "MAPS"]
 
 MANTEL_LEVELS = ("image", "species-centroid")
@@ -362,3 +364,13 @@ def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, pe
     )
     data.uns["provenance"] = prov
     return Report.from_data(data)
+
+
+def compare(datasets, **kwargs):
+    """Several models on the same items (``datasets``: model name → TreeData): every intrinsic metric per
+    model, paired differences with intervals and p-values that resample species, CKA / RSA between
+    models; see :func:`treeprobe.compare.compare` for the options and the schemes. Returns the
+    :class:`~treeprobe.compare.Comparison` (plots: ``tp.pl.metric_panels``, ``distance_profiles``, ``drilldown``)."""
+    from treeprobe.compare import compare as _compare
+
+    return _compare(datasets, **kwargs)

@@ -1,0 +1,244 @@
+"""treeprobe.compare: alignment, the paired statistics against explicit computations, and the comparison."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from treeprobe import compare as cmp
+from treeprobe.core import TreeData
+from treeprobe.errors import TreeprobeError
+from treeprobe.simulate import simulate_world
+
+
+def _world(seed=0, signal=0.3, **kw):
+    w = simulate_world(seed=seed, signal=signal, n_kingdoms=2, images_per_species=(1, 3), dim=16, **kw)
+    items = w.items.copy()
+    items["path"] = [f"img_{i:04d}.png" for i in range(len(items))]
+    return TreeData(w.embeddings.astype(np.float32), items)
+
+
+# --- pure statistics ---------------------------------------------------------------------------
+
+
+def test_pair_bootstrap_pearson_equals_repeated_pairs():
+    """Weighted r with integer weights = scipy's r on each pair repeated w_u·w_v times (catches a wrong
+    weight product, a sum over the wrong column or a variance without the mean correction)."""
+    rng = np.random.default_rng(0)
+    P, S = 300, 25
+    ui, uj = rng.integers(0, S, P), rng.integers(0, S, P)
+    t = rng.integers(0, 6, P).astype(float)
+    d = np.stack([0.3 * t + rng.standard_normal(P), rng.standard_normal(P)])
+    w = rng.multinomial(S, np.full(S, 1 / S), size=3).astype(float)
+    r, rb = cmp.pair_bootstrap_pearson(d, t, ui=ui, uj=uj, weights=w)
+    for m in range(2):
+        assert r[m] == pytest.approx(stats.pearsonr(d[m], t)[0], abs=1e-12)
+        for b in range(3):
+            rep = (w[b, ui] * w[b, uj]).astype(int)
+            assert rb[b, m] == pytest.approx(stats.pearsonr(np.repeat(d[m], rep), np.repeat(t, rep))[0], abs=1e-10)
+
+
+def test_pair_bootstrap_partial_equals_residual_correlation():
+    """The partial r(d, t | z) equals the correlation of the residuals of d and t on z."""
+    rng = np.random.default_rng(1)
+    P = 400
+    z = rng.integers(0, 2, P).astype(float)
+    t = rng.integers(0, 5, P) + z
+    d = 0.2 * t + 0.5 * z + rng.standard_normal(P)
+    r, _ = cmp.pair_bootstrap_pearson(d, t, ui=np.zeros(P, int), uj=np.ones(P, int), weights=np.ones((1, 2)), z=z)
+
+    def resid(y):
+        A = np.c_[np.ones(P), z]
+        return y - A @ np.linalg.lstsq(A, y, rcond=None)[0]
+
+    assert r[0] == pytest.approx(stats.pearsonr(resid(d), resid(t))[0], abs=1e-10)
+
+
+def test_holm_against_statsmodels_and_by_hand():
+    p = np.array([0.01, 0.04, 0.03, np.nan, 0.5])
+    adj = cmp.holm(p)
+    # by hand: sorted 0.01, 0.03, 0.04, 0.5 with m = 4 -> 0.04, 0.09, 0.09, 0.5
+    assert np.allclose(adj[[0, 2, 1, 4]], [0.04, 0.09, 0.09, 0.5]) and np.isnan(adj[3])
+    multitest = pytest.importorskip("statsmodels.stats.multitest")
+    ok = np.isfinite(p)
+    assert np.allclose(adj[ok], multitest.multipletests(p[ok], method="holm")[1])
+
+
+def test_between_pairs_all_and_sampled():
+    units = np.array([0, 0, 1, 2, 2, 3])
+    i, j = cmp._between_pairs(units, 100, np.random.default_rng(0))
+    assert len(i) == 15 - 2 and np.all(units[i] != units[j]) and np.all(i < j)
+    units = np.arange(2000) // 2
+    i, j = cmp._between_pairs(units, 50_000, np.random.default_rng(0))
+    assert np.all(i != j) and np.all(units[i] != units[j]) and 49_900 < len(i) <= 50_000
+    # uniform over items: each item appears ~ 2 * 50,000 / 2,000 = 50 times
+    counts = np.bincount(np.r_[i, j], minlength=2000)
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_jackknife_se_and_normal_p():
+    """Delete-a-group jackknife se = sqrt((G-1)/G Σ (v_g - mean)²) (catches a missing (G-1)/G factor)."""
+    v = np.array([1.0, 2.0, 4.0, 7.0])
+    assert cmp._jackknife_se(v) == pytest.approx(np.sqrt(3 / 4 * np.sum((v - v.mean()) ** 2)))
+    assert cmp._normal_p(1.959963984540054, 1.0) == pytest.approx(0.05)
+    assert cmp._normal_p(0.0, 0.0) == 1.0 and np.isnan(cmp._normal_p(np.nan, 1.0))
+
+
+def test_jackknife_leaves_out_whole_species():
+    """Each replicate drops whole species (never part of one) and every species is dropped exactly once."""
+    a = _world(seed=2)
+    units = cmp.species_units(a)
+    seen = []
+
+    def score(X, codes):
+        seen.append(len(X))
+        return {("n", "all"): float(len(X))}
+
+    jack = cmp._jackknife({"a": a, "b": a}, ["a", "b"], units, groups=5, seed=0, score=score)
+    sizes = np.bincount(units)
+    dropped = len(a) - jack[("n", "all")][:, 0]
+    assert dropped.sum() == len(a)  # every item left out once over the 5 groups
+    group_sizes = set()
+    rng = np.random.default_rng(cmp._sub_seed(0, "jackknife"))
+    group = rng.permutation(units.max() + 1) % 5
+    for g in range(5):
+        group_sizes.add(int(sizes[group == g].sum()))
+    assert set(dropped.astype(int)) == group_sizes
+    with pytest.raises(TreeprobeError, match="jackknife groups"):
+        cmp._jackknife({"a": a}, ["a"], units, groups=units.max() + 2, seed=0, score=score)
+
+
+def test_species_bootstrap_weights():
+    w = cmp.species_bootstrap_weights(30, 50, seed=4)
+    assert w.shape == (50, 30) and np.all(w.sum(axis=1) == 30)
+    assert np.array_equal(w, cmp.species_bootstrap_weights(30, 50, seed=4))
+    assert not np.array_equal(w, cmp.species_bootstrap_weights(30, 50, seed=5))
+
+
+# --- alignment -----------------------------------------------------------------------------------
+
+
+def test_align_reorders_by_path_and_refuses_mismatches():
+    a = _world()
+    order = np.random.default_rng(0).permutation(len(a))
+    b = a.subset(order)
+    out = cmp.align({"a": a, "b": b})
+    assert np.array_equal(out["b"].X, a.X) and list(out["b"].items.path) == list(a.items.path)
+    with pytest.raises(TreeprobeError, match="do not cover the same items.*--intersect"):
+        cmp.align({"a": a, "b": b[5:]})
+    inter = cmp.align({"a": a, "b": b[5:]}, mismatch="intersect")
+    assert len(inter["a"]) == len(a) - 5 and list(inter["a"].items.path) == list(inter["b"].items.path)
+    dup = TreeData(a.X, pd.concat([a.items.iloc[:-1], a.items.iloc[:1]], ignore_index=True))
+    with pytest.raises(TreeprobeError, match="duplicated path"):
+        cmp.align({"a": a, "b": dup})
+    other = a.items.copy()
+    other.loc[0, "genus"] = "Othergenus"
+    with pytest.raises(TreeprobeError, match="genus"):
+        cmp.align({"a": a, "b": TreeData(a.X, other)})
+    with pytest.raises(TreeprobeError, match="at least 2 models"):
+        cmp.align({"a": a})
+    with pytest.raises(TreeprobeError, match="different numbers of items"):
+        cmp.align({"a": a, "b": a[3:]}, on="row")
+
+
+# --- the comparison --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    a = _world(seed=1)
+    rng = np.random.default_rng(5)
+    X = a.X.astype(float)
+    worse = TreeData((X + 2.0 * X.std() * rng.standard_normal(X.shape)).astype(np.float32), a.items)
+    return a, cmp.compare({"good": a, "same": TreeData(a.X.copy(), a.items), "worse": worse}, seed=0,
+                          permutations=49, bootstrap=199, cluster_methods=("kmeans",), jackknife=5,
+                          chance_permutations=2, drilldown=False)
+
+
+def test_compare_identical_models_differ_by_zero(comparison):
+    _, comp = comparison
+    d = comp.differences
+    same = d[(d.model_a == "good") & (d.model_b == "same")]
+    assert len(same) and np.all(same["difference"].abs() < 1e-12)
+    assert np.all(same["ci_low"] <= 1e-9) and np.all(same["ci_high"] >= -1e-9)
+    assert np.all(same["p_value"] >= 0.5)
+
+
+def test_compare_detects_the_degraded_model(comparison):
+    a, comp = comparison
+    d = comp.differences.set_index(["metric", "rank", "model_a", "model_b"])
+    for level in ("image", "species-centroid"):
+        row = d.loc[("mantel r", level, "good", "worse")]
+        assert row.difference > 0 and row.ci_low > 0 and row.p_value < 0.01
+    genus = d.loc[("knn agreement", "genus", "good", "worse")]
+    assert genus.difference > 0 and genus.p_value < 0.01
+    # per-model Mantel r is the exact between-species r of tl.mantel
+    from treeprobe import tl
+
+    exact = tl.mantel(a, methods=("pearson",), levels=("image",), permutations=9)
+    pm = comp.per_model.set_index(["model", "metric", "rank"])
+    assert pm.loc[("good", "mantel r", "image"), "estimate"] == pytest.approx(exact.statistic.iloc[0], abs=1e-12)
+    lo, hi = pm.loc[("good", "mantel r", "image"), ["ci_low", "ci_high"]]
+    assert lo < exact.statistic.iloc[0] < hi
+    # Holm is applied within each (metric, pair) family: never below the raw p
+    assert np.all(comp.differences["p_holm"] >= comp.differences["p_value"] - 1e-15)
+
+
+def test_compare_tables_and_json(comparison, tmp_path):
+    from treeprobe.compare_report import write_comparison
+
+    _, comp = comparison
+    assert set(comp.per_model.model) == {"good", "same", "worse"}
+    assert {"kmeans purity", "kmeans nmi", "kmeans ari", "knn level agreement"} <= set(comp.per_model.metric)
+    assert set(comp.similarity.columns) >= {"model_a", "model_b", "rank", "cka", "rsa_spearman"}
+    same_sim = comp.similarity[(comp.similarity.model_b == "same") & (comp.similarity["rank"] == "image")]
+    assert same_sim["cka"].iloc[0] == pytest.approx(1.0, abs=1e-9)
+    paths = write_comparison(comp, tmp_path, model_reports=False)
+    obj = json.loads((tmp_path / "compare.json").read_text())
+    assert obj["models"] == ["good", "same", "worse"] and len(obj["differences"]) == len(comp.differences)
+    assert set(obj["distance_profiles"]) == {"good", "same", "worse"}
+    html = (tmp_path / "report.html").read_text()
+    assert "Paired differences" in html and "http://" not in html and "https://" not in html
+    assert any(k.startswith("figure:") for k in paths)
+
+
+def test_cli_compare_embedding_files(tmp_path, capsys):
+    from treeprobe.cli import main
+    from treeprobe.datasets import BIOCLIP2_1K
+
+    df = pd.read_parquet(BIOCLIP2_1K)
+    df = df[df["species"].notna()].iloc[:160]
+    df.to_parquet(tmp_path / "a.parquet")
+    rng = np.random.default_rng(0)
+    X = np.stack(df["emb"].to_numpy()).astype(np.float64)
+    df2 = df.copy()
+    df2["emb"] = list((X + 0.5 * X.std() * rng.standard_normal(X.shape)).astype(np.float32))
+    df2.iloc[::-1].to_parquet(tmp_path / "b.parquet")  # another row order: aligned by uuid
+    out = tmp_path / "out"
+    rc = main(["compare", "--model", f"real={tmp_path / 'a.parquet'}", "--model", f"noisy={tmp_path / 'b.parquet'}",
+               "--out", str(out), "--permutations", "19", "--bootstrap", "99", "--cluster-methods", "none",
+               "--no-similarity", "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "mantel r (image): real" in text and "noisy" in text
+    obj = json.loads((out / "compare.json").read_text())
+    assert obj["models"] == ["real", "noisy"] and obj["params"]["n_items"] > 100
+    assert (out / "models" / "real" / "report.json").exists() and (out / "report.html").exists()
+    assert main(["compare", "--model", f"real={tmp_path / 'a.parquet'}", "--out", str(out)]) == 2
+    assert "at least 2 --model" in capsys.readouterr().err
+    df2.iloc[:-3].to_parquet(tmp_path / "c.parquet")
+    assert main(["compare", "--model", f"a={tmp_path / 'a.parquet'}", "--model", f"c={tmp_path / 'c.parquet'}",
+                 "--out", str(out), "--quiet"]) == 2
+    assert "do not cover the same items" in capsys.readouterr().err
+
+
+def test_parse_model_spec():
+    from treeprobe.pipeline import parse_model_spec
+
+    assert parse_model_spec("runs/a/checkpoints/epoch_3.pt") == ("epoch_3", {"ckpt": "runs/a/checkpoints/epoch_3.pt"})
+    assert parse_model_spec("emb=x.parquet") == ("emb", {"embeddings": "x.parquet"})
+    assert parse_model_spec("example:bioclip2-1k") == ("example:bioclip2-1k", {"example": "bioclip2-1k"})
+    with pytest.raises(TreeprobeError, match="cannot tell"):
+        parse_model_spec("nothing")
