@@ -242,3 +242,14 @@ def test_parse_model_spec():
     assert parse_model_spec("example:bioclip2-1k") == ("example:bioclip2-1k", {"example": "bioclip2-1k"})
     with pytest.raises(TreeprobeError, match="cannot tell"):
         parse_model_spec("nothing")
+
+
+def test_drilldown_of_a_comparison_names_the_taxa():
+    """The drill-down table carries taxon labels (not codes), the same rows for every model (bug caught: the
+    labels were not passed, so panels said 'family 20')."""
+    a = _world(seed=3)
+    t = cmp._drilldown({"x": a, "y": a}, ["x", "y"], 0)
+    assert set(t["model"]) == {"x", "y"}
+    assert t["label"].str.contains(r"\|").all() and t["parent_label"].str.len().gt(0).all()
+    rows = t.groupby("model")["row"].apply(lambda r: tuple(sorted(r)))
+    assert rows["x"] == rows["y"]

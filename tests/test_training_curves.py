@@ -414,3 +414,20 @@ def test_curves_from_log_of_a_log_appended_to_by_resumed_and_restarted_runs(run_
     table = tc.curves_from_log(copy)
     assert set(table["step"]) == {0}
     assert table[(table["metric"] == "knn agreement") & (table["rank"] == "genus")]["estimate"].tolist() == [0.5]
+
+
+def test_cli_compare_run_writes_the_curves(run_dir, curves, cache, tmp_path, capsys):
+    """``treeprobe compare --run RUN --data HELDOUT`` writes the same table as evaluate_run and the figure."""
+    from treeprobe.cli import main
+
+    out = tmp_path / "curves"
+    rc = main(["compare", "--run", str(run_dir), "--data", str(run_dir.parent / "heldout" / "metadata.csv"),
+               "--permutations", str(PERMUTATIONS), "--seed", "0", "--cache-dir", str(cache), "--out", str(out),
+               "--quiet"])
+    assert rc == 0 and "checkpoints of" in capsys.readouterr().out
+    table = pd.read_csv(out / "training_curves.csv")
+    assert len(table) == len(curves) and list(table["step"]) == list(curves["step"])
+    np.testing.assert_allclose(table["estimate"].to_numpy(float), curves["estimate"].to_numpy(float), equal_nan=True)
+    assert (out / "training_curves.png").stat().st_size > 10_000 and (out / "training_curves.pdf").exists()
+    assert main(["compare", "--run", str(run_dir), "--out", str(out)]) == 2
+    assert "--run needs --data" in capsys.readouterr().err

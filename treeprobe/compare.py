@@ -599,4 +599,6 @@ def _profiles(aligned: dict, names: list, seed: int) -> dict:
 def _drilldown(aligned: dict, names: list, seed: int) -> pd.DataFrame:
     from treeprobe.drilldown import drilldown_tsne
 
-    return drilldown_tsne({m: aligned[m].unit for m in names}, aligned[names[0]].taxonomy.codes_by_rank(), seed=seed)
+    tax = aligned[names[0]].taxonomy
+    return drilldown_tsne({m: aligned[m].unit for m in names}, tax.codes_by_rank(), labels_by_rank=tax.labels_by_rank(),
+                          seed=seed)
