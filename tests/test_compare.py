@@ -253,3 +253,26 @@ def test_drilldown_of_a_comparison_names_the_taxa():
     assert t["label"].str.contains(r"\|").all() and t["parent_label"].str.len().gt(0).all()
     rows = t.groupby("model")["row"].apply(lambda r: tuple(sorted(r)))
     assert rows["x"] == rows["y"]
+
+
+def test_compare_partial_mantel_row_is_the_exact_partial_r():
+    """With control=COLUMN the comparison carries the partial Mantel r of each model (the exact value of
+    tl.mantel(control=...)) and its paired difference."""
+    from treeprobe import tl
+
+    a = _world(seed=4)
+    items = a.items.copy()
+    items["source"] = np.where(np.arange(len(items)) % 3 == 0, "museum", "field")
+    a = TreeData(a.X, items)
+    b = TreeData((a.X + np.random.default_rng(0).standard_normal(a.X.shape)).astype(np.float32), items)
+    comp = cmp.compare({"a": a, "b": b}, control="source", permutations=19, bootstrap=99, jackknife=0,
+                       cluster_methods=(), similarity=False, distance_profiles=False)
+    metric = "partial mantel r (source)"
+    exact = tl.mantel(a, methods=("pearson",), levels=("image",), control="source", permutations=19)
+    want = exact[exact.method == "pearson (partial)"].statistic.iloc[0]
+    pm = comp.per_model[comp.per_model.metric == metric].set_index("model")["estimate"]
+    assert pm["a"] == pytest.approx(want, abs=1e-12)
+    row = comp.differences[comp.differences.metric == metric].iloc[0]
+    assert row.difference == pytest.approx(want - pm["b"], abs=1e-12)
+    assert row.ci_low < row.difference < row.ci_high
+    assert not comp.differences.metric.str.startswith("knn").any()  # jackknife=0: no kNN comparison

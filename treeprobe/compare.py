@@ -438,7 +438,7 @@ def _mantel_bootstrap(aligned: dict, names: list, weights: np.ndarray, units: np
     if control is not None:
         zc = _covariate_distance(first.items[control].to_numpy(), i, j)
         r, rb = pair_bootstrap_pearson(d, t, ui=units[i], uj=units[j], weights=weights, z=zc)
-        out[(f"partial mantel r | {control}", "image")] = (r, rb)
+        out[(f"partial mantel r ({control})", "image")] = (r, rb)
     # species-centroid level: one centroid per leaf; leaf_units == units (both the tree's leaves)
     n_leaves = int(leaf_units.max()) + 1
     if n_leaves >= 3:
