@@ -424,10 +424,14 @@ def test_cli_compare_run_writes_the_curves(run_dir, curves, cache, tmp_path, cap
     rc = main(["compare", "--run", str(run_dir), "--data", str(run_dir.parent / "heldout" / "metadata.csv"),
                "--permutations", str(PERMUTATIONS), "--seed", "0", "--cache-dir", str(cache), "--out", str(out),
                "--quiet"])
-    assert rc == 0 and "checkpoints of" in capsys.readouterr().out
+    assert rc == 0 and "4 checkpoints scored on" in capsys.readouterr().out
     table = pd.read_csv(out / "training_curves.csv")
     assert len(table) == len(curves) and list(table["step"]) == list(curves["step"])
     np.testing.assert_allclose(table["estimate"].to_numpy(float), curves["estimate"].to_numpy(float), equal_nan=True)
     assert (out / "training_curves.png").stat().st_size > 10_000 and (out / "training_curves.pdf").exists()
     assert main(["compare", "--run", str(run_dir), "--out", str(out)]) == 2
     assert "--run needs --data" in capsys.readouterr().err
+    # --from-log: the run's own evaluations, no re-embedding
+    assert main(["compare", "--run", str(run_dir), "--from-log", "--out", str(tmp_path / "log"), "--quiet"]) == 0
+    logged = pd.read_csv(tmp_path / "log" / "training_curves.csv")
+    assert list(logged.columns) == list(tc.curves_from_log(tc.read_run(run_dir)).columns) and len(logged)

@@ -140,6 +140,9 @@ def _add_compare(sub) -> None:
                           "(open_clip), an embeddings file (.npy, .parquet), or example:bioclip2-1k; repeat for each")
     src.add_argument("--run", help="a treeprobe-train output folder: evaluate each checkpoint on --data and plot "
                                    "the metrics against training step")
+    src.add_argument("--from-log", action="store_true",
+                     help="with --run: plot the run's own --eval-every evaluations (log.jsonl) instead of "
+                          "embedding --data with every checkpoint")
     src.add_argument("--data", help="the images (metadata CSV or iNat21 folder) the checkpoints embed")
     src.add_argument("--metadata", help="metadata CSV for .npy embeddings files")
     src.add_argument("--on", help="id column matching items across models (default: path, uuid, id or item)")
@@ -217,17 +220,25 @@ def _compare_run(args) -> int:
 
     if args.model:
         raise TreeprobeError("pass --run or --model, not both")
-    if args.data is None:
-        raise TreeprobeError("--run needs --data: the held-out images (metadata CSV or folder) each checkpoint embeds")
-    run = tc.read_run(args.run)
-    table = tc.evaluate_run(run, args.data, permutations=args.permutations, seed=args.seed,
-                            device=args.device or default_device(), progress=not args.quiet, cache_dir=args.cache_dir)
+    if args.data is None and not args.from_log:
+        raise TreeprobeError("--run needs --data: the held-out images (metadata CSV or folder) each checkpoint embeds "
+                             "(or --from-log for the run's own --eval-every evaluations)")
+    run = tc.read_run(args.run, require_checkpoints=not args.from_log)
+    if args.from_log:
+        table = tc.curves_from_log(run)
+        if not len(table):
+            raise TreeprobeError(f"{args.run}: its log has no evaluations (train with --eval-data and --eval-every)")
+    else:
+        table = tc.evaluate_run(run, args.data, permutations=args.permutations, seed=args.seed,
+                                device=args.device or default_device(), progress=not args.quiet,
+                                cache_dir=args.cache_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "training_curves.csv", table.to_csv(index=False))
     if not args.no_figures:
         save_figure(tc.plot_training_curves(table, loss=run), str(out / "training_curves"))
-    print(f"{len(run.checkpoints)} checkpoints of {args.run} scored on {args.data}: {out / 'training_curves.csv'}")
+    what = "the run's own evaluations" if args.from_log else f"{len(run.checkpoints)} checkpoints scored on {args.data}"
+    print(f"{args.run}: {what}: {out / 'training_curves.csv'}")
     return 0
 
 
