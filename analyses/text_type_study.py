@@ -119,7 +119,8 @@ def _trained_row(a, tt: str, seed: int, *, shards: Path, heldout: pd.DataFrame) 
     run = Path(a.out) / "runs" / f"{tt}_seed{seed}"
     targs = ["--data", str(shards), "--out", str(run), "--model", "tiny", "--text-type", tt,
              "--seed", str(seed), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
-             "--lr", str(a.lr), "--warmup", str(a.warmup), "--no-progress", "-q", "--log-every", str(LOG_EVERY)]
+             "--lr", str(a.lr), "--warmup", str(a.warmup), "--no-progress", "-q", "--log-every", str(LOG_EVERY),
+             "--resume", "latest"]  # a rerun continues (or finds finished) the run already in the folder
     if a.image_size:
         targs += ["--image-size", str(a.image_size)]
     if a.threads:

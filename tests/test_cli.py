@@ -28,16 +28,23 @@ def load_report(out):
         return json.load(fh)
 
 
-def check_complete(rep, n_items):
-    """Every section present, every number finite, counts consistent."""
+def check_complete(rep, n_items, *, signal=True):
+    """Every section present, every number finite, counts consistent; with ``signal`` (real embeddings),
+    every Mantel r and kNN agreement clearly above chance."""
     assert rep["provenance"]["n_items"] == n_items
     assert {m["level"] for m in rep["mantel"]} == {"image", "species-centroid"}
     for m in rep["mantel"]:
-        assert np.isfinite(m["statistic"]) and 0 < m["p_value"] <= 1
+        assert np.isfinite(m["statistic"]) and 0 < m["n_items"] <= n_items
+        if signal:  # real embeddings follow the tree: r > 0, and no permutation reached it (p = 1/(B + 1))
+            assert m["statistic"] > 0.05 and m["p_value"] == pytest.approx(1 / (m["permutations"] + 1), rel=1e-12)
     ranks = [r["rank"] for r in rep["knn"]]
     assert ranks == ["kingdom", "phylum", "class", "order", "family", "genus", "species"]
     for row in rep["knn"]:
-        assert 0 <= row["agreement"] <= 1 and 0 <= row["chance"] <= 1
+        # above chance at every rank, never above the ceiling; excess = (agreement - chance) / (1 - chance)
+        assert row["agreement"] <= row["ceiling"] + 1e-12 and (not signal or row["chance"] + 0.05 < row["agreement"])
+        assert row["agreement_excess"] == pytest.approx((row["agreement"] - row["chance"]) / (1 - row["chance"]),
+                                                        abs=1e-12)
+    assert rep["headline"]["knn_kingdom_agreement_excess"] == rep["knn"][0]["agreement_excess"]
     for row in rep["clustering"]:
         if not row.get("note"):
             assert all(row[k] is not None and np.isfinite(row[k]) for k in ("purity", "nmi", "ami", "ari"))
@@ -99,7 +106,7 @@ def test_tree_export_and_user_tree(tmp_path, capsys):
     assert len(t.get_leaves()) == 465
     # the exported taxonomy used as a user tree reproduces the rank-taxonomy Mantel r
     out1, out2 = str(tmp_path / "r1"), str(tmp_path / "r2")
-    meta = pd.read_csv(PHOTOS)
+    meta = pd.read_csv(PHOTOS).drop_duplicates("path", ignore_index=True)  # one photo is listed twice
     rng = np.random.default_rng(0)
     X = rng.normal(size=(len(meta), 16)) + 3 * np.eye(16)[pd.factorize(meta["family"])[0] % 16]
     np.save(tmp_path / "emb.npy", X.astype(np.float32))
@@ -171,7 +178,7 @@ def test_bad_inputs_one_line_exit_2(case, tmp_path, capsys):
         args += ["--data", str(meta), "--ckpt", "whatever.pt"]
         expect = "no rows"
     elif case == "single_taxon":
-        _write_csv(meta, [row] * 6)
+        _write_csv(meta, [dict(row, path=f"x{i}.jpg") for i in range(6)])
         np.save(tmp_path / "e.npy", np.random.rand(6, 4).astype(np.float32))
         args += ["--embeddings", str(tmp_path / "e.npy"), "--metadata", str(meta)]
         expect = "single taxon"
@@ -205,6 +212,10 @@ def test_bad_inputs_one_line_exit_2(case, tmp_path, capsys):
     code, stdout, err = run(args, capsys)
     assert code == 2
     lines = [l for l in err.strip().splitlines() if l.strip()]
+    warned = [l for l in lines if l.startswith("treeprobe: warning:")]
+    # the real photo index lists one photo twice (rows 825 and 828): one warning line before the error
+    assert len(warned) == (1 if PHOTOS in args else 0), err
+    lines = [l for l in lines if l not in warned]
     assert len(lines) == 1 and lines[0].startswith("treeprobe: error:"), err
     assert expect in lines[0]
     assert "Traceback" not in err
@@ -219,8 +230,8 @@ def test_real_photos_with_a_checkpoint(tmp_path, capsys, tiny_clip_checkpoint):
     code, stdout, err = run(args, capsys)
     assert code == 0, err
     rep = load_report(out)
-    check_complete(rep, 1072)
-    assert rep["skipped"]["count"] == 0
+    check_complete(rep, 1071, signal=False)  # a random tiny checkpoint: no signal expected
+    assert rep["skipped"]["count"] == 1  # the photo listed twice in the index (rows 825 and 828)
     assert rep["provenance"]["n_taxa"] == dict(kingdom=3, phylum=4, **{"class": 8}, order=45, family=133,
                                                genus=316, species=465)
     model = rep["provenance"]["model"]
@@ -274,3 +285,51 @@ def test_knn_query_subsample_on_real_embeddings(tmp_path, capsys):
     assert "Estimated from 300 random query items" in md and "agreement_ci95" in md
     code, _, err = run(args + ["0"], capsys)
     assert code == 2 and "--knn-max-queries must be positive" in err
+
+
+def _warning_run(monkeypatch, tmp_path, capsys, *, error=False):
+    """``treeprobe intrinsic`` whose loading step issues a TreeprobeWarning and a plain UserWarning."""
+    import functools
+    import warnings
+
+    import treeprobe.pipeline as pipeline
+    from treeprobe.errors import TreeprobeWarning
+
+    real = pipeline.load_inputs
+
+    @functools.wraps(real)
+    def load(*a, **k):
+        warnings.warn("3 duplicated rows dropped;\n kept the first of each", TreeprobeWarning)
+        warnings.warn("some library notice", UserWarning)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "load_inputs", load)
+    if error:
+        monkeypatch.setattr("sys.warnoptions", ["error::treeprobe.errors.TreeprobeWarning"])
+        warnings.simplefilter("error", TreeprobeWarning)
+    return run(["intrinsic", "--embeddings", PARQUET, "--out", str(tmp_path / "w"), *NO_CLUSTERING,
+                "--no-figures", "--no-centroids"], capsys)
+
+
+def test_treeprobe_warning_is_one_cli_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as shown:  # what reaches the usual warning display
+        warnings.simplefilter("always")
+        code, _, err = _warning_run(monkeypatch, tmp_path, capsys)
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines.count("treeprobe: warning: 3 duplicated rows dropped; kept the first of each") == 1
+    assert not any("TreeprobeWarning" in ln for ln in lines)  # no file:line, no class name
+    # other warnings go on to the usual display (Python's file:line: Category: message), TreeprobeWarning not
+    assert [str(w.message) for w in shown if w.category is UserWarning] == ["some library notice"]
+    assert not [w for w in shown if "duplicated rows" in str(w.message)]
+
+
+def test_treeprobe_warning_as_error_is_one_error_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    with warnings.catch_warnings():
+        code, _, err = _warning_run(monkeypatch, tmp_path, capsys, error=True)
+    assert code == 2 and err.strip() == "treeprobe: error: 3 duplicated rows dropped; kept the first of each"
+    assert not (tmp_path / "w").exists()

@@ -86,7 +86,9 @@ def test_chance_perfect_and_degenerate():
     # seeded
     rng = np.random.default_rng(0)
     q = rng.integers(0, 4, 100)
-    assert chance_baseline(t, q, 5, seed=3) == chance_baseline(t, q, 5, seed=3)
+    b3 = chance_baseline(t, q, 5, seed=3)
+    assert b3 == chance_baseline(t, q, 5, seed=3)
+    assert b3["purity_chance"] != chance_baseline(t, q, 5, seed=4)["purity_chance"]  # the seed is used
     with pytest.raises(TreeprobeError):
         chance_baseline(t, q, scores=("purity", "bogus"))
 
@@ -149,6 +151,25 @@ def test_rankwise_clustering_planted_hierarchy():
     assert genus["purity_excess"].min() == pytest.approx(1.0)
     assert genus["ari"].min() == pytest.approx(1.0)
     assert (genus["purity_chance"] < 0.3).all()
+
+
+def test_rankwise_clustering_passes_its_seed_to_clustering_and_chance():
+    """Each row is cluster_labels(X, k, method, seed) scored by clustering_scores and chance_baseline
+    with the same seed (a seed dropped on the way falls back to 0 and changes the chance values)."""
+    X, fine = planted(n_per=15, n_clusters=6, noise=0.8, seed=11)
+    codes = {"family": fine // 2, "genus": fine}
+    df = rankwise_clustering(X, codes, seed=3, n_permutations=4, progress=False).set_index(["rank", "method"])
+    for rank, c in codes.items():
+        k = np.unique(c).size
+        for method in ("kmeans", "agglomerative"):
+            pred = cluster_labels(X, k, method, seed=3)
+            want = {**clustering_scores(c, pred), **chance_baseline(c, pred, 4, seed=3, scores=("purity", "nmi", "ari"))}
+            row = df.loc[(rank, method)]
+            for col in ("purity", "nmi", "ami", "ari", "purity_chance", "purity_chance_sd", "purity_excess",
+                        "nmi_chance", "ari_chance", "ari_chance_sd"):
+                assert row[col] == pytest.approx(want[col], abs=1e-12), (rank, method, col)
+    other = rankwise_clustering(X, codes, seed=4, n_permutations=4, progress=False).set_index(["rank", "method"])
+    assert (other["purity_chance"] != df["purity_chance"]).any()
 
 
 def test_rankwise_clustering_refuses_big_ward_with_note():

@@ -76,6 +76,16 @@ def test_between_pairs_all_and_sampled():
     # uniform over items: each item appears ~ 2 * 50,000 / 2,000 = 50 times
     counts = np.bincount(np.r_[i, j], minlength=2000)
     assert stats.chisquare(counts).pvalue > 1e-3
+    # uniform over pairs: with every item its own unit, P(|i - j| = g) = 2 (n - g) / (n (n - 1)) exactly
+    # (a sampler that never draws j = i + 1, say, halves the g = 1 bin)
+    n = 300
+    i, j = cmp._between_pairs(np.arange(n), 40_000, np.random.default_rng(1))
+    assert len(i) == 40_000 and np.all(i != j)
+    gap = np.bincount(np.abs(i - j), minlength=n)[1:]
+    expected = 40_000 * 2.0 * (n - np.arange(1, n)) / (n * (n - 1))
+    coarse = np.add.reduceat(gap, np.arange(0, n - 1, 10)), np.add.reduceat(expected, np.arange(0, n - 1, 10))
+    assert stats.chisquare(coarse[0], coarse[1]).pvalue > 1e-4  # bins of 10 gaps (expected >= 14 each)
+    assert stats.binomtest(int(gap[0]), 40_000, 2.0 / n).pvalue > 1e-4
 
 
 def test_jackknife_se_and_normal_p():
@@ -130,9 +140,10 @@ def test_align_reorders_by_path_and_refuses_mismatches():
         cmp.align({"a": a, "b": b[5:]})
     inter = cmp.align({"a": a, "b": b[5:]}, mismatch="intersect")
     assert len(inter["a"]) == len(a) - 5 and list(inter["a"].items.path) == list(inter["b"].items.path)
-    dup = TreeData(a.X, pd.concat([a.items.iloc[:-1], a.items.iloc[:1]], ignore_index=True))
-    with pytest.raises(TreeprobeError, match="duplicated path"):
-        cmp.align({"a": a, "b": dup})
+    # a path listed twice with another embedding never reaches the comparison (TreeData refuses the
+    # conflicting copy since the duplicate rule of treeprobe.core; align refused it before)
+    with pytest.raises(TreeprobeError, match="duplicated path|same path 'img_0000.png' but a different embedding"):
+        cmp.align({"a": a, "b": TreeData(a.X, pd.concat([a.items.iloc[:-1], a.items.iloc[:1]], ignore_index=True))})
     other = a.items.copy()
     other.loc[0, "genus"] = "Othergenus"
     with pytest.raises(TreeprobeError, match="genus"):
@@ -146,15 +157,59 @@ def test_align_reorders_by_path_and_refuses_mismatches():
 # --- the comparison --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def comparison():
+def _models():
+    """The three models of the ``comparison`` fixture: a world, an exact copy, a noisier version."""
     a = _world(seed=1)
     rng = np.random.default_rng(5)
     X = a.X.astype(float)
     worse = TreeData((X + 2.0 * X.std() * rng.standard_normal(X.shape)).astype(np.float32), a.items)
-    return a, cmp.compare({"good": a, "same": TreeData(a.X.copy(), a.items), "worse": worse}, seed=0,
-                          permutations=49, bootstrap=199, cluster_methods=("kmeans",), jackknife=5,
-                          chance_permutations=2, drilldown=False)
+    return {"good": a, "same": TreeData(a.X.copy(), a.items), "worse": worse}
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    models = _models()
+    return models["good"], cmp.compare(models, seed=0, permutations=49, bootstrap=199, cluster_methods=("kmeans",),
+                                       jackknife=5, chance_permutations=2, drilldown=False)
+
+
+def _weighted_r(x, y, w):
+    """Pearson r of x and y with pair weights w (written out: weighted means, covariance, variances)."""
+    mx, my = np.average(x, weights=w), np.average(y, weights=w)
+    cov = np.average((x - mx) * (y - my), weights=w)
+    return cov / np.sqrt(np.average((x - mx) ** 2, weights=w) * np.average((y - my) ** 2, weights=w))
+
+
+def _replay_mantel_bootstrap(models, *, seed, bootstrap, control=None):
+    """compare()'s species bootstrap of the image-level Mantel r, replayed with numpy: weights =
+    species_bootstrap_weights(S, B, first draw of default_rng(seed)), every between-species pair (fewer
+    than max_pairs here) weighted w_u · w_v. With ``control`` (a categorical item column) the partial
+    r(d, t | z), z = 0 same / 1 different category. Returns (r per model on all pairs (M,), r* (B, M))."""
+    first = next(iter(models.values()))
+    units = cmp.species_units(first)
+    rng = np.random.default_rng(seed)
+    w = cmp.species_bootstrap_weights(int(units.max()) + 1, bootstrap, int(rng.integers(2 ** 31)))
+    i, j = np.triu_indices(len(first), 1)
+    keep = units[i] != units[j]
+    i, j = i[keep], j[keep]
+    t = first.taxonomy.clade_structure().item_distances()[i, j]
+    d = []
+    for ds in models.values():
+        U = ds.unit.astype(np.float64)
+        d.append(1.0 - np.einsum("ij,ij->i", U[i], U[j]))
+    if control is None:
+        def stat(dm, wp):
+            return _weighted_r(dm, t, wp)
+    else:
+        zc = first.items[control].to_numpy()
+        z = (zc[i] != zc[j]).astype(float)
+
+        def stat(dm, wp):
+            r_dt, r_dz, r_tz = _weighted_r(dm, t, wp), _weighted_r(dm, z, wp), _weighted_r(t, z, wp)
+            return (r_dt - r_dz * r_tz) / np.sqrt((1 - r_dz ** 2) * (1 - r_tz ** 2))
+    r = np.array([stat(dm, np.ones(len(t))) for dm in d])
+    rb = np.array([[stat(dm, w[b, units[i]] * w[b, units[j]]) for dm in d] for b in range(bootstrap)])
+    return r, rb
 
 
 def test_compare_identical_models_differ_by_zero(comparison):
@@ -162,8 +217,10 @@ def test_compare_identical_models_differ_by_zero(comparison):
     d = comp.differences
     same = d[(d.model_a == "good") & (d.model_b == "same")]
     assert len(same) and np.all(same["difference"].abs() < 1e-12)
-    assert np.all(same["ci_low"] <= 1e-9) and np.all(same["ci_high"] >= -1e-9)
-    assert np.all(same["p_value"] >= 0.5)
+    # identical vectors: every bootstrap shift and jackknife replicate difference is exactly 0, so the
+    # interval is [0, 0] and p = (1 + B)/(B + 1) = 1 (bootstrap) or 1 (jackknife se 0, estimate 0)
+    assert np.all(same["ci_low"].abs() < 1e-12) and np.all(same["ci_high"].abs() < 1e-12)
+    assert np.all(same["p_value"] == 1.0)
 
 
 def test_compare_detects_the_degraded_model(comparison):
@@ -180,10 +237,81 @@ def test_compare_detects_the_degraded_model(comparison):
     exact = tl.mantel(a, methods=("pearson",), levels=("image",), permutations=9)
     pm = comp.per_model.set_index(["model", "metric", "rank"])
     assert pm.loc[("good", "mantel r", "image"), "estimate"] == pytest.approx(exact.statistic.iloc[0], abs=1e-12)
-    lo, hi = pm.loc[("good", "mantel r", "image"), ["ci_low", "ci_high"]]
-    assert lo < exact.statistic.iloc[0] < hi
-    # Holm is applied within each (metric, pair) family: never below the raw p
-    assert np.all(comp.differences["p_holm"] >= comp.differences["p_value"] - 1e-15)
+    # Holm within each (metric, model pair) family, by hand: sorted p times (m, m - 1, ...), running max, cap 1
+    for _, fam in comp.differences.groupby(["metric", "model_a", "model_b"]):
+        p = fam["p_value"].to_numpy()
+        ok = np.isfinite(p)
+        order = np.argsort(p[ok], kind="stable")
+        m = int(ok.sum())
+        adj = np.minimum(np.maximum.accumulate((m - np.arange(m)) * p[ok][order]), 1.0)
+        want = np.full(len(p), np.nan)
+        want[np.flatnonzero(ok)[order]] = adj
+        np.testing.assert_allclose(fam["p_holm"].to_numpy(), want, rtol=0, atol=1e-15)
+    assert (d.groupby(level=["metric", "model_a", "model_b"]).size() > 1).any()  # families of several ranks
+
+
+def test_compare_mantel_intervals_and_p_equal_the_replayed_bootstrap(comparison):
+    """The image-level Mantel rows against compare()'s documented species bootstrap replayed here:
+    interval = exact r + the 2.5 / 97.5 % percentiles of (r* − r), difference interval the same on the
+    paired shifts, p = (1 + #{|shift| ≥ |Δ|}) / (B + 1)."""
+    _, comp = comparison
+    models = _models()
+    r, rb = _replay_mantel_bootstrap(models, seed=0, bootstrap=199)
+    names = list(models)
+    pm = comp.per_model.set_index(["model", "metric", "rank"])
+    for k, m in enumerate(names):
+        row = pm.loc[(m, "mantel r", "image")]
+        # all pairs used: the exact between-species r (tl.mantel renormalises the float32 unit rows in
+        # float64, the bootstrap pairs read them as they are: ~1e-9 apart)
+        assert row.estimate == pytest.approx(r[k], abs=1e-7)
+        lo, hi = np.percentile(rb[:, k] - r[k], [2.5, 97.5])
+        np.testing.assert_allclose([row.ci_low, row.ci_high], [row.estimate + lo, row.estimate + hi], rtol=0, atol=1e-9)
+    a, b = names.index("good"), names.index("worse")
+    row = comp.differences.set_index(["metric", "rank", "model_a", "model_b"]).loc[("mantel r", "image", "good", "worse")]
+    est = r[a] - r[b]
+    shifts = (rb[:, a] - rb[:, b]) - est
+    lo, hi = np.percentile(shifts, [2.5, 97.5])
+    np.testing.assert_allclose([row.ci_low, row.ci_high], [row.difference + lo, row.difference + hi], rtol=0, atol=1e-9)
+    assert row.p_value == pytest.approx((1 + np.sum(np.abs(shifts) >= abs(est) - 1e-12)) / 200, abs=1e-12)
+    assert 0.1 < (hi - lo) / abs(est) < 2  # a real interval, neither degenerate nor dominating
+
+
+def test_compare_knn_intervals_equal_the_replayed_jackknife(comparison):
+    """kNN rows against the delete-a-group jackknife replayed here: groups = permutation of the S species
+    % G (seeded by the 'jackknife' sub-seed), se = sqrt((G − 1)/G Σ (v_g − v̄)²), interval ±1.959964 se,
+    p = 2 Φ(−|Δ|/se)."""
+    from treeprobe.neighbors import knn_rank_agreement
+
+    _, comp = comparison
+    models = _models()
+    names = list(models)
+    first = models["good"]
+    units = cmp.species_units(first)
+    G = 5
+    group = np.random.default_rng(cmp._sub_seed(0, "jackknife")).permutation(int(units.max()) + 1) % G
+    codes = first.taxonomy.codes_by_rank()
+    reps = np.empty((G, len(names)))
+    for g in range(G):
+        keep = group[units] != g
+        for k, m in enumerate(names):
+            tab = knn_rank_agreement(models[m].unit[keep], {r: c[keep] for r, c in codes.items()}, k=10,
+                                     max_queries=100_000, seed=0, normalised=True)
+            reps[g, k] = tab.set_index("rank").loc["genus", "agreement"]
+
+    def se(v):
+        return np.sqrt((G - 1) / G * np.sum((v - v.mean()) ** 2))
+
+    z = stats.norm.ppf(0.975)
+    pm = comp.per_model.set_index(["model", "metric", "rank"])
+    good = pm.loc[("good", "knn agreement", "genus")]
+    np.testing.assert_allclose([good.ci_low, good.ci_high], good.estimate + np.array([-z, z]) * se(reps[:, 0]),
+                               rtol=0, atol=1e-12)
+    a, b = names.index("good"), names.index("worse")
+    row = comp.differences.set_index(["metric", "rank", "model_a", "model_b"]).loc[("knn agreement", "genus", "good", "worse")]
+    s_d = se(reps[:, a] - reps[:, b])
+    np.testing.assert_allclose([row.ci_low, row.ci_high], row.difference + np.array([-z, z]) * s_d, rtol=0, atol=1e-12)
+    assert row.p_value == pytest.approx(2 * stats.norm.sf(abs(row.difference) / s_d), rel=1e-9)
+    assert s_d > 0 and abs(row.difference) > 0.01
 
 
 def test_compare_tables_and_json(comparison, tmp_path):
@@ -274,5 +402,12 @@ def test_compare_partial_mantel_row_is_the_exact_partial_r():
     assert pm["a"] == pytest.approx(want, abs=1e-12)
     row = comp.differences[comp.differences.metric == metric].iloc[0]
     assert row.difference == pytest.approx(want - pm["b"], abs=1e-12)
-    assert row.ci_low < row.difference < row.ci_high
+    # interval and p from the species bootstrap of the partial r, replayed (image-level r first in the
+    # seed stream: the same weights serve both)
+    r, rb = _replay_mantel_bootstrap({"a": a, "b": b}, seed=0, bootstrap=99, control="source")
+    assert r[0] == pytest.approx(want, abs=1e-7)  # float32 unit rows as they are (see above)
+    shifts = (rb[:, 0] - rb[:, 1]) - (r[0] - r[1])
+    lo, hi = np.percentile(shifts, [2.5, 97.5])
+    np.testing.assert_allclose([row.ci_low, row.ci_high], [row.difference + lo, row.difference + hi], rtol=0, atol=1e-9)
+    assert row.p_value == pytest.approx((1 + np.sum(np.abs(shifts) >= abs(row.difference) - 1e-12)) / 100, abs=1e-12)
     assert not comp.differences.metric.str.startswith("knn").any()  # jackknife=0: no kNN comparison

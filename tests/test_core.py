@@ -7,7 +7,7 @@ import pytest
 from treeprobe import datasets
 from treeprobe._utils import RANKS
 from treeprobe.core import TreeData
-from treeprobe.errors import TreeprobeError
+from treeprobe.errors import TreeprobeError, TreeprobeWarning
 
 
 def _items(lineages):
@@ -157,3 +157,85 @@ def test_anndata_round_trip(small):
     np.testing.assert_array_equal(back.obsm["X_umap"], ds.obsm["X_umap"])
     assert back.skipped.values.tolist() == ds.skipped.values.tolist()
     assert back.taxonomy.n_taxa("genus") == ds.taxonomy.n_taxa("genus")
+
+
+# --- input rules: names, duplicates, lineage conflicts -------------------------------------------
+
+
+def test_duplicates_dropped_with_obsm_aligned_and_first_copy_kept(small):
+    X, items = small
+    items = items.assign(path=[f"/img/{i}.jpg" for i in range(len(items))])
+    X2 = np.vstack([X, X[[0, 2]]])
+    items2 = pd.concat([items, items.iloc[[0, 2]].assign(uid=["c0", "c2"])], ignore_index=True)
+    obsm = {"X_tsne": np.arange(2 * len(items2)).reshape(-1, 2)}
+    with pytest.warns(TreeprobeWarning, match=r"dropped 2 duplicated item\(s\) \(2 with the same path as an earlier "
+                                              r"row, same lineage and embedding\).*differ in column\(s\) uid"):
+        ds = TreeData(X2, items2, obsm=obsm)
+    assert ds.items["uid"].tolist() == ["u0", "u1", "u2", "u3", "u5"]
+    np.testing.assert_array_equal(ds.obsm["X_tsne"], obsm["X_tsne"][[0, 1, 2, 3, 5]])
+    assert ds.skipped.values.tolist()[-2:] == [["/img/0.jpg", "duplicate of row 0 (same path)"],
+                                               ["/img/2.jpg", "duplicate of row 2 (same path)"]]
+
+
+def test_a_copy_whose_first_copy_was_set_aside_is_kept(small):
+    """Duplicates are looked for among usable rows: a NaN first copy leaves the good second one."""
+    X, items = small
+    items = items.assign(uuid=[f"id{i}" for i in range(len(items))])
+    X2 = np.vstack([X, X[[1]]])
+    X2[1] = np.nan
+    items2 = pd.concat([items, items.iloc[[1]]], ignore_index=True)
+    ds = TreeData(X2, items2)
+    assert ds.items["uuid"].tolist() == ["id0", "id2", "id3", "id5", "id1"]  # row 6 kept, in its place
+    np.testing.assert_array_equal(ds.X[-1], X[1])
+    assert not ds.skipped["reason"].str.startswith("duplicate").any()
+
+
+def test_same_key_other_embedding_is_refused_empty_keys_are_not_keys(small):
+    X, items = small
+    items = items.assign(uuid=["a", "", "c", "d", "e", "a"], path="")
+    X = X.copy()
+    X[5] = X[0] * 2  # not the same embedding
+    items.loc[5, list(RANKS)] = items.loc[0, list(RANKS)]
+    with pytest.raises(TreeprobeError, match=r"^rows 0 and 5 have the same uuid 'a' but a different embedding"):
+        TreeData(X, items)
+    items.loc[5, "uuid"] = ""  # '' is no id: rows 1 and 5 are different items
+    assert len(TreeData(X, items)) == 5
+
+
+def test_lineage_conflicts_in_uns_and_warnings_can_be_fatal(small):
+    X, items = small
+    items = items.copy()
+    items.loc[5, "family"] = "Sulidae"  # a family under two orders: Suliformes (rows 2, 3), Passeriformes (row 5)
+    with pytest.warns(TreeprobeWarning, match=r"^1 taxon has more than one parent: 'Sulidae' \(family, Animalia\) "
+                                              r"under order Suliformes \(2 items\) and order Passeriformes \(1 item\)"):
+        ds = TreeData(X, items)
+    assert ds.uns["lineage_conflicts"].values.tolist() == [
+        ["Animalia", "family", "Sulidae", "order", "Suliformes", 2],
+        ["Animalia", "family", "Sulidae", "order", "Passeriformes", 1]]
+    assert ds.taxonomy.n_taxa("family") == 3  # kept apart: Moraceae, Suliformes|Sulidae, Passeriformes|Sulidae
+    assert "lineage_conflicts" not in TreeData(*small).uns  # the two Morus genera are no conflict
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TreeprobeWarning)
+        with pytest.raises(TreeprobeWarning, match="normalised 1 rank value"):
+            TreeData(X, small[1].assign(species=small[1]["species"].str.replace("Sula sula", "Sula  sula")))
+
+
+def test_conflicts_carried_in_uns_are_not_warned_again(small):
+    """A tool re-making a TreeData of the same items (tl.embed) passes the table on: no second warning."""
+    import warnings
+
+    X, items = small
+    items = items.copy()
+    items.loc[5, "family"] = "Sulidae"
+    with pytest.warns(TreeprobeWarning, match="more than one parent"):
+        ds = TreeData(X, items)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TreeprobeWarning)
+        again = TreeData(ds.X, ds.items, uns={"lineage_conflicts": ds.uns["lineage_conflicts"]})
+    pd.testing.assert_frame_equal(again.uns["lineage_conflicts"], ds.uns["lineage_conflicts"])
+    with pytest.warns(TreeprobeWarning, match="more than one parent"):  # another table: warned
+        TreeData(ds.X, ds.items, uns={"lineage_conflicts": ds.uns["lineage_conflicts"].iloc[:1]})
+    stale = TreeData(*small, uns={"lineage_conflicts": ds.uns["lineage_conflicts"]})
+    assert "lineage_conflicts" not in stale.uns  # a table that no longer holds is dropped

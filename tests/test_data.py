@@ -15,7 +15,7 @@ from treeprobe.data import (
     load_metadata_csv,
 )
 from treeprobe.core import TreeData
-from treeprobe.errors import TreeprobeError
+from treeprobe.errors import TreeprobeError, TreeprobeWarning
 from treeprobe.taxonomy import RANKS
 
 SHARED = str(SHARED_DATA)
@@ -33,9 +33,15 @@ needs_tol = pytest.mark.skipif(not os.path.exists(TOL_PARQUET), reason="shared d
 
 @needs_multikingdom
 def test_multikingdom_csv_real():
-    ds = load_data(MULTIKINGDOM_CSV)
-    assert len(ds) == 1072
-    assert ds.X is None and len(ds.skipped) == 0
+    # rows 825 and 828 list the same photo (life_stage egg, then adult): one item, the copy recorded
+    with pytest.warns(TreeprobeWarning, match=r"dropped 1 duplicated item\(s\) \(1 with the same path.*life_stage"):
+        ds = load_data(MULTIKINGDOM_CSV)
+    assert len(ds) == 1071
+    assert ds.X is None
+    assert ds.skipped.values.tolist() == [[os.path.join(SHARED, "uk_butterflies_moths_app", "images",
+                                                        "LulworthSkipper_LulworthSkipper_immature_3.jpg"),
+                                           "duplicate of row 825 (same path)"]]
+    assert ds.items["life_stage"].iloc[825] == "egg"  # the first copy's covariates are kept
     assert list(ds.items.columns[:8]) == ["path", *RANKS]
     assert {"common_name", "source_dataset", "lineage_source", "life_stage"} <= set(ds.items.columns)
     # paths are absolute and resolved against the CSV's folder; all exist per SOURCE.md
@@ -43,7 +49,7 @@ def test_multikingdom_csv_real():
     assert all(os.path.exists(p) for p in ds.items["path"].iloc[::50])
     assert ds.items["path"].iloc[0].endswith("humboldt_native_plants/images/abies_grandis_icon.jpg")
     counts = ds.items["kingdom"].value_counts().to_dict()
-    assert counts == {"Animalia": 712, "Plantae": 272, "Fungi": 88}
+    assert counts == {"Animalia": 711, "Plantae": 272, "Fungi": 88}
     assert ds.items["species"].nunique() == 465
     # ranks are plain strings, never NaN
     for r in RANKS:
@@ -178,6 +184,25 @@ def test_inat_folder(tmp_path):
     skipped = dict(zip(ds.skipped["item"], ds.skipped["reason"]))
     assert set(skipped) == {str(bad), str(empty)}
     assert "does not parse" in skipped[str(bad)] and skipped[str(empty)] == "no images in folder"
+
+
+INAT21_CATEGORIES = os.path.join(SHARED, "inat2021_taxonomy", "source", "inat2021-categories.csv")
+
+
+@pytest.mark.skipif(not os.path.exists(INAT21_CATEGORIES), reason="shared data missing")
+def test_inat21_folder_names_all_parse_to_their_lineage():
+    """The 10,000 real iNat21 folder names: every rank and the binomial as the category list says
+    (hyphenated epithets such as x-notata kept whole); none is read as a trinomial."""
+    from treeprobe.data import _parse_inat_folder_name
+
+    cats = pd.read_csv(INAT21_CATEGORIES, dtype=str, keep_default_na=False)
+    parsed = pd.DataFrame([_parse_inat_folder_name(n) for n in cats["image_dir_name"]])
+    for r in RANKS[:-1]:
+        assert (parsed[r] == cats[r]).all(), r
+    assert (parsed["species"] == cats["genus"] + " " + cats["specific_epithet"]).all()
+    assert (parsed["category_id"] == cats["id"].astype(int)).all()
+    assert (parsed["infraspecific"] == "").all()
+    assert parsed.loc[cats["specific_epithet"] == "x-notata", "species"].tolist() == ["Zygiella x-notata"]
 
 
 def test_inat_folder_without_class_folders(tmp_path):

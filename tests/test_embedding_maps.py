@@ -33,6 +33,8 @@ def test_tsne_seeded_shape_subsample():
     assert a.shape == (120, 2) and a.dtype == np.float32 and np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(ia, np.arange(120))
+    other, _ = tsne_2d(X, seed=1, perplexity=20)  # same rows, another seed: another map
+    assert np.abs(other - a).max() > 0.1
     c, ic = tsne_2d(X, seed=1, max_points=60, perplexity=10)
     assert c.shape == (60, 2) and ic.shape == (60,)
     np.testing.assert_array_equal(ic, subsample_index(120, 60, seed=1))
@@ -55,6 +57,8 @@ def test_umap_seeded_shape():
     b, _ = umap_2d(X, seed=0, n_neighbors=10)
     assert a.shape == (120, 2) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
+    other, _ = umap_2d(X, seed=1, n_neighbors=10)  # same rows, another seed: another map
+    assert np.abs(other - a).max() > 0.1
     c, ic = umap_2d(X, seed=3, max_points=50)
     assert c.shape == (50, 2) and ic.size == 50
     # blobs stay apart: each point's nearest map neighbour is in its own blob

@@ -105,8 +105,13 @@ def test_spearman_subsample_estimator_is_named():
                       spearman_repeats=4)
     assert exact.estimator == "exact"
     assert est.estimator.startswith("item-subsample (150 of 300")
-    assert est.ci[0] <= est.statistic <= est.ci[1]
+    # the mean of the 5 subsample r and its 95 % t-interval (t(0.975, 4) = 2.776), written out
+    allr = np.array(est.details["subsample_statistics"])
+    half = scipy.stats.t.ppf(0.975, 4) * allr.std(ddof=1) / np.sqrt(5)
+    assert est.statistic == pytest.approx(allr.mean(), abs=1e-15) and half > 0.01
+    np.testing.assert_allclose(est.ci, (allr.mean() - half, allr.mean() + half), rtol=0, atol=1e-15)
     assert abs(est.statistic - exact.statistic) < 0.1
+    assert est.p_value == pytest.approx(1 / 20)  # strong signal: no permutation of the first subsample reaches it
 
 
 def test_bad_inputs():
@@ -284,8 +289,14 @@ def test_species_spearman_subsample_estimator_is_named():
     assert est.estimator == "species-subsample (whole species up to 120 of 240 items, 5 subsamples)"
     d = est.details
     assert all(n <= 120 for n in d["subsample_items"]) and len(d["subsample_statistics"]) == 5
-    assert est.ci[0] <= est.statistic <= est.ci[1] and abs(est.statistic - exact.statistic) < 0.1
-    assert 1 / 20 <= est.p_value <= 1 and d["permuted"] == PERMUTED_SPECIES
+    allr = np.array(d["subsample_statistics"])
+    half = scipy.stats.t.ppf(0.975, 4) * allr.std(ddof=1) / np.sqrt(5)  # 95 % t-interval of the mean of 5
+    assert est.statistic == pytest.approx(allr.mean(), abs=1e-15) and half > 1e-3
+    np.testing.assert_allclose(est.ci, (allr.mean() - half, allr.mean() + half), rtol=0, atol=1e-15)
+    assert abs(est.statistic - exact.statistic) < 0.1
+    # p of the first subsample's species-permutation test (its r is p_value_subsample_statistic):
+    # measured (1 + 2) / (19 + 1)
+    assert est.p_value == pytest.approx(3 / 20) and d["permuted"] == PERMUTED_SPECIES
 
 
 def test_species_bad_inputs():

@@ -233,3 +233,92 @@ def test_factory_keeps_open_clip_factory_logs_off_the_root_logger(caplog):
     with caplog.at_level("DEBUG"):
         create_model("tiny")
     assert not [r for r in caplog.records if r.pathname.replace("\\", "/").endswith("open_clip/factory.py")]
+
+
+# ----------------------------------------------------------------------------- unreadable checkpoint files
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+_BAD_CKPT_FILES = {
+    # name → (file name, bytes, words the one-line error must have)
+    "random_bytes": ("r.pt", bytes(range(7, 250, 3)), ["is not a PyTorch checkpoint", "starts with bytes 07 0a 0d 10"]),
+    "text_file": ("t.pt", b"hello world, not a checkpoint\n", ["is not a PyTorch checkpoint", "text 'hello world"]),
+    "html_page": ("h.bin", b"<!DOCTYPE html><html><body>Sign in", ["is not a PyTorch checkpoint", "'<!DOCTYPE html>"]),
+    "git_lfs_pointer": ("l.pt", b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n",
+                        ["Git LFS pointer", "git lfs pull"]),
+    "gzip_file": ("g.pt", b"\x1f\x8b\x08\x00" + bytes(30), ["is not a PyTorch checkpoint", "a gzip file"]),
+    "empty_file": ("e.pt", b"", ["is empty (0 bytes)"]),
+    "empty_safetensors": ("e.safetensors", b"", ["cannot read safetensors checkpoint", "is empty (0 bytes)"]),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_CKPT_FILES))
+def test_a_file_that_is_no_checkpoint_says_what_it_is_without_the_trust_hint(case, tmp_path):
+    # a file that is not a pickle at all must not be "fixed" by --trust-checkpoint (which unpickles)
+    name, data, words = _BAD_CKPT_FILES[case]
+    (tmp_path / name).write_bytes(data)
+    for trust in (False, True):
+        with pytest.raises(TreeprobeError) as ei:
+            load_model(ckpt=tmp_path / name, model="tiny", trust_checkpoint=trust)
+        msg = str(ei.value)
+        assert all(w in msg for w in words), msg
+        assert "trust" not in msg and "\n" not in msg and str(tmp_path / name) in msg
+
+
+def test_a_truncated_checkpoint_is_named_as_such(tmp_path, tiny_clip_checkpoint):
+    ckpt, _ = tiny_clip_checkpoint
+    data = open(ckpt, "rb").read()
+    for name, cut in (("half.pt", data[: len(data) // 2]), ("head.pt", data[:64])):
+        (tmp_path / name).write_bytes(cut)  # a zip without its central directory: a copy or write cut short
+        with pytest.raises(TreeprobeError) as ei:
+            load_model(ckpt=tmp_path / name)
+        msg = str(ei.value)
+        assert "is truncated or corrupted (its zip archive ends early" in msg and "\n" not in msg, msg
+        assert "trust" not in msg
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(1000)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:-200])
+    with pytest.raises(TreeprobeError, match=r"legacy.pt is truncated or corrupted \(its pickle ends early"):
+        load_model(ckpt=legacy, model="tiny")
+
+
+def test_only_a_real_pickle_that_weights_only_refuses_gets_the_trust_hint(tmp_path, tiny_clip_checkpoint):
+    import argparse
+
+    _, sd = tiny_clip_checkpoint  # old trainers stored their argparse options in the checkpoint
+    path = tmp_path / "objects.pt"
+    path.write_bytes(_torch_bytes({"state_dict": sd, "args": argparse.Namespace(lr=1.0)}))
+    with pytest.raises(TreeprobeError, match="holds Python objects beyond tensors.*pass --trust-checkpoint"):
+        load_model(ckpt=path, model="tiny")
+
+
+def test_safetensors_is_supported_and_a_misnamed_one_is_named(tmp_path, tiny_clip_checkpoint, tiny_clip_cfg):
+    _, sd = tiny_clip_checkpoint
+    good = tmp_path / "w.safetensors"
+    save_file(sd, str(good), metadata={"model_cfg": json.dumps(tiny_clip_cfg)})
+    lm = load_model(ckpt=good)
+    assert lm.embed_dim == 32 and torch.equal(lm.model.state_dict()["visual.proj"], sd["visual.proj"])
+    (tmp_path / "w.pt").write_bytes(good.read_bytes())  # safetensors bytes under a torch name
+    with pytest.raises(TreeprobeError, match=r"w.pt is a safetensors file; name it \*.safetensors"):
+        load_model(ckpt=tmp_path / "w.pt")
+    (tmp_path / "t.safetensors").write_bytes(_torch_bytes({"state_dict": sd}))  # and the other way round
+    with pytest.raises(TreeprobeError, match=r"t.safetensors is a torch.save file, not safetensors; name it \*.pt"):
+        load_model(ckpt=tmp_path / "t.safetensors")
+
+
+def test_a_folder_as_ckpt_and_a_mismatching_state_dict_are_one_line(tmp_path, tiny_clip_checkpoint, tiny_clip_cfg):
+    with pytest.raises(TreeprobeError, match="is a folder; pass the checkpoint file inside it"):
+        load_model(ckpt=tmp_path)
+    _, sd = tiny_clip_checkpoint
+    wide = dict(tiny_clip_cfg, embed_dim=16, vision_cfg=dict(tiny_clip_cfg["vision_cfg"], width=48))
+    (tmp_path / "other.pt").write_bytes(_torch_bytes({"state_dict": sd, "model_cfg": wide}))
+    with pytest.raises(TreeprobeError) as ei:
+        load_model(ckpt=tmp_path / "other.pt")
+    msg = str(ei.value)
+    assert "does not match architecture" in msg and "with the wrong shape" in msg
+    assert "\n" not in msg and len(msg) < 600, msg

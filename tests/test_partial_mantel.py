@@ -132,6 +132,16 @@ def test_equals_explicit_matrices_with_species_permutations(tree, kind, pairs):
     assert res.p_value == pytest.approx((np.sum(np.abs(perm_ref[:, 0]) >= abs(want[0])) + 1) / 31)
     assert res.mantel_p_value == pytest.approx((np.sum(np.abs(perm_ref[:, 1]) >= abs(want[1])) + 1) / 31)
     assert res.control == {"column": "z", "kind": kind, "n_categories": 3 if kind == "categorical" else None}
+    # the details: means over the same pairs, and what could move
+    iu = np.triu_indices(len(D), 1)
+    keep = mask[iu]
+    det = res.details
+    assert det["mean_embedding_distance"] == pytest.approx(D[iu][keep].mean(), abs=1e-12)
+    assert det["mean_tree_distance"] == pytest.approx(T[iu][keep].mean(), rel=1e-12)
+    assert det["mean_covariate_distance"] == pytest.approx(Z[iu][keep].mean(), rel=1e-12)
+    assert det["permuted_r_tz_mean"] == pytest.approx(perm_ref[:, 3].mean(), abs=1e-10)
+    per_size = np.bincount(sizes)
+    assert det["n_permutable_units"] == int(per_size[per_size > 1].sum()) and res.n_species == len(sizes)
 
 
 @pytest.mark.parametrize("tree", ["rank", "ete3"])

@@ -35,7 +35,7 @@ def test_tsne_coloured_by_one_rank(ds, tmp_path):
     counts = _legend_counts(fig.axes[0])
     assert {k: counts[k] for k in top.index} == top.to_dict()  # only drawn rows are counted
     assert sum(counts.values()) == len(drawn)
-    assert (tmp_path / "t.png").stat().st_size > 0 and (tmp_path / "t.pdf").stat().st_size > 0
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "t.pdf").read_bytes()[:4] == b"%PDF"
 
 
 def test_every_rank_by_default_and_covariates(ds):
@@ -64,3 +64,9 @@ def test_rank_metrics_and_mantel_after_the_tools(ds):
     tp.tl.mantel(sub, methods=("pearson",), levels=("image",), permutations=0)
     fig = tp.pl.mantel(sub)
     assert fig.axes[0].get_xlabel() == "tree distance"
+    # the boxes are the stored pair sample: one per distinct tree distance, labelled with its pair count
+    pairs = sub.uns["mantel_pairs"]
+    values, counts = np.unique(pairs["d_tree"], return_counts=True)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [f"{v:g}" for v in values]
+    assert [int(t.get_text()) for t in fig.axes[0].texts] == counts.tolist()
+    assert fig.get_suptitle() == f"n = {counts.sum()} pairs" and counts.sum() == len(pairs["d_embed"])

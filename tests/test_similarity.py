@@ -2,7 +2,6 @@
 sample's interval, centroids by rank, and the errors."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.stats
 from scipy.spatial.distance import pdist
@@ -198,6 +197,23 @@ def test_rsa_pair_sample_within_its_interval(rsa_3000):
     again = rsa(X, Y, max_exact=1000, n_pairs=50_000, seed=3)
     assert again == res  # seeded
     assert rsa(X, Y, max_exact=1000, n_pairs=50_000, seed=4).statistic != res.statistic
+    # the estimate and its interval written out: the documented pair draw (i, j uniform, j redrawn
+    # while equal, then ordered), Spearman r over the sample, and the batch-means half-width
+    # t(0.975, 19) · sd(ddof=1) of the r of 20 consecutive groups / sqrt(20)
+    rng = np.random.default_rng(3)
+    i, j = rng.integers(0, 3000, 50_000), rng.integers(0, 3000, 50_000)
+    same = np.flatnonzero(i == j)
+    while same.size:
+        j[same] = rng.integers(0, 3000, same.size)
+        same = same[i[same] == j[same]]
+    i, j = np.minimum(i, j), np.maximum(i, j)
+    UX = X / np.linalg.norm(X, axis=1, keepdims=True)
+    UY = Y / np.linalg.norm(Y, axis=1, keepdims=True)
+    d, e = 1 - np.einsum("ij,ij->i", UX[i], UX[j]), 1 - np.einsum("ij,ij->i", UY[i], UY[j])
+    assert res.statistic == pytest.approx(scipy.stats.spearmanr(d, e)[0], abs=1e-9)
+    groups = [scipy.stats.spearmanr(a, b)[0] for a, b in zip(np.array_split(d, 20), np.array_split(e, 20))]
+    half = scipy.stats.t.ppf(0.975, 19) * np.std(groups, ddof=1) / np.sqrt(20)
+    assert res.ci95 == pytest.approx(half, rel=1e-6)
 
 
 def test_rsa_pair_sample_interval_coverage(rsa_3000):
@@ -259,7 +275,6 @@ def test_similarity_by_rank_against_hand_centroids():
     Y = np.hstack([X, rng.normal(size=(n, 3))]) + 0.3 * rng.normal(size=(n, 9))
     codes = {"order": order, "family": family, "genus": genus_unknown}
     df = similarity_by_rank(X, Y, codes)
-    assert isinstance(df, pd.DataFrame)
     assert df["rank"].tolist() == ["image", "order", "family", "genus"]
     assert df.columns[:5].tolist() == ["rank", "n_units", "cka", "rsa_spearman", "rsa_estimator"]
     assert df["n_units"].tolist() == [n, 2, 4, 12]

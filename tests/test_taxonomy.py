@@ -371,3 +371,55 @@ def test_bioclip2_incertae_sedis_kingdoms_unplaceable_and_unknown_counts():
     cs = tax.clade_structure()
     assert cs.n_nodes == 1 + summ["n_taxa"].sum() + 48
     assert np.allclose(cs.root_distance()[cs.item_node], len(RANKS))
+
+
+# --- names and lineage conflicts ----------------------------------------------------------------
+
+def test_names_normalised_in_every_taxonomy():
+    """NFC, tabs / no-break / doubled spaces as one space, stripped: the same taxon as the clean name."""
+    from treeprobe.taxonomy import normalise_name
+
+    assert normalise_name("\tParus\u00a0 major ") == "Parus major"
+    assert normalise_name("Abe\u0301lia") == "Ab\u00e9lia"
+    df = pd.DataFrame([lineage("Animalia", "Chordata", "Aves", "Passeriformes", "Paridae", "Parus", s)
+                       for s in ("Parus major", "Parus  major", "Parus\u00a0major", " Parus\tmajor")])
+    tax = Taxonomy.from_frame(df, unknown="separate")
+    assert tax.n_taxa("species") == 1 and set(tax.lineages["species"]) == {"Parus major"}
+    raw = clean_lineages(df, normalise=False)  # as given, for a caller that counts what changes
+    assert raw["species"].tolist() == ["Parus major", "Parus  major", "Parus\u00a0major", " Parus\tmajor"]
+
+
+def test_tidy_lineage_names_counts_case_variants_and_numbers():
+    from treeprobe.taxonomy import tidy_lineage_names
+
+    df = pd.DataFrame({"kingdom": ["Animalia"] * 5, "class": ["Aves", "aves", "Aves", "AVES", " aves"],
+                       "genus": ["Parus", "Parus", "12", "Parus", None]})
+    out, notes = tidy_lineage_names(df, ("kingdom", "class", "genus"))
+    # once ' aves' is stripped, 'Aves' and 'aves' have 2 rows each: the tie goes to sort order, 'Aves'
+    assert out["class"].tolist() == ["Aves"] * 5
+    assert notes["n_normalised"] == 1
+    assert notes["case_variants"] == [("class", "Aves", ["aves", "AVES"], 3)]
+    assert notes["numeric"] == [("genus", "12", 1)]
+    assert out["genus"].isna().tolist() == [False, False, False, False, True]  # missing left as it was
+    assert df["class"].tolist()[1] == "aves"  # the input is not modified
+    with pytest.raises(TreeprobeError, match=r"1 genus value\(s\) contain '\|'"):
+        tidy_lineage_names(df.assign(genus=["A|B", "x", "y", "z", "w"]), ("kingdom", "class", "genus"))
+
+
+def test_lineage_conflicts_match_the_networkx_graph_and_ignore_homonyms():
+    from treeprobe.taxonomy import lineage_conflicts, lineage_graph
+
+    rng = np.random.default_rng(5)
+    df = pd.DataFrame({r: [f"{r[0]}{rng.integers(k)}" for _ in range(80)] for r, k in zip(RANKS, (2, 2, 3, 3, 4, 4, 6))})
+    df.loc[rng.random(80) < 0.2, "family"] = "unknown"
+    conf = lineage_conflicts(df)
+    g = lineage_graph(df)
+    multi = {n for n in g if g.in_degree(n) > 1}
+    assert multi == set(zip(conf["kingdom"], conf["rank"], conf["name"])) and len(multi) > 5
+    for (k, r, name), grp in conf.groupby(["kingdom", "rank", "name"]):
+        parents = {p[2]: d["n_items"] for p, _, d in g.in_edges((k, r, name), data=True)}
+        assert parents == dict(zip(grp["parent"], grp["n_items"]))
+    # each genus appears under one family: no conflict at genus; Morus in two kingdoms: none either
+    assert lineage_conflicts(small_frame()).empty
+    assert list(lineage_conflicts(small_frame()).columns) == ["kingdom", "rank", "name", "parent_rank", "parent",
+                                                              "n_items"]

@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 from ete3 import Tree
 
-from treeprobe.errors import TreeprobeError
+from treeprobe.errors import TreeprobeError, TreeprobeWarning
 from treeprobe.taxonomy import RANKS, Taxonomy
 from treeprobe.tree import CladeStructure, clade_structure_from_tree, read_newick, tree_depth
 
@@ -146,13 +146,32 @@ def test_tree_depth_any_node_order():
 
 def test_user_tree_with_branch_lengths():
     t = Tree("((A_a:1,B_b:2)x:0.5,C_c:4);", format=1)
-    cs, mask = clade_structure_from_tree(t, ["A a", "C c", "Z z", "B b"])
+    with pytest.warns(TreeprobeWarning, match=r"^the tree covers 3 of 4 species: 1 of 4 items of species not in "
+                                              r"the tree are left out of the Mantel tests, which use 3 items$"):
+        cs, mask = clade_structure_from_tree(t, ["A a", "C c", "Z z", "B b"])
     assert mask.tolist() == [True, True, False, True]
     D = cs.item_distances()
     assert D[0, 1] == pytest.approx(1 + 0.5 + 4)
     assert D[0, 2] == pytest.approx(3)
     with pytest.raises(TreeprobeError, match="no item"):
         clade_structure_from_tree(t, ["Q q"])
+
+
+def test_partial_tree_counts_species_and_unnamed_items():
+    """S of T counts distinct species (not items); items with no species name are counted apart."""
+    import warnings
+
+    t = Tree("(A_a:1,B_b:1);", format=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, mask = clade_structure_from_tree(t, ["A a", "A a", "Z z", "Z z", "", "Y y", "B b"])
+    assert mask.sum() == 3
+    assert [str(w.message) for w in caught] == [
+        "the tree covers 2 of 4 species: 4 of 7 items of species not in the tree (1 of them with no species "
+        "name) are left out of the Mantel tests, which use 3 items"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every item placed: no warning
+        clade_structure_from_tree(t, ["A a", "B b"])
 
 
 def test_bad_user_trees_are_refused():

@@ -19,16 +19,22 @@ weights_only=True)`` (open_clip's default) reads it.
 
 Writing goes (through :func:`treeprobe._utils.atomic_write`) to a temporary file in the same
 folder, which is flushed, fsync'ed and then ``os.replace``'d onto the final name: a crash or an exception mid-write never
-leaves a truncated checkpoint under the final name. ``latest.json`` in the folder
-points at the newest checkpoint (also written atomically); :func:`find_latest`
-falls back to globbing when it is missing.
+leaves a truncated checkpoint under the final name. SIGINT and SIGTERM that arrive during a
+write are held until the checkpoint and ``latest.json`` are in place, then delivered
+(:func:`deferred_signals`), so a Ctrl-C never costs the checkpoint being written. A SIGKILL
+mid-write leaves only a ``.<name>.<random>.tmp`` file, which :func:`remove_stale_tmp` clears
+when the run starts again. ``latest.json`` in the folder points at the newest checkpoint (also
+written atomically); :func:`find_latest` falls back to globbing when it is missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +48,18 @@ from treeprobe.errors import TreeprobeError
 LATEST = "latest.json"
 #: Entries of a checkpoint that a weights-only export keeps (besides the state dict).
 EXPORT_KEYS = ("epoch", "step", "model_name", "model_cfg", "text_type", "args")
+#: Signals held back while a checkpoint is written (delivered once it is complete).
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Name pattern of the temporary files :func:`treeprobe._utils.atomic_write` makes in a folder.
+TMP_GLOB = ".*.tmp"
 _MODULE_PREFIX = "module."
 
 __all__ = [
     "LATEST",
     "EXPORT_KEYS",
+    "DEFERRED_SIGNALS",
+    "deferred_signals",
+    "remove_stale_tmp",
     "atomic_save",
     "save_checkpoint",
     "load_checkpoint",
@@ -59,9 +72,47 @@ __all__ = [
 ]
 
 
+@contextlib.contextmanager
+def deferred_signals(signums=DEFERRED_SIGNALS):
+    """Hold SIGINT/SIGTERM while the block runs, then deliver them (in arrival order) to the
+    handlers that were installed before, e.g. the trainer's stop flag, Python's
+    KeyboardInterrupt or the default termination.
+
+    A no-op outside the main thread (only it can set handlers; signals go to it anyway).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in held:
+            signal.raise_signal(s)
+
+
+def remove_stale_tmp(folder: str | os.PathLike, names: tuple[str, ...] | None = None) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write (SIGKILL, power loss) left in
+    ``folder`` (``.<name>.<random>.tmp``; only those of the files ``names`` when given) → the
+    paths removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    patterns = [TMP_GLOB] if names is None else [f".{n}.*.tmp" for n in names]
+    stale = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` via tmp file + fsync + ``os.replace`` (:func:`treeprobe._utils.atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save(obj)`` to ``path`` via tmp file + fsync + ``os.replace`` (:func:`treeprobe._utils.atomic_write`),
+    with SIGINT/SIGTERM held until the file is in place (:func:`deferred_signals`)."""
+    with deferred_signals():
+        return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def plain(obj: Any) -> Any:
@@ -119,11 +170,12 @@ def strip_module_prefix(state_dict: dict) -> dict:
 
 
 def save_checkpoint(ckpt: dict, ckpt_dir: str | os.PathLike, name: str) -> Path:
-    """Atomically write ``ckpt_dir/name`` and point ``latest.json`` at it."""
+    """Atomically write ``ckpt_dir/name`` and point ``latest.json`` at it (signals held until both are written)."""
     ckpt_dir = Path(ckpt_dir)
-    path = atomic_save(ckpt, ckpt_dir / name)
     pointer = {"path": name, "step": int(ckpt.get("step", 0)), "epoch": int(ckpt.get("epoch", 0))}
-    atomic_write_text(ckpt_dir / LATEST, json.dumps(pointer) + "\n")
+    with deferred_signals():
+        path = atomic_save(ckpt, ckpt_dir / name)
+        atomic_write_text(ckpt_dir / LATEST, json.dumps(pointer) + "\n")
     return path
 
 
@@ -152,8 +204,19 @@ def find_latest(ckpt_dir: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint (``weights_only=True``: it holds only tensors and plain types)."""
-    return torch.load(str(path), map_location=map_location, weights_only=True)
+    """Read a checkpoint (``weights_only=True``: it holds only tensors and plain types).
+
+    A file that is not a PyTorch checkpoint, is truncated, or holds other Python objects raises
+    a one-line :class:`TreeprobeError`.
+    """
+    from treeprobe.models import _unreadable, check_checkpoint_bytes
+
+    path = str(path)
+    kind = check_checkpoint_bytes(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn zip, a safetensors file, a foreign pickle, ...
+        raise _unreadable(path, kind, e) from None
 
 
 def export_weights(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> Path:

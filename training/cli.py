@@ -47,8 +47,15 @@ examples:
   torchrun --nproc_per_node 8 -m treeprobe train --data shards/ --out runs/b16 --model ViT-B-16-quickgelu \\
       --pretrained openai --text-type mixed --batch-size 256 --precision amp_bf16 \\
       --grad-checkpointing --local-loss --gather-with-grad --save-every-steps 1000
-  # continue after a crash / preemption
+  # continue after Ctrl-C, a SIGTERM, a crash or a preemption (same options)
   treeprobe train ... --out runs/b16 --resume latest
+
+stopping: Ctrl-C or SIGTERM finishes the current step, writes a checkpoint of that point and exits
+with status 130 / 143 (a second Ctrl-C quits at once, without one; a signal during a checkpoint
+write waits for it to complete). --resume latest then continues bit-identically on CPU: weights,
+optimizer, LR schedule, RNG states, the place in the epoch, and log.jsonl (cut back to the resumed
+step; temporary files of a killed write are removed). A new run needs a new --out: one that holds
+a run (log.jsonl or checkpoints) is refused unless --resume is given.
 
 outputs in --out: log.jsonl (JSON lines: event=start|train|checkpoint|eval|stop; train lines have
 step, epoch, loss, lr, img_s, text_type, logit_scale, gpu_mem_gb on CUDA), args.json,
@@ -133,10 +140,13 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     from treeprobe.training.evaluate import EVAL_PERMUTATIONS
 
     c = p.add_argument_group("checkpoints and logs")
-    c.add_argument("--out", required=True, help="output folder (log.jsonl, args.json, checkpoints/)")
+    c.add_argument("--out", required=True,
+                   help="output folder (log.jsonl, args.json, checkpoints/); one that already holds a run is "
+                        "only reused with --resume")
     c.add_argument("--resume", default=None,
                    help="'latest' (newest checkpoint in --out/checkpoints; starts fresh if none) or a checkpoint "
-                        "path; restores weights, optimizer, scaler, RNGs and the position in the epoch")
+                        "path; restores weights, optimizer, scaler, RNGs and the position in the epoch, and cuts "
+                        "log.jsonl back to its step")
     c.add_argument("--save-every-steps", type=int, default=0,
                    help="also checkpoint every N steps (step_N.pt; every epoch always writes epoch_N.pt)")
     c.add_argument("--log-every", type=int, default=10, help="log a train line every N steps (default %(default)s)")
@@ -205,7 +215,8 @@ def _input_errors(fn):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """``treeprobe train``: the exit status (0 done, 143 stopped by SIGTERM, 130 interrupted)."""
+    """``treeprobe train``: the exit status (0 done, 143 stopped by SIGTERM, 130 by Ctrl-C; both saved a
+    checkpoint of the step they stopped at)."""
     from treeprobe.training.engine import train
 
     _setup_logging(args.quiet)
@@ -279,9 +290,15 @@ def _alias_argv(argv: list[str]) -> list[str]:
 def main(argv=None) -> int:
     """``treeprobe-train`` (an alias of the training commands of ``treeprobe``) → exit status."""
     argv = _alias_argv(list(sys.argv[1:] if argv is None else argv))
+    import warnings
+
+    from treeprobe.cli import _show_treeprobe_warnings
+
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            _show_treeprobe_warnings()  # each TreeprobeWarning as one line, as `treeprobe` prints them
+            return int(args.func(args) or 0)
     except TreeprobeError as e:
         print(f"treeprobe: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -11,6 +11,17 @@ order and augmentations are functions of (seed, epoch, sample) (see
 step). On CPU two runs with the same options give bit-identical weights, and a run
 stopped at step k then resumed gives the same weights as one run straight through.
 
+Stopping and resuming: SIGTERM or Ctrl-C (SIGINT) finishes the current step, saves a checkpoint
+of exactly that point (``step_N.pt`` mid-epoch, ``epoch_N.pt`` after an epoch's last batch) and
+exits (143 / 130); a signal during a checkpoint write is held until the file is complete; a
+second Ctrl-C quits at once, without a new checkpoint. ``--resume`` restores weights, optimizer,
+scaler, schedule position, RNG states and the place in the epoch, runs an epoch-end evaluation
+the stop left out, removes temporary files of an interrupted write and cuts ``log.jsonl`` back
+to the resumed step, so the resumed run's checkpoints and log lines equal an uninterrupted
+run's (timings aside). The data loaders draw nothing from the training RNG streams (see
+:func:`_batches`), so those streams, and a model that draws from them (dropout), resume
+exactly too.
+
 open_clip's trainer (the ``open_clip_train`` package) provides the LR schedule
 (``scheduler.cosine_lr``), the autocast context (``precision.get_autocast``), the seeding
 (``main.random_seed``) and the reading of the distributed environment
@@ -28,6 +39,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,7 +51,8 @@ from open_clip_train.distributed import init_distributed_device_so, is_master, w
 from open_clip_train.precision import get_autocast
 from open_clip_train.scheduler import cosine_lr
 
-from treeprobe.errors import TreeprobeError
+from treeprobe._validation import check_int
+from treeprobe.errors import TreeprobeError, TreeprobeWarning
 from treeprobe.training import checkpoint as ckpt_io
 from treeprobe.training.text import TEXT_TYPE_CHOICES, TEXT_TYPES, text_type_for_step
 
@@ -54,12 +67,13 @@ __all__ = [
     "JsonlLogger",
     "StopFlag",
     "TrainState",
+    "truncate_log",
     "train",
 ]
 
 #: Options that must equal the checkpoint's for a resumed run to match an uninterrupted one.
 RESUME_MUST_MATCH = ("model", "batch_size", "epochs", "lr", "warmup", "text_type", "seed", "data",
-                     "precision", "image_size", "limit")
+                     "precision", "image_size", "limit", "train_num_samples")
 #: open_clip's clamp of the learned temperature: logit scale at most 100.
 MAX_LOGIT_SCALE = math.log(100)
 #: A warmup not shorter than the run is cut to a tenth of the run.
@@ -69,6 +83,7 @@ SYNTHETIC_BATCHES = 10
 #: Precision when ``--precision`` is not given: bf16 autocast on GPU, fp32 on CPU.
 DEFAULT_PRECISION = {"cuda": "amp_bf16"}
 CHECKPOINT_DIR = "checkpoints"
+LOG_NAME = "log.jsonl"
 GIB = 2**30
 #: Parsed-argument entries of the command line itself, not options of the run (left out of args.json).
 _CLI_ENTRIES = ("func", "command")
@@ -181,31 +196,82 @@ class JsonlLogger:
             self.f.close()
 
 
+def truncate_log(path: Path, step: int) -> tuple[list[dict], int]:
+    """Cut the JSONL log at ``path`` back to global step ``step``: records with a larger ``step``
+    and a torn last line (a write cut short) go → (the records kept, lines dropped).
+
+    Lines that are not JSON records are kept as they are. The file is rewritten (atomically)
+    only when something is dropped.
+    """
+    if not path.is_file():
+        return [], 0
+    lines = path.read_bytes().split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    kept_lines, kept, dropped = [], [], 0
+    for i, line in enumerate([*lines, tail] if tail.strip() else lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if i == len(lines):  # the unterminated last line: torn
+                dropped += 1
+            elif line.strip():
+                kept_lines.append(line)
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+            dropped += 1
+            continue
+        kept_lines.append(line)
+        kept.append(rec)
+    if dropped:
+        from treeprobe._utils import atomic_write
+
+        data = b"".join(line + b"\n" for line in kept_lines)
+        atomic_write(path, lambda f: f.write(data))
+    return kept, dropped
+
+
 class StopFlag:
-    """SIGTERM → finish the current step, save a checkpoint, exit (restores the handler)."""
+    """SIGTERM or Ctrl-C (SIGINT) → ``signum`` is set: the loop finishes the step, saves a
+    checkpoint and exits. A second Ctrl-C raises KeyboardInterrupt (quit now, no new checkpoint).
+    Restores the previous handlers on exit; catches nothing outside the main thread."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum = None
-        self._old = None
+        self._old = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread
-            self._old = None
+        for s in self.SIGNALS:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread
+                break
         return self
 
     def _handle(self, signum, frame):
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
+        log.warning("%s: stopping after this step with a checkpoint%s", signal.Signals(signum).name,
+                    " (Ctrl-C again quits at once, without one)" if signum == signal.SIGINT else "")
+
+    @property
+    def reason(self) -> str:
+        """Why the run stops: ``interrupt`` (SIGINT) or ``signal`` (SIGTERM)."""
+        return "interrupt" if self.signum == signal.SIGINT else "signal"
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, signal.SIG_DFL if old is None else old)
+        self._old = {}
         return False
 
 
 class _Stop(Exception):
-    """Leave the loop after a saved stop (``reason``: ``signal`` or ``max_steps``)."""
+    """Leave the loop after a saved stop (``reason``: ``signal``, ``interrupt`` or ``max_steps``)."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -238,6 +304,7 @@ class TrainState:
     epoch: int = 0
     position: int = 0
     resumed_from: Path | None = None
+    eval_pending: bool = False  # rank 0: the evaluation due at the resumed epoch boundary is not in the log
     last_checkpoint: str | None = None
     eval_items: object = None
     logger: JsonlLogger = field(default_factory=lambda: JsonlLogger(None))
@@ -262,6 +329,51 @@ def _configure_torch(args, di: DistInfo) -> None:
 def _check_seed(seed: int) -> None:
     if not 0 <= seed < 2**32:  # numpy's seed range (open_clip_train.main.random_seed seeds numpy with it)
         raise TreeprobeError(f"--seed must be in [0, 2**32); got {seed}")
+
+
+#: Integer options → their least valid value (None: the option may be left out).
+_INT_MINIMUMS = {"epochs": 1, "batch_size": 1, "log_every": 1, "warmup": 0, "max_steps": 0, "save_every_steps": 0,
+                 "eval_every": 0, "limit": 0, "workers": 0, "threads": 0, "train_num_samples": 1,
+                 "eval_permutations": 0}
+#: Float options that must be finite and not negative (None: left out).
+_NON_NEGATIVE = ("lr", "wd", "eps", "grad_clip_norm")
+
+
+def _check_options(args) -> None:
+    """One-line errors for option values the loop cannot run with (--epochs 0, a negative --lr, ...)."""
+    if args.text_type not in TEXT_TYPE_CHOICES:
+        raise TreeprobeError(f"--text-type must be one of {TEXT_TYPE_CHOICES}")
+    _check_seed(args.seed)
+    for name, minimum in _INT_MINIMUMS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            check_int(value, "--" + name.replace("_", "-"), minimum=minimum)
+    for name in _NON_NEGATIVE:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise TreeprobeError(f"--{name.replace('_', '-')} must be a finite number >= 0; got {value}")
+    for name in ("beta1", "beta2"):
+        value = getattr(args, name)
+        if not 0 <= value < 1:
+            raise TreeprobeError(f"--{name} must be in [0, 1); got {value}")
+    if args.eval_every and not args.eval_data:
+        warnings.warn(f"--eval-every {args.eval_every} without --eval-data: nothing is evaluated", TreeprobeWarning,
+                      stacklevel=3)
+
+
+def _check_out(args) -> None:
+    """A fresh run (no --resume) must not write into the folder of another run: its log would
+    gain a second history and its checkpoints be overwritten one by one (open_clip's trainer
+    refuses too)."""
+    if args.resume:
+        return
+    out = Path(args.out)
+    log_file, ckpts = out / LOG_NAME, sorted((out / CHECKPOINT_DIR).glob("*.pt"))
+    has_log = log_file.is_file() and log_file.stat().st_size > 0
+    if has_log or ckpts:
+        what = ", ".join(([LOG_NAME] if has_log else []) + ([f"{len(ckpts)} checkpoint(s)"] if ckpts else []))
+        raise TreeprobeError(f"--out {out} already holds a training run ({what}); continue it with --resume latest, "
+                             f"or pass a new --out (or delete that folder)")
 
 
 def _create_model(args, di: DistInfo):
@@ -340,21 +452,44 @@ def _resolve_resume(args, ckpt_dir: Path) -> Path | None:
 
 
 def _resume(st: TrainState, path: Path | None) -> None:
-    """Restore weights, optimizer, scaler, RNGs and the position from the checkpoint at ``path``."""
+    """Restore weights, optimizer, scaler, RNGs and the position (epoch, batches done in it) from
+    the checkpoint at ``path``; one-line errors for a file that is no training checkpoint or is
+    of another architecture."""
     args, main = st.args, st.di.main
     if args.resume and path is None and main:
         log.info("--resume latest: no checkpoint in %s, starting fresh", st.ckpt_dir)
     if path is None:
         return
     ck = ckpt_io.load_checkpoint(path, map_location="cpu")
-    _unwrap(st.model).load_state_dict(ckpt_io.strip_module_prefix(ck["state_dict"]))
-    if "optimizer" in ck and ck["optimizer"] is not None:
-        st.optimizer.load_state_dict(ck["optimizer"])
+    if not (isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict) and "step" in ck):
+        raise TreeprobeError(f"--resume {path}: not a checkpoint written by treeprobe train (no state_dict and "
+                             f"step); to start from its weights pass --pretrained {path}")
+    ck_name = ck.get("model_name")
+    if ck_name and ck_name != st.model_name:
+        ck_model = ck.get("args", {}).get("model", ck_name) if isinstance(ck.get("args"), dict) else ck_name
+        raise TreeprobeError(f"--resume {path}: the checkpoint is of model {ck_name}, this run builds "
+                             f"{st.model_name}; pass --model {ck_model}, or a new --out to train {args.model}")
+    net = _unwrap(st.model)
+    sd = ckpt_io.strip_module_prefix(ck["state_dict"])
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as e:
+        from treeprobe.models import _mismatch_error
+
+        raise _mismatch_error(str(path), st.model_name, net, sd, cause=e) from None
+    if ck.get("optimizer") is not None:
+        try:
+            st.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise TreeprobeError(f"--resume {path}: its optimizer state does not fit this model: {e}") from None
+    elif main:
+        warnings.warn(f"--resume {path}: the checkpoint has no optimizer state (a weights-only export?); AdamW "
+                      f"starts afresh, so the run will not match an uninterrupted one", TreeprobeWarning,
+                      stacklevel=2)
     if st.scaler is not None and ck.get("scaler"):
         st.scaler.load_state_dict(ck["scaler"])
-    st.start_epoch = int(ck.get("epoch", 0))
-    st.step = int(ck.get("step", 0))
-    st.position = int(ck.get("sampler", {}).get("position", 0))
+    st.step = int(ck["step"])
+    epoch, position = int(ck.get("epoch", 0)), int(ck.get("sampler", {}).get("position", 0))
     st.resumed_from = path
     if "rng" in ck:
         ckpt_io.set_rng_state(ck["rng"])
@@ -363,8 +498,28 @@ def _resume(st: TrainState, path: Path | None) -> None:
             if k in old and old.get(k) != ckpt_io.plain(getattr(args, k, None))}
     if diff and main:
         log.warning("resuming with different options (the run will not match an uninterrupted one): %s", diff)
+    same_run = not diff and ck.get("world_size", 1) == st.di.world_size
+    st.start_epoch, st.position = _resume_position(st, path, epoch, position, same_run, warn="sampler" in ck)
+    st.epoch = st.start_epoch
     if main:
-        log.info("resumed from %s (epoch %d, step %d, position %d)", path, st.start_epoch, st.step, st.position)
+        log.info("resumed from %s (epoch %d, step %d, position %d)", path, st.epoch, st.step, st.position)
+
+
+def _resume_position(st: TrainState, path: Path, epoch: int, position: int, same_run: bool,
+                     warn: bool) -> tuple[int, int]:
+    """(epoch, position) to resume at. With the run's own options the step count decides:
+    ``divmod(step, steps_per_epoch)`` (an older treeprobe saved a stop after an epoch's last
+    batch as that epoch's start, and a position at the epoch's end as not yet past it; a
+    weights-only export has no position). ``warn``: say so when the stored position disagrees."""
+    if not same_run:
+        return epoch, position
+    spe = st.data.steps_per_epoch
+    fixed = divmod(st.step, spe)
+    if warn and epoch * spe + position != st.step and st.di.main:
+        warnings.warn(f"--resume {path}: the checkpoint says epoch {epoch}, position {position}, but {st.step} steps "
+                      f"of {spe} per epoch end at epoch {fixed[0]}, position {fixed[1]} (saved by an older "
+                      f"treeprobe); resuming there", TreeprobeWarning, stacklevel=3)
+    return fixed
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -373,14 +528,42 @@ def _plain_args(args) -> dict:
     return ckpt_io.plain({k: v for k, v in vars(args).items() if k not in _CLI_ENTRIES})
 
 
+def _eval_due(args, epochs_done: int) -> bool:
+    """Whether the evaluation runs after ``epochs_done`` epochs: at the start (0), every
+    ``--eval-every`` epochs and after the last one."""
+    every = args.eval_every
+    return bool(every and args.eval_data) and (epochs_done % every == 0 or epochs_done == args.epochs)
+
+
+def _clean_out(st: TrainState) -> None:
+    """Rank 0, before anything is written: remove the temporary files of an interrupted write and
+    cut ``log.jsonl`` back to the step the run starts from (0 unless resumed), so its lines are
+    an uninterrupted run's; note whether the evaluation due at that point is still to run."""
+    stale = ckpt_io.remove_stale_tmp(st.ckpt_dir) + ckpt_io.remove_stale_tmp(st.out, names=("args.json", LOG_NAME))
+    if stale:
+        warnings.warn(f"removed {len(stale)} temporary file(s) of an interrupted write in {st.out} "
+                      f"({', '.join(p.name for p in stale[:3])}{', ...' if len(stale) > 3 else ''})",
+                      TreeprobeWarning, stacklevel=3)
+    kept, dropped = truncate_log(st.out / LOG_NAME, st.step)
+    if dropped:
+        since = "the checkpoint resumed from" if st.resumed_from else "no checkpoint to resume from"
+        warnings.warn(f"{st.out / LOG_NAME}: dropped {dropped} line(s) logged after step {st.step} ({since}); "
+                      f"the run logs those steps again", TreeprobeWarning, stacklevel=3)
+    logged = any(r.get("event") == "eval" and r.get("step") == st.step for r in kept)
+    st.eval_pending = st.position == 0 and _eval_due(st.args, st.epoch) and not logged
+
+
 def _open_outputs(st: TrainState) -> None:
-    """Rank 0: args.json, skipped.csv, the ``start`` log line and the progress bar."""
+    """Rank 0: clean the folder (:func:`_clean_out`), args.json, skipped.csv, the ``start`` log line
+    and the progress bar."""
     args, di, data = st.args, st.di, st.data
     if args.eval_data and di.main:
         from treeprobe.training.data import load_items, verify_images
 
         st.eval_items, _ = verify_images(load_items(args.eval_data))
-    st.logger = JsonlLogger(st.out / "log.jsonl" if di.main else None)
+    if di.main:
+        _clean_out(st)
+    st.logger = JsonlLogger(st.out / LOG_NAME if di.main else None)
     if di.main:
         from treeprobe._utils import atomic_write_text
 
@@ -398,13 +581,14 @@ def _open_outputs(st: TrainState) -> None:
         st.bar = tqdm(total=st.total_steps, initial=st.step, desc="train", dynamic_ncols=True, file=sys.stderr)
 
 
-def _save(st: TrainState, name: str, epoch_done: int, pos: int) -> None:
-    """Rank 0: write checkpoint ``name`` (``epoch_done`` epochs and ``pos`` batches of the next done)."""
+def _save(st: TrainState, name: str) -> None:
+    """Rank 0: write checkpoint ``name`` of the state as it is: ``st.step`` steps, ``st.epoch``
+    epochs and ``st.position`` batches of the next one done."""
     if not st.di.main:
         return
     net = _unwrap(st.model)
     ck = {
-        "epoch": epoch_done, "step": st.step, "name": name,
+        "epoch": st.epoch, "step": st.step, "name": name,
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "optimizer": st.optimizer.state_dict(),
         "scaler": st.scaler.state_dict() if st.scaler is not None else None,
@@ -412,12 +596,13 @@ def _save(st: TrainState, name: str, epoch_done: int, pos: int) -> None:
         "preprocess_cfg": ckpt_io.plain(_preprocess_cfg(net)),
         "text_type": st.args.text_type, "args": _plain_args(st.args),
         "rng": ckpt_io.get_rng_state(),
-        "sampler": {"epoch": epoch_done, "position": pos},
+        "sampler": {"epoch": st.epoch, "position": st.position},
         "world_size": st.di.world_size,
     }
-    path = ckpt_io.save_checkpoint(ck, st.ckpt_dir, name)
-    st.last_checkpoint = str(path)
-    st.logger(event="checkpoint", step=st.step, epoch=epoch_done, path=str(path))
+    with ckpt_io.deferred_signals():  # the checkpoint and its log line, or neither
+        path = ckpt_io.save_checkpoint(ck, st.ckpt_dir, name)
+        st.last_checkpoint = str(path)
+        st.logger(event="checkpoint", step=st.step, epoch=st.epoch, path=str(path))
 
 
 def _preprocess_cfg(model) -> dict:
@@ -430,8 +615,9 @@ def _preprocess_cfg(model) -> dict:
         return {}
 
 
-def _evaluate(st: TrainState, epoch_done: int) -> None:
-    """Tree agreement on ``--eval-data`` (rank 0), logged as ``event=eval``; all ranks wait."""
+def _evaluate(st: TrainState) -> None:
+    """Tree agreement on ``--eval-data`` (rank 0) after ``st.epoch`` epochs, logged as ``event=eval``;
+    all ranks wait."""
     if st.eval_items is not None:
         from treeprobe.training.evaluate import evaluate
 
@@ -440,7 +626,7 @@ def _evaluate(st: TrainState, epoch_done: int) -> None:
         res = evaluate(_unwrap(st.model), st.eval_items, st.preprocess_val, device=st.di.device, seed=st.args.seed,
                        autocast_dtype=ac, use_pipeline=not st.args.eval_knn_only,
                        permutations=st.args.eval_permutations)
-        st.logger(event="eval", step=st.step, epoch=epoch_done, seconds=round(time.time() - t0, 2), **res)
+        st.logger(event="eval", step=st.step, epoch=st.epoch, seconds=round(time.time() - t0, 2), **res)
     if st.di.distributed:
         dist.barrier()
 
@@ -492,77 +678,111 @@ def _log_train(st: TrainState, loss, lr: float, ttype: str) -> None:
     st.t_log, st.n_log = time.time(), 0
 
 
-def _agree_stop(st: TrainState, want_stop: bool) -> bool:
-    """Whether any rank got SIGTERM (a MAX all-reduce over the gloo control group)."""
+def _any_rank(st: TrainState, flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (a MAX all-reduce over the gloo control group)."""
     if not st.di.distributed:
-        return want_stop
-    flag = torch.tensor([1 if want_stop else 0], dtype=torch.int32)  # CPU tensor
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=st.di.control_group)
-    return bool(flag.item() > 0)
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)  # CPU tensor
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=st.di.control_group)
+    return bool(t.item() > 0)
+
+
+def _maybe_stop(st: TrainState, stop: StopFlag, save: str | None = None, *, limit: bool = True) -> None:
+    """Leave the loop (raise :class:`_Stop`) when any rank got SIGTERM/SIGINT or, with ``limit``,
+    ``--max-steps`` is reached, after writing checkpoint ``save`` (None: this point is saved already)."""
+    want = _any_rank(st, stop.signum is not None)
+    at_limit = limit and bool(st.args.max_steps) and st.step >= st.args.max_steps
+    if not (want or at_limit):
+        return
+    if save:
+        _save(st, save)
+    if not want:
+        raise _Stop("max_steps")
+    if st.di.main:  # another rank's signal is a SIGTERM from the scheduler, as a rule
+        name = signal.Signals(stop.signum).name if stop.signum is not None else "SIGTERM"
+        st.logger(event="stop", step=st.step, epoch=st.epoch, reason=name)
+    raise _Stop(stop.reason if stop.signum is not None else "signal")
 
 
 def _after_step(st: TrainState, stop: StopFlag, loss, lr: float, ttype: str) -> None:
-    """Progress, the train log line, a stop (SIGTERM on any rank, ``--max-steps``) and periodic checkpoints."""
+    """Progress, the train log line; mid-epoch, the periodic checkpoint and a stop (a signal on
+    any rank, ``--max-steps``). After an epoch's last batch :func:`_end_epoch` saves and stops."""
     args = st.args
     if st.bar is not None:
         st.bar.update(1)
     if st.di.main and (st.step % args.log_every == 0 or st.step == st.total_steps):
         _log_train(st, loss, lr, ttype)
-    want_stop = _agree_stop(st, stop.signum is not None)
-    end_of_epoch = st.position >= st.data.steps_per_epoch
-    if want_stop or (args.max_steps and st.step >= args.max_steps):
-        if end_of_epoch:
-            _save(st, f"epoch_{st.epoch + 1}.pt", st.epoch + 1, 0)
-        else:
-            _save(st, f"step_{st.step}.pt", st.epoch, st.position)
-        if want_stop and st.di.main:
-            st.logger(event="stop", step=st.step, epoch=st.epoch, reason="SIGTERM")
-        raise _Stop("signal" if want_stop else "max_steps")
-    every = args.save_every_steps
-    if every and st.step % every == 0:
-        if not end_of_epoch:
-            _save(st, f"step_{st.step}.pt", st.epoch, st.position)
+    if st.position >= st.data.steps_per_epoch:
+        return
+    name = f"step_{st.step}.pt"
+    if args.save_every_steps and st.step % args.save_every_steps == 0:
+        _save(st, name)
+        name = None
         if st.di.distributed:
             dist.barrier()
+    _maybe_stop(st, stop, name)
+
+
+def _batches(st: TrainState, epoch: int, skip: int):
+    """The batches of ``epoch`` after the first ``skip``, fetched without touching the training RNG
+    streams: a DataLoader draws its workers' base seed from torch's global generator when an
+    iterator starts, at a point of the stream a resumed epoch would not share."""
+    from treeprobe.training.evaluate import preserved_rng
+
+    with preserved_rng(cuda=False):
+        it = iter(st.data.batches(epoch, skip))
+    while True:
+        with preserved_rng(cuda=False):
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def _end_epoch(st: TrainState, stop: StopFlag) -> None:
+    """After an epoch's last batch: count it done, save ``epoch_N.pt``, then stop on a signal (the
+    evaluation is left to the resume), evaluate when due, and stop at ``--max-steps``."""
+    st.epoch, st.position = st.epoch + 1, 0  # first: any checkpoint from here on is of the finished epoch
+    _save(st, f"epoch_{st.epoch}.pt")
+    if st.di.distributed:
+        dist.barrier()
+    _maybe_stop(st, stop, limit=False)
+    if _eval_due(st.args, st.epoch):
+        _evaluate(st)
+    if st.epoch < st.args.epochs:  # a signal during the run's last evaluation: the run is complete
+        _maybe_stop(st, stop)
 
 
 def _run_epoch(st: TrainState, stop: StopFlag) -> None:
-    """The remaining batches of epoch ``st.epoch``, its checkpoint and (every ``--eval-every``) its evaluation."""
-    epoch = st.epoch
-    skip = st.position if epoch == st.start_epoch else 0
-    st.position = skip
-    for images, texts_by_type in st.data.batches(epoch, skip):
+    """The remaining batches of epoch ``st.epoch`` (``st.position`` are done), then :func:`_end_epoch`."""
+    for images, texts_by_type in _batches(st, st.epoch, st.position):
         loss, lr, ttype = _step(st, images, texts_by_type)
         _after_step(st, stop, loss, lr, ttype)
-    st.position = 0
-    _save(st, f"epoch_{epoch + 1}.pt", epoch + 1, 0)
-    if st.di.distributed:
-        dist.barrier()
-    every = st.args.eval_every
-    if every and ((epoch + 1) % every == 0 or epoch + 1 == st.args.epochs):
-        _evaluate(st, epoch + 1)
+    _end_epoch(st, stop)
 
 
 def _run(st: TrainState) -> str:
-    """Train from the state's position to the end → why it stopped (see :func:`train`)."""
+    """Train from the state's position to the end → why it stopped (see :func:`train`).
+
+    A second Ctrl-C (KeyboardInterrupt) is logged and re-raised: the state may be mid-step, so
+    no checkpoint is written; the last one stays the resume point."""
     stopped = "done"
-    if st.args.eval_every and st.step == 0:
-        _evaluate(st, 0)  # agreement of the initial model, the baseline for the curve
-    st.model.train()
-    st.t_log, st.n_log = time.time(), 0
-    st.epoch = st.start_epoch
     try:
         with StopFlag() as stop:
-            for epoch in range(st.start_epoch, st.args.epochs):
-                st.epoch = epoch
-                _run_epoch(st, stop)
-    except _Stop as s:
-        stopped = s.reason
+            try:
+                if _any_rank(st, st.eval_pending):  # the start, or the epoch boundary a stop left unevaluated
+                    _evaluate(st)
+                    _maybe_stop(st, stop, limit=False)
+                st.model.train()
+                st.t_log, st.n_log = time.time(), 0
+                while st.epoch < st.args.epochs:
+                    _run_epoch(st, stop)
+            except _Stop as s:
+                stopped = s.reason
     except KeyboardInterrupt:
-        stopped = "interrupt"
-        _save(st, f"step_{st.step}.pt", st.epoch, st.position)
         if st.di.main:
             st.logger(event="stop", step=st.step, epoch=st.epoch, reason="KeyboardInterrupt")
+        raise
     finally:
         if st.bar is not None:
             st.bar.close()
@@ -574,9 +794,10 @@ def train(args) -> dict:
     """Run training as configured by the parsed ``args`` (the options of ``treeprobe train``).
 
     Returns a summary dict: ``step``, ``epoch``, ``stopped`` (``done`` | ``max_steps`` |
-    ``signal`` | ``interrupt``), ``checkpoint`` (path of the last one written), ``out``,
-    ``model_name``. The torch thread count (``--threads``) is restored on return, so in-process
-    callers keep theirs.
+    ``signal`` (SIGTERM) | ``interrupt`` (Ctrl-C); each stop saves a checkpoint of that point),
+    ``checkpoint`` (path of the last one written), ``out``, ``model_name``. A second Ctrl-C
+    raises KeyboardInterrupt without a new checkpoint. The torch thread count (``--threads``)
+    is restored on return, so in-process callers keep theirs.
     """
     threads = torch.get_num_threads()
     try:
@@ -586,9 +807,8 @@ def train(args) -> dict:
 
 
 def _train(args) -> dict:
-    if args.text_type not in TEXT_TYPE_CHOICES:
-        raise TreeprobeError(f"--text-type must be one of {TEXT_TYPE_CHOICES}")
-    _check_seed(args.seed)
+    _check_options(args)
+    _check_out(args)
     di = init_distributed(args.device, args.dist_backend)
     if not di.main:  # one voice: rank 0 logs, the others only report errors
         log.setLevel(logging.ERROR)

@@ -9,7 +9,9 @@ Embeds a held-out metadata CSV with the in-memory model and scores it:
   report's headline numbers, logged under ``tp_<name>``.
 
 Evaluation never touches the training RNG streams (torch/numpy/python states are
-restored), so it does not change the course of a seeded run.
+restored) nor torch's CPU thread count (numba's OpenMP layer, started by the kNN kernels,
+resets it: restored too), so it does not change the course of a seeded run, and a run
+resumed past an evaluation computes like one that went through it.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from PIL import Image
 
 log = logging.getLogger(__package__)
 
-__all__ = ["EVAL_K", "EVAL_PERMUTATIONS", "EVAL_BATCH_SIZE", "preserved_rng", "embed_images", "knn_metrics",
-           "pipeline_headline", "light_kwargs", "evaluate"]
+__all__ = ["EVAL_K", "EVAL_PERMUTATIONS", "EVAL_BATCH_SIZE", "preserved_rng", "kept_torch_threads", "embed_images",
+           "knn_metrics", "pipeline_headline", "light_kwargs", "evaluate"]
 
 #: Neighbours of the kNN rank agreement.
 EVAL_K = 10
@@ -42,16 +44,28 @@ _MAX_DEPTH = 3  # of the report dict flattened into headline numbers
 
 
 @contextlib.contextmanager
-def preserved_rng():
-    """Restore torch (CPU+CUDA), numpy and python RNG states on exit."""
+def preserved_rng(cuda: bool = True):
+    """Restore torch (CPU, and CUDA if ``cuda``), numpy and python RNG states on exit."""
     np_state, py_state = np.random.get_state(), random.getstate()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = list(range(torch.cuda.device_count())) \
+        if cuda and torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:
             np.random.set_state(np_state)
             random.setstate(py_state)
+
+
+@contextlib.contextmanager
+def kept_torch_threads():
+    """Restore torch's intra-op CPU thread count on exit (the float reduction order depends on it)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -142,7 +156,7 @@ def evaluate(model, items: pd.DataFrame, transform: Callable, *, device="cpu", s
              batch_size: int = EVAL_BATCH_SIZE, autocast_dtype=None, k: int = EVAL_K, use_pipeline: bool = True,
              permutations: int = EVAL_PERMUTATIONS) -> dict:
     """Embed ``items`` (absolute ``path`` + ranks) and return headline metrics (flat dict)."""
-    with preserved_rng():
+    with preserved_rng(), kept_torch_threads():
         emb = embed_images(model, list(items["path"]), transform, device=device, batch_size=batch_size,
                            autocast_dtype=autocast_dtype)
         res = {"eval_n": int(len(items))}

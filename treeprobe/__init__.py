@@ -26,7 +26,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
 
 from treeprobe._utils import RANKS
 from treeprobe.core import TreeData
-from treeprobe.errors import TreeprobeError
+from treeprobe.errors import TreeprobeError, TreeprobeWarning
 
 #: Submodules reachable as attributes without importing them first.
 SUBMODULES = ("tl", "pl", "datasets", "data", "report", "taxonomy", "tree", "mantel", "clustering", "neighbors",
@@ -38,7 +38,7 @@ SUBMODULES = ("tl", "pl", "datasets", "data", "report", "taxonomy", "tree", "man
 _LAZY_NAMES = {"Taxonomy": "taxonomy", "CladeStructure": "tree", "Report": "report", "write_report": "report",
                "load_report": "report"}
 
-__all__ = ["RANKS", "TreeData", "TreeprobeError", "read", "__version__", *_LAZY_NAMES, *SUBMODULES]
+__all__ = ["RANKS", "TreeData", "TreeprobeError", "TreeprobeWarning", "read", "__version__", *_LAZY_NAMES, *SUBMODULES]
 
 
 def read(path, *, metadata=None) -> TreeData:

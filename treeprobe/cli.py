@@ -5,16 +5,21 @@
 ``export-weights`` (the BioCLIP-style trainer; ``treeprobe-train`` is an alias of ``treeprobe train``).
 
 Input problems end with one line ``treeprobe: error: ...`` and exit status 2 (no traceback);
-an interrupt exits with 130.
+an interrupt exits with 130. What the input had that treeprobe changed or set aside
+(:class:`~treeprobe.errors.TreeprobeWarning`) is one line ``treeprobe: warning: ...`` on stderr.
+Every ``--out`` is checked before any long work (an existing file, an unwritable place, a full disk
+are errors at once), and a report folder is replaced as a whole at the end, never left half written.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import sys
+import warnings
 
-from treeprobe.errors import TreeprobeError
+from treeprobe.errors import TreeprobeError, TreeprobeWarning
 
 __all__ = ["main", "build_parser", "FIRST_CONTACT"]
 
@@ -87,7 +92,7 @@ def _add_intrinsic(sub) -> None:
                                                 "max_map_points", "maps", "cluster_methods")}
     s.add_argument("--seed", type=int, default=d["seed"], help=f"seed of every stochastic step (default {d['seed']})")
     s.add_argument("--permutations", type=int, default=d["permutations"],
-                   help=f"Mantel permutations (default {d['permutations']})")
+                   help=f"Mantel permutations; 0: statistics only, no p-values (default {d['permutations']})")
     s.add_argument("--knn-k", type=int, default=d["knn_k"], help=f"neighbours for kNN agreement (default {d['knn_k']})")
     s.add_argument("--knn-max-queries", type=int, default=d["knn_max_queries"],
                    help="above this many items, kNN agreement is estimated (with a 95%% CI) from this many "
@@ -114,7 +119,8 @@ def _add_intrinsic(sub) -> None:
 
 def _add_output(parser, default: str) -> None:
     o = parser.add_argument_group("output")
-    o.add_argument("--out", default=default, help=f"output folder (default ./{default})")
+    o.add_argument("--out", default=default, help=f"output folder, replaced as a whole by the new report: a new "
+                                                  f"folder, an empty one or an earlier report's (default ./{default})")
     o.add_argument("--no-figures", action="store_true", help="write numbers only")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -183,9 +189,9 @@ def cmd_compare(args) -> int:
         return _compare_run(args)
     if len(args.model) < 2:
         raise TreeprobeError(f"compare needs at least 2 --model options (got {len(args.model)}), or --run RUN")
-    for name in ("permutations", "bootstrap", "max_pairs", "knn_k", "batch_size"):
-        if getattr(args, name) < 1:
-            raise TreeprobeError(f"--{name.replace('_', '-')} must be positive")
+    _check_counts(args, positive=("permutations", "bootstrap", "max_pairs", "knn_k", "batch_size"),
+                  non_negative=("jackknife",))
+    from treeprobe.clustering import METHODS as CLUSTER_METHODS
     from treeprobe.pipeline import run_compare
 
     inputs = dict(data=args.data, metadata=args.metadata, cache_dir=args.cache_dir, batch_size=args.batch_size,
@@ -195,7 +201,8 @@ def cmd_compare(args) -> int:
         permutations=args.permutations, bootstrap=args.bootstrap, max_pairs=args.max_pairs, control=args.control,
         jackknife=args.jackknife,
         on=args.on, mismatch="intersect" if args.intersect else "error", similarity=not args.no_similarity,
-        drilldown=args.drilldown, knn_k=args.knn_k, cluster_methods=_split(args.cluster_methods),
+        drilldown=args.drilldown, knn_k=args.knn_k,
+        cluster_methods=_names(args.cluster_methods, "clustering method", CLUSTER_METHODS),
         progress=not args.quiet)
     print(f"models: {', '.join(comp.models)}   items: {comp.params['n_items']}")
     diffs = comp.differences
@@ -214,7 +221,7 @@ def _compare_run(args) -> int:
     from pathlib import Path
 
     from treeprobe import training_curves as tc
-    from treeprobe._utils import atomic_write_text
+    from treeprobe._utils import atomic_output_dir, atomic_write_text, check_output_dir
     from treeprobe.plots import save_figure
     from treeprobe.tl import default_device
 
@@ -223,6 +230,8 @@ def _compare_run(args) -> int:
     if args.data is None and not args.from_log:
         raise TreeprobeError("--run needs --data: the held-out images (metadata CSV or folder) each checkpoint embeds "
                              "(or --from-log for the run's own --eval-every evaluations)")
+    _check_counts(args, positive=("permutations",))
+    check_output_dir(args.out)  # before any checkpoint is scored
     run = tc.read_run(args.run, require_checkpoints=not args.from_log)
     if args.from_log:
         table = tc.curves_from_log(run)
@@ -233,10 +242,10 @@ def _compare_run(args) -> int:
                                 device=args.device or default_device(), progress=not args.quiet,
                                 cache_dir=args.cache_dir)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "training_curves.csv", table.to_csv(index=False))
-    if not args.no_figures:
-        save_figure(tc.plot_training_curves(table, loss=run), str(out / "training_curves"))
+    with atomic_output_dir(out) as tmp:  # the table and its figure replace an earlier one as a whole
+        atomic_write_text(tmp / "training_curves.csv", table.to_csv(index=False))
+        if not args.no_figures:
+            save_figure(tc.plot_training_curves(table, loss=run), str(tmp / "training_curves"))
     what = "the run's own evaluations" if args.from_log else f"{len(run.checkpoints)} checkpoints scored on {args.data}"
     print(f"{args.run}: {what}: {out / 'training_curves.csv'}")
     return 0
@@ -272,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rank_lengths(text: str | None):
+    """``--rank-lengths`` text → 7 finite, non-negative floats kingdom..species (None when not given)."""
     if not text:
         return None
     try:
@@ -280,23 +290,51 @@ def _rank_lengths(text: str | None):
         raise TreeprobeError(f"--rank-lengths must be 7 comma-separated numbers, got {text!r}") from None
     if len(vals) != 7:
         raise TreeprobeError(f"--rank-lengths needs 7 values (kingdom..species), got {len(vals)}")
+    if not all(math.isfinite(v) and v >= 0 for v in vals):
+        raise TreeprobeError(f"--rank-lengths must be finite and non-negative, got {text!r}")
     return vals
+
+
+def _check_counts(args, *, positive=(), non_negative=()) -> None:
+    """Integer options that must be >= 1 (``positive``) or >= 0, and ``--seed`` in [0, SEED_MAX]."""
+    from treeprobe._utils import SEED_MAX
+
+    for names, low in ((positive, 1), (non_negative, 0)):
+        for name in names:
+            value = getattr(args, name)
+            if value < low:
+                need = "positive" if low == 1 else f">= {low}"
+                raise TreeprobeError(f"--{name.replace('_', '-')} must be {need}; got {value}")
+    seed = getattr(args, "seed", 0)
+    if not 0 <= seed <= SEED_MAX:
+        raise TreeprobeError(f"--seed must be between 0 and {SEED_MAX} (2**32 - 1); got {seed}")
 
 
 def _split(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip() and v.strip() != "none")
 
 
+def _names(text: str, what: str, choices) -> tuple[str, ...]:
+    """A comma-separated option (``none``: empty) checked against ``choices`` before any work."""
+    from treeprobe._validation import check_choice
+
+    names = _split(text)
+    for name in names:
+        check_choice(name, what, choices)
+    return names
+
+
 def cmd_intrinsic(args) -> int:
     """``treeprobe intrinsic``: check the options, run, print the headline numbers."""
+    from treeprobe.clustering import METHODS as CLUSTER_METHODS
     from treeprobe.pipeline import run_intrinsic
+    from treeprobe.tl import MAPS
 
     if not (args.example or args.data or args.embeddings or args.demo):
         sys.stderr.write("treeprobe intrinsic: no input given.\n\n" + FIRST_CONTACT)
         return 2
-    for name in ("permutations", "knn_k", "knn_max_queries", "batch_size", "max_map_points"):
-        if getattr(args, name) < (0 if name == "permutations" else 1):
-            raise TreeprobeError(f"--{name.replace('_', '-')} must be positive")
+    _check_counts(args, positive=("knn_k", "knn_max_queries", "batch_size", "max_map_points"),
+                  non_negative=("permutations", "workers"))
     progress = not args.quiet
     inputs = dict(example=args.example, data=args.data, embeddings=args.embeddings, metadata=args.metadata,
                   demo=args.demo, ckpt=args.ckpt, model=args.model, pretrained=args.pretrained,
@@ -305,8 +343,10 @@ def cmd_intrinsic(args) -> int:
     report, paths = run_intrinsic(
         out=args.out, tree=args.tree, figures=not args.no_figures, inputs=inputs, progress=progress,
         seed=args.seed, permutations=args.permutations, knn_k=args.knn_k, knn_max_queries=args.knn_max_queries,
-        rank_lengths=_rank_lengths(args.rank_lengths), maps=_split(args.maps), max_map_points=args.max_map_points,
-        cluster_methods=_split(args.cluster_methods), centroid_level=not args.no_centroids,
+        rank_lengths=_rank_lengths(args.rank_lengths), maps=_names(args.maps, "map", MAPS),
+        max_map_points=args.max_map_points,
+        cluster_methods=_names(args.cluster_methods, "clustering method", CLUSTER_METHODS),
+        centroid_level=not args.no_centroids,
         permute=("species", "images") if args.permute == "both" else (args.permute,), control=args.control,
     )
     _print_summary(report, paths)
@@ -328,11 +368,16 @@ def _print_summary(report, paths) -> None:
 def cmd_tree(args) -> int:
     """``treeprobe tree``: the data set's rank taxonomy as a Newick file."""
     from treeprobe import data as data_mod
-    from treeprobe._utils import atomic_write_text
+    from treeprobe._utils import atomic_write_text, check_output_file
 
+    lengths = _rank_lengths(args.rank_lengths)
+    check_output_file(args.out)  # before the data is read
     ds = data_mod.load_embeddings(args.data, metadata=args.metadata) if args.metadata else data_mod.load_data(args.data)
     tax = ds.taxonomy
-    atomic_write_text(args.out, tax.to_newick(_rank_lengths(args.rank_lengths)) + "\n")
+    try:
+        atomic_write_text(args.out, tax.to_newick(lengths) + "\n")
+    except OSError as exc:
+        raise TreeprobeError(f"could not write --out {args.out}: {exc.strerror or exc}") from exc
     n_no_kingdom = int(ds.skipped["reason"].astype(str).str.startswith("no taxonomy").sum())
     print(f"wrote {args.out}: {tax.n_taxa('species')} species, {len(ds)} items "
           f"({n_no_kingdom} without kingdom left out)")
@@ -351,13 +396,32 @@ def main(argv=None) -> int:
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 2
-        return int(args.func(args) or 0)
-    except TreeprobeError as exc:
-        print(f"treeprobe: error: {exc}", file=sys.stderr)
+        with warnings.catch_warnings():
+            _show_treeprobe_warnings()
+            return int(args.func(args) or 0)
+    except (TreeprobeError, TreeprobeWarning) as exc:  # a warning raised as one: -W error::TreeprobeWarning
+        print(f"treeprobe: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("treeprobe: interrupted", file=sys.stderr)
         return 130
+
+
+def _show_treeprobe_warnings() -> None:
+    """Inside ``warnings.catch_warnings()``: print each TreeprobeWarning as one line
+    ``treeprobe: warning: <message>`` on stderr (every occurrence, unless -W / PYTHONWARNINGS say
+    otherwise); other warnings are shown as before."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TreeprobeWarning):
+            print(f"treeprobe: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    if not sys.warnoptions:
+        warnings.simplefilter("always", TreeprobeWarning)
 
 
 if __name__ == "__main__":

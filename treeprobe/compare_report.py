@@ -11,6 +11,8 @@
 * ``figures/``: per-rank metric panels with intervals, distance-by-tree-distance profiles and the
   drill-down t-SNE (PNG + vector PDF);
 * ``models/<name>/``: each model's intrinsic report (``report.json``, ``per_rank.csv``, ``report.md``).
+
+The folder is replaced as a whole (written into a temporary folder beside it, then renamed into place).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from treeprobe._utils import atomic_write_text
+from treeprobe._utils import atomic_output_dir, atomic_write_text, rebase_paths
 
 __all__ = ["write_comparison", "write_compare_figures", "render_compare_markdown", "how_to_read", "PANEL_METRICS",
            "FIGURES"]
@@ -115,16 +117,26 @@ def render_compare_markdown(comp, figures: dict[str, str] | None = None) -> str:
 
 def write_comparison(comp, out_dir: str | os.PathLike, *, figures: bool = True, model_reports: bool = True
                      ) -> dict[str, str]:
-    """Write a comparison into ``out_dir`` (see the module docstring); returns the written paths."""
-    from treeprobe.html_report import compare_html, write_html
-    from treeprobe.report import write_report
+    """Write a comparison into ``out_dir`` (see the module docstring); returns the written paths (under
+    ``out_dir``). Like :func:`~treeprobe.report.write_report`, the folder is checked first and replaced
+    as a whole (temporary folder renamed into place): an error or an interrupt leaves an earlier
+    comparison there untouched, and none of its files stay beside the new ones."""
+    from treeprobe.report import report_bytes
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    n_items = int(comp.params.get("n_items") or 0)
+    need = report_bytes(n_items * (1 + (len(comp.reports) if model_reports else 0)))
+    with atomic_output_dir(out_dir, need_bytes=need) as tmp:
+        paths = _write_comparison_files(comp, tmp, figures=figures, model_reports=model_reports)
+    return rebase_paths(paths, tmp, out_dir)
+
+
+def _write_comparison_files(comp, out: Path, *, figures: bool, model_reports: bool) -> dict[str, str]:
+    """The files of :func:`write_comparison` in the existing folder ``out``; compare.json comes last."""
+    from treeprobe.html_report import compare_html, write_html
+    from treeprobe.report import write_report_files
+
     obj = comp.to_dict()
     paths: dict[str, str] = {}
-    atomic_write_text(out / "compare.json", json.dumps(obj, indent=1, allow_nan=False))
-    paths["json"] = str(out / "compare.json")
     for name, df in (("per_model", comp.per_model), ("differences", comp.differences),
                      ("similarity", comp.similarity)):
         atomic_write_text(out / f"{name}.csv", df.to_csv(index=False), fsync=False)
@@ -133,7 +145,9 @@ def write_comparison(comp, out_dir: str | os.PathLike, *, figures: bool = True, 
     fig_paths = {FIGURES[stem][1]: png for stem, (png, _pdf) in drawn.items()}
     if model_reports:
         for name, report in comp.reports.items():
-            write_report(report, out / "models" / _safe(name), figures=False)
+            folder = out / "models" / _safe(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_report_files(report, folder, figures=False)
     rel = {k: os.path.relpath(v, out) for k, v in fig_paths.items()}
     atomic_write_text(out / "report.md", render_compare_markdown(comp, rel))
     paths["markdown"] = str(out / "report.md")
@@ -141,5 +155,7 @@ def write_comparison(comp, out_dir: str | os.PathLike, *, figures: bool = True, 
     write_html(compare_html(comp.per_model, comp.differences, similarity=comp.similarity, figures=fig_paths,
                             meta=meta, how_to_read=how_to_read()), out / "report.html")
     paths["html"] = str(out / "report.html")
+    atomic_write_text(out / "compare.json", json.dumps(obj, indent=1, allow_nan=False))
+    paths["json"] = str(out / "compare.json")
     paths.update({f"figure:{k}": v for k, v in fig_paths.items()})
     return paths

@@ -6,8 +6,9 @@ their metadata ``items`` (N rows: ``path``, the 7 ranks, covariates), per-item a
 in ``uns``. The taxonomy is built from ``items`` when first asked for and cached.
 
 Rows that cannot be analysed are set aside *when the object is made*, each with its reason,
-in ``skipped`` (DataFrame ``item``, ``reason``): a non-finite or all-zero embedding, or a
-lineage without a kingdom. Slicing keeps everything aligned::
+in ``skipped`` (DataFrame ``item``, ``reason``): a non-finite or all-zero embedding, a
+lineage without a kingdom, or a second copy of an item (see :class:`TreeData` for the rules on
+duplicates, names and lineage conflicts). Slicing keeps everything aligned::
 
     ds["Insecta"]                               # a clade, by name or by cumulative label
     ds[ds.items.img_type == "Citizen Science"]  # a boolean mask
@@ -26,6 +27,7 @@ convert both ways for users of the scverse tools (``pip install anndata``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -33,14 +35,18 @@ import pandas as pd
 
 from treeprobe._utils import RANKS, row_norms
 from treeprobe._validation import check_embeddings
-from treeprobe.errors import TreeprobeError
-from treeprobe.taxonomy import MISSING_TOKENS, PLACEHOLDER, SEP, Taxonomy, placeable_mask
+from treeprobe.errors import TreeprobeError, TreeprobeWarning
+from treeprobe.taxonomy import (MISSING_TOKENS, PLACEHOLDER, SEP, Taxonomy, _conflicts, clean_lineages,
+                                conflict_summary, tidy_lineage_names)
 
 PLACEHOLDER_PREFIX = PLACEHOLDER.split("{")[0]  # "incertae_sedis_"
 
-__all__ = ["TreeData", "SKIPPED_COLUMNS", "concat_skipped", "empty_skipped", "skip_records"]
+__all__ = ["TreeData", "ITEM_KEYS", "SKIPPED_COLUMNS", "concat_skipped", "empty_skipped", "skip_records"]
 
 SKIPPED_COLUMNS = ("item", "reason")
+#: Columns that identify an item (an image), in order: two rows with the same non-empty value in one
+#: of them are the same item. ``id`` is not one: in many tables it is a taxon's id, shared by images.
+ITEM_KEYS = ("path", "uuid")
 
 
 def empty_skipped() -> pd.DataFrame:
@@ -83,6 +89,25 @@ class TreeData:
         (default) never counts two unknowns as one taxon; ``"placeholder"`` is the pre-0.2 rule
         (one ``incertae_sedis_<rank>`` taxon per parent).
 
+    Input rules, applied in this order (each change is a :class:`~treeprobe.errors.TreeprobeWarning`
+    with its count; :func:`warnings.simplefilter` ``("error", TreeprobeWarning)`` makes them fatal):
+
+    1. **Names** (:func:`~treeprobe.taxonomy.tidy_lineage_names`): rank values in Unicode NFC,
+       whitespace runs (tabs, no-break spaces) as one space, stripped; case variants of a name at a
+       rank (``aves`` / ``Aves``) spelled as the most frequent one. Plain numbers are kept as names
+       (warned). A name with ``|`` is an error.
+    2. **Set aside** into ``skipped``: non-finite embedding, zero-norm embedding, no kingdom.
+    3. **Duplicates**: a row with the same non-empty value as an earlier kept row in one of the
+       :data:`ITEM_KEYS` columns (``path``, then ``uuid``) is the same item. It must have the same
+       lineage and (with ``X``) a bit-identical embedding row: then it is dropped, the first copy
+       kept, and ``skipped`` says ``duplicate of row K (same path)`` (K: position in ``items``);
+       otherwise it is a conflict and a :class:`TreeprobeError` names the first such value.
+       Other columns may differ (the first row's values are kept; the warning names the columns).
+    4. **Lineage conflicts** (:func:`~treeprobe.taxonomy.lineage_conflicts`): a taxon under two
+       parents is warned about and listed in ``uns["lineage_conflicts"]``; items are not changed
+       (passing that same table in ``uns``, as a tool re-making a TreeData of the same items does,
+       keeps it without warning again). A rank missing in every kept item is warned about.
+
     Attributes: ``X``, ``items`` (index 0..N-1), ``obsm`` (dict name → (N, k) array), ``uns``
     (dict of results, keys listed in :mod:`treeprobe.tl`), ``skipped``, ``source``, and the lazily
     built :attr:`taxonomy` and :attr:`unit` (L2-normalised float32 copy of ``X``).
@@ -110,8 +135,12 @@ class TreeData:
             raise TreeprobeError("no items: the data is empty")
         self.missing = tuple(missing)
         self.unknown = unknown
-        keep, set_aside = self._usable_rows(X, items, self.missing)
-        self.skipped = concat_skipped([skipped, *set_aside])
+        items = _tidy_names(items, self.missing)
+        lin = clean_lineages(items, RANKS, missing=self.missing)
+        keep, set_aside = self._usable_rows(X, items, lin)
+        first_copy, dup_skipped = _drop_duplicates(X, items, keep, lin)
+        keep &= first_copy
+        self.skipped = concat_skipped([skipped, *set_aside, dup_skipped])
         self.source = str(source)
         if keep.all():
             self.items = items
@@ -126,10 +155,23 @@ class TreeData:
         self.uns: dict[str, Any] = dict(uns or {})
         self._taxonomy: Taxonomy | None = None
         self._unit: np.ndarray | None = None
+        lin = lin[keep] if not keep.all() else lin
+        empty = [r for r in RANKS[1:] if (lin[r] == "").all()]
+        if empty:
+            _warn(f"rank(s) {', '.join(empty)} missing in every one of the {len(lin)} items: no taxa there "
+                  "(check the column)")
+        conflicts = _conflicts(lin, RANKS)
+        carried = self.uns.pop("lineage_conflicts", None)
+        if len(conflicts):
+            self.uns["lineage_conflicts"] = conflicts
+        if len(conflicts) and not (isinstance(carried, pd.DataFrame) and carried.equals(conflicts)):
+            _warn(conflict_summary(conflicts) + "; kept as given (each lineage its own taxon); "
+                  "the table is in uns['lineage_conflicts']")
 
     @staticmethod
-    def _usable_rows(X, items: pd.DataFrame, missing) -> tuple[np.ndarray, list[pd.DataFrame]]:
-        """(keep (N,) bool, skipped frames): non-finite / zero embeddings, then lineages without kingdom."""
+    def _usable_rows(X, items: pd.DataFrame, lin: pd.DataFrame) -> tuple[np.ndarray, list[pd.DataFrame]]:
+        """(keep (N,) bool, skipped frames): non-finite / zero embeddings, then lineages without kingdom
+        (``lin``: the clean rank columns of ``items``)."""
         out = []
         keep = np.ones(len(items), dtype=bool)
         if X is not None:
@@ -140,7 +182,7 @@ class TreeData:
             if zero.any():
                 out.append(skip_records(items, zero, "zero-norm embedding"))
             keep = finite & (norms > 0)
-        placed = placeable_mask(items, RANKS, missing=missing)
+        placed = (lin[RANKS[0]] != "").to_numpy()
         if (keep & ~placed).any():
             out.append(skip_records(items, keep & ~placed, f"no taxonomy (missing {RANKS[0]})"))
         return keep & placed, out
@@ -296,3 +338,86 @@ class TreeData:
                 items[r] = items[r].astype(object).where(items[r].notna(), "").astype(str)
         return cls(X, items, skipped=None if skipped is None else pd.DataFrame(skipped),
                    source=source, obsm={k: np.asarray(v) for k, v in adata.obsm.items()}, uns=uns)
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, TreeprobeWarning, stacklevel=3)
+
+
+def _tidy_names(items: pd.DataFrame, missing) -> pd.DataFrame:
+    """Rule 1 of :class:`TreeData`: the items with tidy rank names; one warning per kind of change."""
+    items, notes = tidy_lineage_names(items, RANKS, missing=missing)
+    if notes["n_normalised"]:
+        _warn(f"normalised {notes['n_normalised']} rank value(s) (Unicode NFC; tabs, no-break and repeated "
+              "spaces read as one space; leading/trailing spaces removed)")
+    if notes["case_variants"]:
+        n = sum(v[3] for v in notes["case_variants"])
+        shown = "; ".join(f"{r} {', '.join(map(repr, others[:2]))} -> {chosen!r}"
+                          for r, chosen, others, _ in notes["case_variants"][:3])
+        more = f"; and {len(notes['case_variants']) - 3} more" if len(notes["case_variants"]) > 3 else ""
+        _warn(f"{len(notes['case_variants'])} name(s) were spelled with different letter case; {n} value(s) "
+              f"respelled as the most frequent spelling: {shown}{more}")
+    for r, example, n in notes["numeric"]:
+        _warn(f"{n} {r} value(s) are plain numbers (e.g. {example!r}): read as taxon names; "
+              "if they are ids or codes, give the names instead")
+    return items
+
+
+def _drop_duplicates(X, items: pd.DataFrame, keep: np.ndarray, lin: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    """Rule 3 of :class:`TreeData`: (first-copy mask (N,), ``skipped`` rows of the dropped copies).
+
+    Among the rows in ``keep``; ``lin``: the clean rank columns. Raises on a copy whose lineage or
+    embedding differs from its first copy's."""
+    first_copy = np.ones(len(items), dtype=bool)
+    frames, n_dup, differ = [], {}, set()
+    rank_cols = list(lin.columns)
+    for key in ITEM_KEYS:
+        if key not in items.columns:
+            continue
+        rows = np.flatnonzero(keep & first_copy)
+        values = items[key].iloc[rows].astype("string").fillna("").str.strip()
+        filled = (values != "").to_numpy()
+        values = pd.Series(values.to_numpy()[filled], index=rows[filled])
+        dup = values.duplicated(keep="first").to_numpy()
+        if not dup.any():
+            continue
+        firsts = values[~dup]
+        first_of = pd.Series(firsts.index, index=firsts.to_numpy())
+        copies = values.index.to_numpy()[dup]
+        originals = first_of.loc[values.to_numpy()[dup]].to_numpy()
+        pair_lin = lin.to_numpy(dtype=object)
+        same_lineage = (pair_lin[copies] == pair_lin[originals]).all(axis=1)
+        same_x = np.ones(len(copies), dtype=bool) if X is None else np.array(
+            [np.array_equal(np.asarray(X[j], dtype=np.float32), np.asarray(X[k], dtype=np.float32))
+             for j, k in zip(copies, originals)], dtype=bool)
+        bad = np.flatnonzero(~(same_lineage & same_x))
+        if bad.size:
+            j, k = int(copies[bad[0]]), int(originals[bad[0]])
+            what = "lineage" if not same_lineage[bad[0]] else "embedding"
+            raise TreeprobeError(
+                f"rows {k} and {j} have the same {key} {items[key].iat[j]!r} but a different {what}: "
+                f"{int(bad.size)} such conflicting duplicate(s); list each item once (fix or remove the copies)")
+        others = [c for c in items.columns if c not in (*rank_cols, key)]
+        if others:
+            a = items[others].iloc[copies].astype(str).to_numpy()
+            b = items[others].iloc[originals].astype(str).to_numpy()
+            differ.update(c for c, d in zip(others, (a != b).any(axis=0)) if d)
+        first_copy[copies] = False
+        n_dup[key] = len(copies)
+        frames.append(_duplicate_records(items, copies, originals, key))
+    if n_dup:
+        extra = (f"; the copies differ in column(s) {', '.join(sorted(differ)[:5])} (the first row's values are kept)"
+                 if differ else "")
+        how = " and ".join(f"{n} with the same {k}" for k, n in n_dup.items())
+        _warn(f"dropped {sum(n_dup.values())} duplicated item(s) ({how} as an earlier row, same lineage"
+              f"{' and embedding' if X is not None else ''}); kept the first copy of each{extra}; "
+              "listed in skipped")
+    return first_copy, concat_skipped(frames)
+
+
+def _duplicate_records(items: pd.DataFrame, copies: np.ndarray, originals: np.ndarray, key: str) -> pd.DataFrame:
+    """``skipped`` rows for dropped copies: the copy's path (or ``row <j>``) and ``duplicate of row K (same key)``."""
+    col = items["path"] if "path" in items.columns else pd.Series("", index=items.index)
+    ids = [p if isinstance(p, str) and p else f"row {j}" for j, p in zip(copies, col.iloc[copies])]
+    reasons = [f"duplicate of row {int(k)} (same {key})" for k in originals]
+    return pd.DataFrame({"item": pd.Series(ids, dtype=object), "reason": pd.Series(reasons, dtype=object)})

@@ -8,25 +8,31 @@ anything about the taxonomy beyond cleaning the rank strings. Problems with the 
 
 * ``path`` -- absolute path string of the image, ``''`` when there is no image
   (e.g. precomputed embeddings);
-* the 7 rank columns of :data:`~treeprobe.taxonomy.RANKS` as stripped strings,
-  ``''`` where missing (``species`` holds the binomial);
+* the 7 rank columns of :data:`~treeprobe.taxonomy.RANKS` as strings, ``''`` where missing
+  (``species`` holds the binomial); the loaders keep the names as read and TreeData tidies them
+  (Unicode NFC, whitespace, case variants), warning with the count of values changed;
 * every other input column, kept unchanged as covariates.
 
 ``TreeData.skipped`` lists what was left out, with columns ``item`` (the path, or ``row <i>``;
 for embeddings files i is the 0-based row in the source file) and ``reason``: what the loader
-dropped (missing, non-finite or zero embeddings, unparseable folders), then the rows TreeData
-sets aside (no kingdom: ``row <i>`` is then the position among the loaded rows).
+dropped (missing, non-finite or zero embeddings, unparseable or unreadable folders, broken image
+links), then the rows TreeData sets aside (no kingdom; a second copy of an item, ``duplicate of
+row K (same path)``: ``row <i>`` and K are then positions among the loaded rows). The rules for
+duplicates, names and lineage conflicts are those of :class:`~treeprobe.core.TreeData`, so they
+apply alike to a CSV, an iNat folder, a parquet and a .npy.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+
 import numpy as np
 import pandas as pd
 
-from treeprobe._utils import IMAGE_EXTENSIONS, RANKS
+from treeprobe._utils import IMAGE_EXTENSIONS, RANKS, one_line
 from treeprobe.core import SKIPPED_COLUMNS, TreeData, empty_skipped
-from treeprobe.errors import TreeprobeError
+from treeprobe.errors import TreeprobeError, TreeprobeWarning
 from treeprobe.taxonomy import MISSING_TOKENS, clean_lineages
 
 __all__ = ["load_data", "load_embeddings", "load_inat_folder", "load_metadata_csv"]
@@ -62,7 +68,7 @@ def _canonical_rank_columns(df: pd.DataFrame, what: str, need_path: bool) -> pd.
 def _finish_items(df: pd.DataFrame, base_dir: str, missing=MISSING_TOKENS) -> pd.DataFrame:
     """Clean ranks ('' for missing), make ``path`` absolute (relative to ``base_dir``), order columns."""
     df = df.reset_index(drop=True).copy()
-    df[list(RANKS)] = clean_lineages(df, missing=missing)
+    df[list(RANKS)] = clean_lineages(df, missing=missing, normalise=False)  # TreeData tidies them, with a warning
     if "path" in df.columns:
         paths = df["path"].astype("string").fillna("").str.strip().astype(object)
         df["path"] = [
@@ -104,11 +110,16 @@ def load_metadata_csv(path, *, missing=MISSING_TOKENS) -> TreeData:
 
 
 def _parse_inat_folder_name(name: str) -> dict | None:
-    """``00042_Animalia_Chordata_Aves_Order_Family_Genus_epithet`` → lineage dict, or None."""
+    """``00042_Animalia_Chordata_Aves_Order_Family_Genus_epithet`` → lineage dict, or None.
+
+    ``species`` is the binomial *Genus epithet*; words after the epithet (a trinomial's subspecies,
+    ``..._Parus_major_kapustini``) go to ``infraspecific`` ('' when there are none).
+    """
     parts = name.split("_", 7)
     if len(parts) != 8 or not parts[0].isdigit() or any(not p.strip() for p in parts):
         return None
-    cid, kingdom, phylum, klass, order, family, genus, epithet = parts
+    cid, kingdom, phylum, klass, order, family, genus, rest = parts
+    words = [w for w in rest.split("_") if w.strip()]
     return {
         "kingdom": kingdom,
         "phylum": phylum,
@@ -116,9 +127,32 @@ def _parse_inat_folder_name(name: str) -> dict | None:
         "order": order,
         "family": family,
         "genus": genus,
-        "species": f"{genus} {epithet.replace('_', ' ')}",
+        "species": f"{genus} {words[0]}",
         "category_id": int(cid),
+        "infraspecific": " ".join(words[1:]),
     }
+
+
+def _list_folder(path: str) -> list[os.DirEntry]:
+    """The entries of a folder, sorted by name (raises OSError: unreadable, a symlink loop, ...)."""
+    with os.scandir(path) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """'dir', 'file', 'other', or why it cannot be followed: 'is a broken symlink' / 'cannot be read: <why>'."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+        if entry.is_symlink():
+            os.stat(entry.path)  # a dangling link is neither dir nor file: say so
+        return "other"
+    except FileNotFoundError:
+        return "is a broken symlink"
+    except OSError as e:
+        return f"cannot be read: {e.strerror or one_line(e)}"
 
 
 def load_inat_folder(root, *, missing=MISSING_TOKENS) -> TreeData:
@@ -126,16 +160,26 @@ def load_inat_folder(root, *, missing=MISSING_TOKENS) -> TreeData:
     ``<id>_<Kingdom>_<Phylum>_<Class>_<Order>_<Family>_<Genus>_<epithet>`` holding images
     (``treeprobe._utils.IMAGE_EXTENSIONS``, any case; not recursive).
 
-    Covariates: ``category_id`` (int, the folder's number) and ``folder`` (its name).
-    Subfolders whose name does not parse, or that hold no images, go to ``skipped``.
-    Returns a TreeData with ``X=None``; images are not opened here.
+    Covariates: ``category_id`` (int, the folder's number) and ``folder`` (its name); with a
+    trinomial folder name (``..._Parus_major_kapustini``, warned) ``species`` is the binomial and
+    ``infraspecific`` holds the rest ('' elsewhere). Set aside into ``skipped``, with the reason:
+    subfolders whose name does not parse, that hold no images or cannot be read (permissions, a
+    symlink loop, a broken symlink), and image entries that cannot be followed. Hidden entries and
+    plain files beside the class folders are ignored. Returns a TreeData with ``X=None``; images are
+    not opened here.
     """
     root = _require_file(root)
     if not os.path.isdir(root):
         raise TreeprobeError(f"{root} is not a folder")
-    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    try:
+        entries = [e for e in _list_folder(root) if not e.name.startswith(".")]
+    except OSError as e:
+        raise TreeprobeError(f"cannot read folder {root}: {e.strerror or one_line(e)}") from None
+    kinds = {e.name: _entry_kind(e) for e in entries}
+    subdirs = [e.name for e in entries if kinds[e.name] not in ("file", "other")]
     rows, skipped = [], []
     n_parsed = 0
+    trinomials = []
     for name in subdirs:
         lineage = _parse_inat_folder_name(name)
         folder = os.path.join(root, name)
@@ -146,13 +190,27 @@ def load_inat_folder(root, *, missing=MISSING_TOKENS) -> TreeData:
             )
             continue
         n_parsed += 1
-        files = sorted(
-            e.name for e in os.scandir(folder)
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")
-        )
+        if kinds[name] != "dir":
+            skipped.append((folder, f"class folder {kinds[name]}"))
+            continue
+        try:
+            images = [e for e in _list_folder(folder)
+                      if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")]
+        except OSError as e:
+            skipped.append((folder, f"class folder cannot be read: {e.strerror or one_line(e)}"))
+            continue
+        files = []
+        for e in images:
+            kind = _entry_kind(e)
+            if kind == "file":
+                files.append(e.name)
+            elif kind != "dir":  # a folder named like an image is not an image: ignored, like other folders
+                skipped.append((e.path, f"image entry {kind}" if kind != "other" else "not a regular file"))
         if not files:
             skipped.append((folder, "no images in folder"))
             continue
+        if lineage["infraspecific"]:
+            trinomials.append(name)
         for f in files:
             rows.append({"path": os.path.join(folder, f), **lineage, "folder": name})
     if n_parsed == 0:
@@ -165,7 +223,14 @@ def load_inat_folder(root, *, missing=MISSING_TOKENS) -> TreeData:
         )
     if not rows:
         raise TreeprobeError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
-    items = _finish_items(pd.DataFrame(rows), root, missing)
+    frame = pd.DataFrame(rows)
+    if trinomials:
+        warnings.warn(f"{len(trinomials)} class folder(s) name more than a binomial (e.g. {trinomials[0]!r}): "
+                      "species is the binomial Genus epithet, the rest is in column 'infraspecific'",
+                      TreeprobeWarning, stacklevel=2)
+    else:
+        frame = frame.drop(columns="infraspecific")
+    items = _finish_items(frame, root, missing)
     skipped_df = pd.DataFrame(skipped, columns=list(SKIPPED_COLUMNS)) if skipped else empty_skipped()
     return TreeData(None, items, skipped=skipped_df, source=root, missing=missing)
 

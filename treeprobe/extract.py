@@ -5,7 +5,16 @@ the model's inference transform; in ``num_workers`` worker processes when > 0, w
 ``prefetch_factor`` batches in flight per worker and pinned host memory on CUDA), runs
 ``model.encode_image`` under ``torch.inference_mode()`` and L2-normalises the result.
 Unreadable, missing or corrupt images never stop the run: they are left out and listed in
-``failures`` with the reason.
+``failures`` with the reason (``missing file``, ``not a file (a folder)``, ``not a regular file``,
+``cannot read file: ...``, ``cannot decode image: ...``, ``cannot preprocess image: ...``).
+
+Decoding (:func:`decode_image`). The EXIF orientation is applied first (a photo stored
+sideways with Orientation 6 or 8 is embedded upright). 16-bit grey images (PIL modes
+``I;16*``, and ``I`` clipped to 0..65535) are scaled to 8 bits by ``value >> 8``; images with
+transparency (RGBA, LA, PA, palette or colour-key ``transparency``) are composited onto white
+(:data:`ALPHA_BACKGROUND`); everything else (palette, 1-bit, L, CMYK, YCbCr, ...) goes through
+PIL's ``convert("RGB")``. PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)
+applies: above twice the limit an image is a failure, above the limit PIL warns.
 
 Precision. The model runs in the precision it was built with (``LoadedModel.precision``).
 For an fp32 model, ``autocast='auto'`` (the default) runs CUDA under bf16 autocast
@@ -14,19 +23,29 @@ For an fp32 model, ``autocast='auto'`` (the default) runs CUDA under bf16 autoca
 convolutional, off for ViTs and on the CPU) sets the memory format of model and batch.
 
 Cache. With ``cache_dir``, results are stored as ``embeddings-<key>.npz``, where the key is
-a sha256 over the model digest and name, the ordered (path, size, mtime_ns) listing of the
-inputs, the transform, the precision and the autocast dtype (only when autocast is on, so
-fp32 keys are those of earlier versions). A repeated call with the same inputs reads the
-cache instead of running the model. With ``autocast='auto'`` a cache made under another
+a sha256 over :data:`CACHE_VERSION`, the model digest (sha256 of the checkpoint file) and
+name, the ordered (path, size, mtime_ns, ctime_ns) listing of the inputs, the transform's
+``repr`` (image size, resize mode, interpolation, mean/std), the precision and the autocast
+dtype (only when autocast is on). ``ctime_ns`` changes whenever a file is rewritten, even when
+its size and mtime are put back (it also changes on chmod/chown/hard links: such files are
+embedded again). A repeated call with the same inputs reads the cache instead of running the
+model. With ``autocast='auto'`` a cache made under another
 autocast setting for the same inputs is accepted too (e.g. a bf16 GPU extraction read
 back on a CPU machine); ``ExtractionResult.compute`` says how the embeddings were made.
-Cache files are written atomically (:func:`treeprobe._utils.atomic_write`).
+Cache files are written atomically (:func:`treeprobe._utils.atomic_write`). Before the
+model runs, the cache folder is checked (:func:`check_cache_dir`: created, a probe file
+written and deleted, free space for about ``2 x N x D x 4`` bytes), so an unusable folder
+fails at once; a full disk or a read-only folder while writing is a TreeprobeError too.
 
-Resume. While a cached run is in progress, every ``chunk_batches`` batches (or every
-``chunk_seconds``) the finished batches are written as a chunk into the folder
-``embeddings-<key>.partial/``. A run that is interrupted (killed, Ctrl-C, a crash) and
-started again with the same inputs reads those chunks and embeds only what is left,
-in the same batches, so the result is identical to an uninterrupted run with the same
+Resume. While a cached run is in progress, every ``chunk_batches`` batches (default
+:data:`DEFAULT_CHUNK_IMAGES` images' worth) or every ``chunk_seconds``
+(:data:`DEFAULT_CHUNK_SECONDS`), whichever comes first, the finished batches are written as
+a chunk into the folder ``embeddings-<key>.partial/`` (a chunk of 2,048 x 768 float32 takes
+about 17 ms to write with fsync). On Ctrl-C (KeyboardInterrupt) or SIGTERM (turned into a
+KeyboardInterrupt while the batch loop runs in the main thread; the previous handler is
+restored after) the finished batches are written before the interrupt propagates. A run
+started again with the same inputs reads those chunks and embeds only what is left, in the
+same batches, so the result is identical to an uninterrupted run with the same
 ``batch_size``. The folder is removed when the cache file is written.
 
 Building blocks. Besides :func:`extract_embeddings`, the steps it is made of are public so
@@ -34,15 +53,21 @@ that :mod:`treeprobe.extract_dist` (sharded extraction) and the benchmarks use t
 :class:`RunOptions` (batching, workers, resume chunking) and :func:`resolve_plan` (device,
 dtypes), :func:`embed_paths` (the batch loop with resume chunks), the cache files
 (:func:`cache_keys`, :func:`cache_file_for`, :func:`read_cache`, :func:`write_cache`) and the
-one-batch forward (:func:`prepare_model`, :func:`encode_batch`).
+one-batch forward (:func:`prepare_model`, :func:`encode_batch`), and the decoder
+(:func:`decode_image`, :func:`to_rgb`) for other code that reads images the same way.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
+import stat
+import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -60,15 +85,17 @@ from treeprobe.errors import TreeprobeError
 from treeprobe.models import LoadedModel
 
 __all__ = [
-    "AUTOCAST_CHOICES", "CACHE_VERSION", "DEFAULT_BATCH_SIZE", "DEFAULT_CHUNK_IMAGES", "DEFAULT_CHUNK_SECONDS",
-    "DEFAULT_NUM_WORKERS", "DEFAULT_PREFETCH_FACTOR", "ExtractionResult", "Plan", "RunOptions",
-    "accepted_autocast_tags", "cache_file_for", "cache_key", "cache_keys", "check_paths", "embed_paths",
-    "encode_batch", "extract_embeddings", "no_images_error", "partial_dir_for", "path_strings", "prepare_model",
-    "read_cache", "read_first_cache", "resolve_plan", "write_cache",
+    "ALPHA_BACKGROUND", "AUTOCAST_CHOICES", "CACHE_VERSION", "DEFAULT_BATCH_SIZE", "DEFAULT_CHUNK_IMAGES",
+    "DEFAULT_CHUNK_SECONDS", "DEFAULT_NUM_WORKERS", "DEFAULT_PREFETCH_FACTOR", "ExtractionResult", "Plan",
+    "RunOptions", "accepted_autocast_tags", "cache_file_for", "cache_key", "cache_keys", "check_cache_dir",
+    "check_paths", "decode_image", "embed_paths", "encode_batch", "extract_embeddings", "no_images_error",
+    "partial_dir_for", "path_strings", "prepare_model", "read_cache", "read_first_cache", "resolve_plan",
+    "space_needed", "to_rgb", "write_cache",
 ]
 
 #: Version number inside every cache key; bump it when the cache format or the numbers change.
-CACHE_VERSION = 1
+#: 2: EXIF orientation, 16-bit grey and transparency decoded as described above; ctime in the listing.
+CACHE_VERSION = 2
 #: Values of the ``autocast`` argument (see the module docstring).
 AUTOCAST_CHOICES = ("auto", "off", "bf16", "fp16")
 #: Images per forward pass.
@@ -78,15 +105,25 @@ DEFAULT_NUM_WORKERS = 0
 #: Batches each DataLoader worker prepares ahead (torch's own default).
 DEFAULT_PREFETCH_FACTOR = 2
 #: Images per resume chunk (``chunk_batches`` defaults to this // batch_size) ...
-DEFAULT_CHUNK_IMAGES = 8192
+DEFAULT_CHUNK_IMAGES = 2048
 #: ... or whatever was embedded in this many seconds, whichever comes first.
-DEFAULT_CHUNK_SECONDS = 120.0
+DEFAULT_CHUNK_SECONDS = 30.0
+#: Colour (RGB) that transparent pixels are composited onto.
+ALPHA_BACKGROUND = (255, 255, 255)
+#: Bytes kept free beyond the estimate of :func:`space_needed`.
+SPACE_MARGIN = 16 << 20
 
 _CHUNK_PREFIX, _CHUNK_SUFFIX = "chunk-", ".npz"
 _CACHE_SUFFIX, _PARTIAL_SUFFIX = ".npz", ".partial"
 _MISSING_FILE = "missing file"
 _NON_FINITE = "non-finite embedding from the model"
 _TAG_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_EXIF_ORIENTATION = 0x0112
+#: errno values of a write that failed because of the disk or the folder (full, quota, read-only, no permission).
+_WRITE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG", "EACCES", "EPERM")
+                          if hasattr(errno, n))
 
 
 @dataclass
@@ -112,7 +149,8 @@ class ExtractionResult:
 class RunOptions:
     """How the batch loop runs: images per batch, decoding workers (``prefetch_factor`` batches
     ahead each; None: 2), torch threads (None: leave as is), progress bar, resume chunk size
-    (``chunk_batches`` batches, None: 8192 images' worth, or ``chunk_seconds`` s)."""
+    (``chunk_batches`` batches, None: :data:`DEFAULT_CHUNK_IMAGES` images' worth, or
+    ``chunk_seconds`` s, whichever comes first)."""
 
     batch_size: int = DEFAULT_BATCH_SIZE
     num_workers: int = DEFAULT_NUM_WORKERS
@@ -125,6 +163,8 @@ class RunOptions:
     def __post_init__(self):
         check_int(self.batch_size, "batch_size", minimum=1)
         check_int(self.num_workers, "num_workers", minimum=0)
+        if self.chunk_batches is not None:
+            check_int(self.chunk_batches, "chunk_batches", minimum=1)
 
     @property
     def batches_per_chunk(self) -> int:
@@ -135,6 +175,60 @@ class RunOptions:
 
 
 # ----------------------------------------------------------------------------- images
+
+
+def to_rgb(img):
+    """A PIL image as 8-bit RGB (a new image): 16-bit grey (``I;16*``; ``I`` clipped to
+    0..65535) scaled by ``value >> 8``; transparency composited onto :data:`ALPHA_BACKGROUND`;
+    other modes through ``convert("RGB")``."""
+    from PIL import Image
+
+    if img.mode in _WIDE_GREY_MODES:
+        grey = np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        out = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        out.alpha_composite(rgba)
+        return out.convert("RGB")
+    return img.convert("RGB")
+
+
+def _exif_upright(img):
+    """``img`` turned as its EXIF Orientation (2-8) says; as is without one or with unreadable EXIF."""
+    from PIL import ImageOps
+
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block does not make the pixels unusable
+        return img
+    return ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
+
+
+def decode_image(fp):
+    """An image file (path or binary file object) as an upright 8-bit RGB PIL image (see the
+    module docstring); raises what PIL raises for undecodable data."""
+    from PIL import Image
+
+    with Image.open(fp) as img:
+        return to_rgb(_exif_upright(img))
+
+
+def _file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read as an image file (a failure reason), or None when it is a regular file."""
+    if not path:
+        return _MISSING_FILE
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return _MISSING_FILE
+    except OSError as e:
+        return f"cannot read file: {e.strerror or one_line(e)}"
+    if stat.S_ISDIR(mode):
+        return "not a file (a folder)"
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+        return "not a regular file"
+    return None
 
 
 class _ImageFiles(Dataset):
@@ -150,15 +244,18 @@ class _ImageFiles(Dataset):
         return len(self.paths) if self.indices is None else len(self.indices)
 
     def __getitem__(self, j):
-        from PIL import Image
-
         i = int(j if self.indices is None else self.indices[j])
         path = self.paths[i]
-        if not path or not os.path.isfile(path):
-            return i, None, _MISSING_FILE
+        problem = _file_problem(path)
+        if problem is not None:
+            return i, None, problem
         try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
+            f = open(path, "rb")
+        except OSError as e:
+            return i, None, f"cannot read file: {e.strerror or one_line(e)}"
+        try:
+            with f:
+                rgb = decode_image(f)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a skipped image
             return i, None, f"cannot decode image: {one_line(e)}"
         try:
@@ -293,13 +390,14 @@ def accepted_autocast_tags(autocast: str, plan: Plan) -> list[str | None]:
 
 
 def _listing(paths: Sequence[str]) -> list:
+    """[path, size, mtime_ns, ctime_ns] of each path in order (None for the numbers of a path that cannot be stat'ed)."""
     listing = []
     for p in paths:
         try:
             st = os.stat(p) if p else None
         except OSError:
             st = None
-        listing.append([p, st.st_size if st else None, st.st_mtime_ns if st else None])
+        listing.append([p, st.st_size, st.st_mtime_ns, st.st_ctime_ns] if st else [p, None, None, None])
     return listing
 
 
@@ -307,8 +405,8 @@ def cache_keys(loaded: LoadedModel, paths: Sequence[str], tags: Sequence[str | N
     """sha256 hex cache keys of ``paths`` for each autocast tag; the listing is stat'ed once.
 
     Each key is sha256 of ``json.dumps(payload, sort_keys=True)`` where payload holds version,
-    digest, model_name, listing (path, size, mtime_ns), preprocess (repr), precision and, when
-    not None, autocast.
+    digest, model_name, listing (path, size, mtime_ns, ctime_ns), preprocess (repr), precision
+    and, when not None, autocast.
     """
     listing_json = json.dumps(_listing(paths)).encode()
     keys = []
@@ -370,8 +468,49 @@ def read_first_cache(files: Sequence[str], n: int, *, default_compute: str | Non
 
 
 def _savez(file: str, arrays: dict) -> None:
-    """``np.savez`` written atomically (readers never see half a file)."""
-    atomic_write(file, lambda f: np.savez(f, **arrays))
+    """``np.savez`` written atomically (readers never see half a file); a full disk, a quota or a
+    read-only folder is a TreeprobeError (files written before are kept)."""
+    try:
+        atomic_write(file, lambda f: np.savez(f, **arrays))
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        raise TreeprobeError(
+            f"cannot write {file} ({e.strerror or one_line(e)}); make room or fix the folder (or pass another "
+            "--cache-dir) and run again: the resume chunks already written there are used"
+        ) from None
+
+
+def space_needed(n: int, dim: int, *, copies: int = 2, partial_dir: str | None = None) -> int:
+    """Bytes an extraction of ``n`` images of ``dim`` floats needs in its cache folder:
+    ``copies`` x n x dim x 4 (resume chunks and the cache file exist together before the chunks
+    are removed) + n + :data:`SPACE_MARGIN`, less what the chunks in ``partial_dir`` already hold."""
+    have = 0
+    if partial_dir is not None and os.path.isdir(partial_dir):
+        for entry in os.scandir(partial_dir):
+            if _chunk_seq(entry.name) is not None:
+                have += entry.stat().st_size
+    return max(copies * n * dim * 4 + n - have, 0) + SPACE_MARGIN
+
+
+def check_cache_dir(cache_dir, need_bytes: int = 0) -> None:
+    """Raise TreeprobeError (one line, naming the folder) unless ``cache_dir`` is, or can be made, a
+    folder where a file can be created and deleted, with at least ``need_bytes`` free."""
+    d = os.fspath(cache_dir)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise TreeprobeError(f"cache folder {d} is a file, not a folder; pass another --cache-dir")
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".treeprobe-write-test-", dir=d)
+        os.close(fd)
+        os.remove(probe)
+        free = shutil.disk_usage(d).free
+    except OSError as e:
+        raise TreeprobeError(f"cannot write to the cache folder {d} ({e.strerror or one_line(e)}); "
+                             "pass a writable --cache-dir") from None
+    if free < need_bytes:
+        raise TreeprobeError(f"not enough free space in the cache folder {d}: {free / 2**20:.0f} MiB free, "
+                             f"about {need_bytes / 2**20:.0f} MiB needed; make room or pass another --cache-dir")
 
 
 def write_cache(file: str, result: ExtractionResult, *, extra: dict | None = None) -> None:
@@ -405,6 +544,17 @@ def partial_dir_for(file: str) -> str:
 
 
 @dataclass
+class _Batch:
+    """One finished batch: ``items`` int64 (b,) every index it held, ``ok_index`` int64 (k,) and
+    ``embeddings`` float32 (k, D) of those embedded, ``failed`` [(index, reason)] of the others."""
+
+    items: np.ndarray
+    ok_index: np.ndarray
+    embeddings: np.ndarray
+    failed: list
+
+
+@dataclass
 class _Collected:
     """What is embedded so far: ``done`` bool (n,), pieces [(ok indices, float32 (k, D))] and
     ``failed`` {index: reason}; ``next_seq`` is the number of the next resume chunk."""
@@ -414,9 +564,9 @@ class _Collected:
     failed: dict
     next_seq: int = 0
 
-    def add(self, piece, bad) -> None:
-        self.pieces.append(piece)
-        self.failed.update(bad)
+    def add(self, batch: _Batch) -> None:
+        self.pieces.append((batch.ok_index, batch.embeddings))
+        self.failed.update(batch.failed)
 
     def result(self, paths: Sequence[str], dim: int, compute: str) -> ExtractionResult:
         """The collected pieces in input order (``seconds`` 0)."""
@@ -489,13 +639,17 @@ def _read_partials(pdir: str | None, n: int) -> _Collected:
         if emb.shape[0]:
             dim = emb.shape[1]
         got.done[items] = True
-        got.add((oi, emb), zip(fi.tolist(), fr))
+        got.add(_Batch(items, oi, emb, list(zip(fi.tolist(), fr))))
     return got
 
 
 class _ChunkWriter:
     """The batches finished since the last resume chunk; :meth:`write` saves them as
-    ``chunk-<seq>.npz`` in ``partial_dir`` (None: no resume, nothing is kept)."""
+    ``chunk-<seq>.npz`` in ``partial_dir`` (None: no resume, nothing is kept).
+
+    Finished batches are kept by batch number (one dict store each), so a KeyboardInterrupt
+    at any point leaves whole batches only, and recording a batch twice is harmless.
+    """
 
     def __init__(self, partial_dir: str | None, seq: int, options: RunOptions):
         self.partial_dir, self.seq = partial_dir, seq
@@ -503,40 +657,35 @@ class _ChunkWriter:
         self._start()
 
     def _start(self) -> None:
-        self.items: list[np.ndarray] = []
-        self.pieces: list[tuple[np.ndarray, np.ndarray]] = []
-        self.failed: list[tuple[int, str]] = []
-        self.batches, self.t0 = 0, time.monotonic()
+        self.finished: dict[int, _Batch] = {}
+        self.loaded, self.t0 = 0, time.monotonic()
 
-    def add_batch(self, idx: torch.Tensor, failed: list) -> None:
-        """A batch was loaded: its decoded item indices and its failures."""
-        if self.partial_dir is None:
-            return
-        self.failed.extend(failed)
-        self.items.append(np.concatenate([idx.numpy(), np.asarray([i for i, _ in failed], np.int64)]))
-        self.batches += 1
+    def loaded_batch(self) -> None:
+        """Another batch came out of the loader."""
+        self.loaded += 1
 
-    def add(self, piece, bad) -> None:
-        """A batch's embeddings came back: (ok indices, embeddings) and non-finite failures."""
+    def add(self, number: int, batch: _Batch) -> None:
+        """Batch ``number`` is finished."""
         if self.partial_dir is not None:
-            self.pieces.append(piece)
-            self.failed.extend(bad)
+            self.finished[number] = batch
 
     def due(self) -> bool:
         """True when the batches since the last chunk should be written now."""
         return self.partial_dir is not None and (
-            self.batches >= self.batches_per_chunk or time.monotonic() - self.t0 >= self.seconds)
+            self.loaded >= self.batches_per_chunk or time.monotonic() - self.t0 >= self.seconds)
 
     def write(self) -> None:
-        """Save the batches since the last chunk as the next chunk file."""
-        oi = np.concatenate([i for i, _ in self.pieces]) if self.pieces else np.zeros(0, np.int64)
-        emb = np.concatenate([e for _, e in self.pieces]) if self.pieces else np.zeros((0, 0), np.float32)
+        """Save the batches finished since the last chunk as the next chunk file (none: nothing written)."""
+        if self.partial_dir is None or not self.finished:
+            self._start()
+            return
+        batches = [self.finished[k] for k in sorted(self.finished)]
         _savez(os.path.join(self.partial_dir, f"{_CHUNK_PREFIX}{self.seq:06d}{_CHUNK_SUFFIX}"), dict(
-            items=np.concatenate(self.items).astype(np.int64),
-            ok_index=oi.astype(np.int64),
-            embeddings=emb.astype(np.float32),
-            failure_index=np.asarray([i for i, _ in self.failed], dtype=np.int64),
-            failure_reason=np.asarray([r for _, r in self.failed], dtype=str),
+            items=np.concatenate([b.items for b in batches]).astype(np.int64),
+            ok_index=np.concatenate([b.ok_index for b in batches]).astype(np.int64),
+            embeddings=np.concatenate([b.embeddings for b in batches]).astype(np.float32),
+            failure_index=np.asarray([i for b in batches for i, _ in b.failed], dtype=np.int64),
+            failure_reason=np.asarray([r for b in batches for _, r in b.failed], dtype=str),
         ))
         self.seq += 1
         self._start()
@@ -563,11 +712,18 @@ def encode_batch(model, images: torch.Tensor, plan: Plan) -> torch.Tensor:
     return torch.nn.functional.normalize(feats.float(), dim=-1)
 
 
-class _HostCopy:
-    """Features of one batch on their way to host memory (asynchronous on CUDA)."""
+def _failed_batch(failed: list, dim: int) -> _Batch:
+    """A batch none of whose images could be decoded: its failures [(index, reason)]."""
+    return _Batch(np.asarray([i for i, _ in failed], np.int64), np.zeros(0, np.int64),
+                  np.zeros((0, dim), np.float32), list(failed))
 
-    def __init__(self, idx: torch.Tensor, feats: torch.Tensor):
-        self.idx = idx
+
+class _HostCopy:
+    """Features of one batch on their way to host memory (asynchronous on CUDA), with the
+    batch's decoding failures [(index, reason)]."""
+
+    def __init__(self, number: int, idx: torch.Tensor, feats: torch.Tensor, failed: list):
+        self.number, self.idx, self.failed = number, idx, list(failed)
         if feats.device.type == "cuda":
             self.host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
             self.host.copy_(feats, non_blocking=True)
@@ -576,14 +732,15 @@ class _HostCopy:
         else:
             self.host, self.event = feats, None
 
-    def result(self):
-        """((ok indices, float32 (k, D)), [(index, reason)] for non-finite or zero features)."""
+    def result(self) -> _Batch:
+        """The finished batch; non-finite or zero features are failures."""
         if self.event is not None:
             self.event.synchronize()
         idx, feats = self.idx.numpy(), self.host.numpy()
         finite = np.isfinite(feats).all(axis=1) & (np.abs(feats).sum(axis=1) > 0)
         bad = [(int(i), _NON_FINITE) for i in idx[~finite]]
-        return (idx[finite], np.array(feats[finite], dtype=np.float32)), bad
+        items = np.concatenate([idx, np.asarray([i for i, _ in self.failed], np.int64)])
+        return _Batch(items, idx[finite], np.array(feats[finite], dtype=np.float32), self.failed + bad)
 
 
 def _loader(loaded: LoadedModel, paths: Sequence[str], indices: np.ndarray, plan: Plan,
@@ -607,9 +764,46 @@ def _batches(loader: DataLoader, num_workers: int) -> Iterator:
         yield batch
 
 
+@contextmanager
+def _sigterm_as_interrupt():
+    """While active, SIGTERM raises KeyboardInterrupt in the main thread (so the finished batches
+    are saved as on Ctrl-C); the previous handler is restored after. A no-op outside the main
+    thread and where SIGTERM is ignored or has a handler not set from Python."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None or previous is signal.SIG_IGN:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _save_interrupted(chunks: _ChunkWriter, pending: _HostCopy | None, finish) -> None:
+    """On an interrupt: record the batch whose features are on their way back, write the chunk."""
+    if pending is not None:
+        try:
+            finish(pending)
+        except Exception:  # noqa: BLE001 - that batch is embedded again on the next run
+            pass
+    try:
+        chunks.write()
+    except Exception as e:  # noqa: BLE001 - the interrupt is what the caller must see
+        warnings.warn(f"could not save the finished batches on interrupt: {one_line(e)}", stacklevel=3)
+
+
 def _embed_remaining(loaded: LoadedModel, paths: Sequence[str], plan: Plan, options: RunOptions,
                      got: _Collected, chunks: _ChunkWriter, desc: str) -> None:
-    """Embed the paths not ``got.done`` into ``got``, handing every batch to ``chunks`` too."""
+    """Embed the paths not ``got.done`` into ``got``, handing every batch to ``chunks`` too; the
+    last batches are written as a chunk at the end, and on KeyboardInterrupt / SIGTERM."""
     from tqdm.auto import tqdm
 
     remaining = np.flatnonzero(~got.done)
@@ -617,30 +811,39 @@ def _embed_remaining(loaded: LoadedModel, paths: Sequence[str], plan: Plan, opti
     loader = _loader(loaded, paths, remaining, plan, options)
 
     def finish(copy: _HostCopy) -> None:
-        piece, bad = copy.result()
-        got.add(piece, bad)
-        chunks.add(piece, bad)
+        batch = copy.result()
+        chunks.add(copy.number, batch)
+        got.add(batch)
 
     n = len(paths)
+    pending: _HostCopy | None = None
     with tqdm(total=n, initial=n - remaining.size, desc=desc, unit="img", disable=not options.progress) as bar, \
-            _torch_threads(options.threads), torch.inference_mode():
-        pending: _HostCopy | None = None
-        for idx, images, batch_failed in _batches(loader, options.num_workers):
-            got.failed.update(batch_failed)
-            chunks.add_batch(idx, batch_failed)
-            if images is not None:
-                copy = _HostCopy(idx, encode_batch(model, images, plan))
-                if pending is not None:  # let the GPU run this batch while the last one comes back
-                    finish(pending)
-                pending = copy
-            bar.update(len(idx) + len(batch_failed))
-            if chunks.due():
-                if pending is not None:
-                    finish(pending)
-                    pending = None
-                chunks.write()
-        if pending is not None:
-            finish(pending)
+            _torch_threads(options.threads), torch.inference_mode(), _sigterm_as_interrupt():
+        try:
+            for number, (idx, images, batch_failed) in enumerate(_batches(loader, options.num_workers)):
+                chunks.loaded_batch()
+                if images is None:
+                    batch = _failed_batch(batch_failed, loaded.embed_dim)
+                    chunks.add(number, batch)
+                    got.add(batch)
+                else:
+                    copy = _HostCopy(number, idx, encode_batch(model, images, plan), batch_failed)
+                    if pending is not None:  # let the GPU run this batch while the last one comes back
+                        finish(pending)
+                    pending = copy
+                bar.update(len(idx) + len(batch_failed))
+                if chunks.due():
+                    if pending is not None:
+                        finish(pending)
+                        pending = None
+                    chunks.write()
+            if pending is not None:
+                finish(pending)
+                pending = None
+            chunks.write()  # everything is on disk before the cache file is written
+        except KeyboardInterrupt:
+            _save_interrupted(chunks, pending, finish)
+            raise
 
 
 def embed_paths(loaded: LoadedModel, paths: Sequence[str], plan: Plan, *, options: RunOptions = RunOptions(),
@@ -648,8 +851,9 @@ def embed_paths(loaded: LoadedModel, paths: Sequence[str], plan: Plan, *, option
     """Embed ``paths`` → embeddings (N_ok, D) in input order, ok (N,), failures (``seconds`` 0).
 
     Never raises for unreadable images, not even when none is readable (the callers decide).
-    With ``partial_dir``, finished batches are saved there in chunks and a run that finds
-    chunks there embeds only the remaining images.
+    With ``partial_dir``, finished batches are saved there in chunks (also on Ctrl-C / SIGTERM,
+    before the KeyboardInterrupt propagates) and a run that finds chunks there embeds only the
+    remaining images.
     """
     got = _read_partials(partial_dir, len(paths))
     if not got.done.all():
@@ -691,9 +895,11 @@ def extract_embeddings(
     autocast: 'auto' (bf16 on CUDA, off on the CPU, for fp32 models), 'off', 'bf16', 'fp16'.
     channels_last: None → on for CUDA with a convolutional image tower.
     threads: torch intra-op threads for the duration of the call (None: leave as is).
-    cache_dir: folder of the embedding cache (None: no cache, no resume).
+    cache_dir: folder of the embedding cache (None: no cache, no resume); on a cache miss it
+        must be writable with room for the result (checked before the model runs).
     resume: with ``cache_dir``, save finished batches every ``chunk_batches`` batches
-        (default 8192 images' worth) or ``chunk_seconds`` and pick up an interrupted run.
+        (default 2048 images' worth) or ``chunk_seconds`` (default 30), and on Ctrl-C / SIGTERM,
+        and pick up an interrupted run.
     """
     t0 = time.perf_counter()
     options = RunOptions(batch_size=batch_size, num_workers=num_workers, prefetch_factor=prefetch_factor,
@@ -712,8 +918,12 @@ def extract_embeddings(
 
 def _run_and_store(loaded: LoadedModel, paths: list[str], plan: Plan, *, options: RunOptions, t0: float,
                       cache_file: str | None = None, resume: bool = True) -> ExtractionResult:
-    """Run the model on ``paths`` and write ``cache_file`` (None: no cache); raises when none is readable."""
+    """Run the model on ``paths`` and write ``cache_file`` (None: no cache); raises when none is readable
+    or when the cache folder cannot take the result (checked first)."""
     partial = partial_dir_for(cache_file) if (cache_file is not None and resume) else None
+    if cache_file is not None:
+        check_cache_dir(os.path.dirname(cache_file), space_needed(
+            len(paths), loaded.embed_dim, copies=2 if partial else 1, partial_dir=partial))
     res = embed_paths(loaded, paths, plan, options=options, partial_dir=partial)
     if not res.ok.any():
         raise no_images_error(len(paths), res.failures)

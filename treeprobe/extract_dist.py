@@ -24,6 +24,10 @@ Layout in ``--out`` (``<key>`` is the cache key of the whole listing, see treepr
 * ``embeddings-<key>.shard-RRRRR-of-WWWWW.partial/``: rank R's resume chunks while it runs.
 * ``embeddings-<key>.npz``: the merged cache.
 
+Before a rank embeds anything it checks that ``--out`` is a writable folder with room for its
+shard, twice over (resume chunks and shard file), and rank 0 also for the merged file
+(:func:`treeprobe.extract.check_cache_dir`). Ctrl-C or SIGTERM (torchrun stopping its workers)
+writes the finished batches of each rank before it exits (status 130 from the command line).
 A rerun after an interruption skips the shards already written and resumes the others from
 their chunks. Shards are contiguous slices ``[n*r//W, n*(r+1)//W)`` of the listing, so the
 merged rows are in the original order; embeddings equal a single-process run up to float
@@ -51,8 +55,8 @@ from treeprobe.errors import TreeprobeError
 from treeprobe.extract import (
     AUTOCAST_CHOICES, DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_IMAGES, DEFAULT_CHUNK_SECONDS, DEFAULT_NUM_WORKERS,
     DEFAULT_PREFETCH_FACTOR, ExtractionResult, RunOptions, accepted_autocast_tags, cache_file_for, cache_key,
-    cache_keys, check_paths, embed_paths, no_images_error, partial_dir_for, path_strings, read_cache,
-    read_first_cache, resolve_plan, write_cache,
+    cache_keys, check_cache_dir, check_paths, embed_paths, no_images_error, partial_dir_for, path_strings,
+    read_cache, read_first_cache, resolve_plan, space_needed, write_cache,
 )
 from treeprobe.models import LoadedModel
 
@@ -127,11 +131,13 @@ def extract_shard(
     autocast: str = "auto",
     channels_last: bool | None = None,
     key: str | None = None,
+    reserve_bytes: int = 0,
 ) -> str:
     """Embed rank's shard of ``paths`` and write its shard file (skipped when already there).
 
     Unreadable images are recorded, never fatal (a shard may even have none readable).
-    Returns the shard file's path.
+    Raises TreeprobeError before embedding when ``cache_dir`` is not writable or lacks room for
+    the shard (twice: chunks and shard file) plus ``reserve_bytes``. Returns the shard file's path.
     """
     paths = check_paths(paths)
     plan = resolve_plan(loaded, device, autocast=autocast, channels_last=channels_last)
@@ -141,6 +147,7 @@ def extract_shard(
         return file
     start, stop = shard_bounds(len(paths), rank, world_size)
     partial = partial_dir_for(file)
+    check_cache_dir(cache_dir, space_needed(stop - start, loaded.embed_dim, partial_dir=partial) + reserve_bytes)
     res = embed_paths(loaded, paths[start:stop], plan, options=options, partial_dir=partial,
                       desc=f"embedding images (shard {rank}/{world_size})")
     write_cache(file, res, extra=dict(start=np.int64(start), stop=np.int64(stop), n_total=np.int64(len(paths))))
@@ -310,9 +317,11 @@ def extract_distributed(
     if cached is not None:
         return replace(cached, seconds=time.perf_counter() - t0)
 
+    reserve = len(paths) * loaded.embed_dim * 4 if (merge and rank == 0) else 0  # the merged file
     with _process_group(rank, world_size, timeout_min) as grouped:
         extract_shard(loaded, paths, cache_dir, rank=rank, world_size=world_size, options=options,
-                      device=plan.device, autocast=autocast, channels_last=channels_last, key=key)
+                      device=plan.device, autocast=autocast, channels_last=channels_last, key=key,
+                      reserve_bytes=reserve)
         if not merge or (world_size > 1 and not grouped):
             return None
         _merge_between_barriers(loaded, paths, cache_dir, rank=rank, world_size=world_size, key=key,
@@ -416,7 +425,8 @@ def cmd_extract(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m treeprobe.extract_dist [options of treeprobe extract]``; exit status 2 on input errors."""
+    """``python -m treeprobe.extract_dist [options of treeprobe extract]``; exit status 2 on input errors,
+    130 when interrupted (Ctrl-C, SIGTERM) after the finished batches were saved."""
     parser = argparse.ArgumentParser(prog="python -m treeprobe.extract_dist", description=_DESCRIPTION)
     _add_extract_arguments(parser)
     args = parser.parse_args(argv)
@@ -425,6 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TreeprobeError as e:
         print(f"treeprobe: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("treeprobe: interrupted; the finished batches are kept, run the same command again to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -391,12 +391,100 @@ def _build(name: str | None, model_cfg: dict | None, preprocess_cfg: dict | None
 # ----------------------------------------------------------------------------- checkpoints
 
 
+#: First bytes of the containers a checkpoint file can be: torch.save's zip archive (also TorchScript),
+#: and the pickle of a legacy torch.save (protocol 2..5 opcode).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO_OPCODE = 0x80
+#: Other formats a wrong file often is, by their first bytes → what to say.
+_OTHER_FORMATS = (
+    (b"version https://git-lfs", "a Git LFS pointer, not the file itself: run `git lfs pull`"),
+    (b"\x1f\x8b", "a gzip file: decompress it first"),
+    (b"\x93NUMPY", "a numpy .npy array"),
+    (b"\x89HDF", "an HDF5 file (Keras/TensorFlow weights?)"),
+    (b"PK\x05\x06", "an empty zip archive"),
+)
+_HEAD_BYTES = 32
+_TEXT_BYTES = set(range(32, 127)) | {9, 10, 13}
+
+
+def _looks_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with its JSON header's length (u64 little-endian), then ``{``."""
+    return len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size
+
+
+def _describe_head(head: bytes) -> str:
+    """The first bytes of a file, as text when they are printable, else as hex."""
+    if set(head) <= _TEXT_BYTES:
+        return f"text {' '.join(head.decode('ascii').split())[:24]!r}"
+    return "bytes " + head[:8].hex(" ")
+
+
+def _sniff(path: str) -> tuple[str | None, bytes]:
+    """(container, first bytes) of a file: ``'zip'`` (torch.save), ``'pickle'`` (legacy torch.save),
+    ``'safetensors'``, ``'empty'`` or None (something else)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except OSError as e:
+        raise TreeprobeError(f"cannot read checkpoint {path}: {one_line(e)}") from None
+    if not head:
+        return "empty", head
+    if head.startswith(_ZIP_MAGIC):
+        return "zip", head
+    if head[0] == _PICKLE_PROTO_OPCODE and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle", head
+    if _looks_safetensors(head, size):
+        return "safetensors", head
+    return None, head
+
+
+_EMPTY = "the file is empty (0 bytes): its write did not finish or the copy failed"
+
+
+def check_checkpoint_bytes(path: str) -> str:
+    """The container of the checkpoint file ``path`` by its first bytes: ``'zip'`` (torch.save),
+    ``'pickle'`` (legacy torch.save) or ``'safetensors'``; a one-line :class:`TreeprobeError` for an
+    empty file or any other content (it says what the file starts with, and what it is when known)."""
+    kind, head = _sniff(path)
+    if kind == "empty":
+        raise TreeprobeError(f"cannot read checkpoint {path}: {_EMPTY}")
+    if kind is None:
+        known = next((what for magic, what in _OTHER_FORMATS if head.startswith(magic)), None)
+        raise TreeprobeError(
+            f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (it starts with {_describe_head(head)}"
+            + (f": {known}" if known else "")
+            + "); expected a file written by torch.save (.pt, .pth, .bin) or a .safetensors file"
+        )
+    return kind
+
+
+def _unreadable(path: str, kind: str, e: BaseException) -> TreeprobeError:
+    """The error for a checkpoint whose container (``kind``) torch cannot read."""
+    msg = str(e)
+    torn = isinstance(e, EOFError) or "central directory" in msg or "unexpected EOF" in msg
+    if torn:
+        what = "zip archive" if kind == "zip" else "pickle"
+        return TreeprobeError(f"checkpoint {path} is truncated or corrupted (its {what} ends early: "
+                              f"{one_line(e, 120)}); write or copy it again")
+    return TreeprobeError(f"cannot read checkpoint {path}: {one_line(e)}")
+
+
 def _torch_load(path: str, trust: bool = False):
     """torch.load on CPU with weights_only; only with ``trust`` may a file holding other Python
-    objects be unpickled (that runs code from the file). → (object, weights_only_used)."""
+    objects be unpickled (that runs code from the file). → (object, weights_only_used).
+
+    The file must be a torch.save zip or pickle (:func:`check_checkpoint_bytes`): random bytes,
+    an empty or a safetensors file fail with what they are, and only a real pickle that the
+    weights-only reader refuses gets the ``--trust-checkpoint`` hint."""
+    kind = check_checkpoint_bytes(path)
+    if kind == "safetensors":
+        raise TreeprobeError(f"checkpoint {path} is a safetensors file; name it *.safetensors to load it")
+
     def load(weights_only):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TorchScript archive.*")
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             try:
                 return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
             except RuntimeError as e:
@@ -408,14 +496,14 @@ def _torch_load(path: str, trust: bool = False):
         return load(True), True
     except RuntimeError as e:
         if "TorchScript" not in str(e):
-            raise TreeprobeError(f"cannot read checkpoint {path}: {one_line(e)}") from None
+            raise _unreadable(path, kind, e) from None
         raise TreeprobeError(
             f"checkpoint {path} is a TorchScript archive (like OpenAI's original release); "
             f"load it with --model NAME --pretrained openai, or re-save its state_dict()"
         ) from None
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():
-            raise TreeprobeError(f"cannot read checkpoint {path}: {one_line(e)}") from None
+            raise _unreadable(path, kind, e) from None
         if not trust:
             raise TreeprobeError(
                 f"checkpoint {path} holds Python objects beyond tensors, and unpickling them would run code "
@@ -427,11 +515,11 @@ def _torch_load(path: str, trust: bool = False):
             stacklevel=3,
         )
     except Exception as e:  # noqa: BLE001
-        raise TreeprobeError(f"cannot read checkpoint {path}: {one_line(e)}") from None
+        raise _unreadable(path, kind, e) from None
     try:
         return load(False), False
     except Exception as e:  # noqa: BLE001
-        raise TreeprobeError(f"cannot read checkpoint {path}: {one_line(e)}") from None
+        raise _unreadable(path, kind, e) from None
 
 
 def _strip_module(sd: dict) -> dict:
@@ -445,6 +533,12 @@ def _read_checkpoint(path: str, trust: bool = False):
     header is read here (state dict None); open_clip reads the tensors when loading."""
     if path.lower().endswith(".safetensors"):
         from safetensors import safe_open
+
+        kind = _sniff(path)[0]
+        if kind in ("zip", "pickle"):
+            raise TreeprobeError(f"checkpoint {path} is a torch.save file, not safetensors; name it *.pt to load it")
+        if kind == "empty":
+            raise TreeprobeError(f"cannot read safetensors checkpoint {path}: {_EMPTY}")
 
         try:
             with safe_open(path, framework="pt") as f:

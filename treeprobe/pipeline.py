@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from treeprobe._utils import check_output_dir
 from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 
@@ -97,15 +98,21 @@ def run_intrinsic(*, out: str | None = None, tree: str | None = None, figures: b
                   inputs: dict | None = None, **analysis_kwargs):
     """Load (:func:`load_inputs` with ``inputs``) → analyse (:func:`treeprobe.tl.intrinsic`) → write.
 
-    Returns ``(report, written paths)``; nothing is written when ``out`` is None.
+    Returns ``(report, written paths)``; nothing is written when ``out`` is None. ``out`` is checked
+    (:func:`~treeprobe._utils.check_output_dir`) before the inputs are loaded and again, with the space
+    the report of that many items needs, before the analysis; the report replaces ``out`` as a whole.
     """
     from treeprobe import tl
-    from treeprobe.report import write_report
+    from treeprobe.report import report_bytes, write_report
     from treeprobe.tree import read_newick
 
+    if out:
+        check_output_dir(out)  # before any long work: an unwritable --out fails now, not after the analysis
     inputs = dict(inputs or {})
     inputs.setdefault("progress", analysis_kwargs.get("progress", True))
     ds, prov = load_inputs(seed=analysis_kwargs.get("seed", 0), **inputs)
+    if out:
+        check_output_dir(out, need_bytes=report_bytes(len(ds)))
     if tree:
         prov["tree_file"] = str(tree)
     report = tl.intrinsic(ds, tree=read_newick(tree) if tree else None, provenance=prov, **analysis_kwargs)
@@ -142,7 +149,11 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
     elif suffix in EMBEDDING_SUFFIXES:
         kw = dict(embeddings=source)
     elif source.startswith("example:"):
+        from treeprobe.datasets import EXAMPLES
+
         kw = dict(example=source.split(":", 1)[1])
+        if kw["example"] not in EXAMPLES:
+            raise TreeprobeError(f"unknown example {kw['example']!r} in {spec!r}; choose from {', '.join(EXAMPLES)}")
     elif ":" in source:
         arch, tag = source.split(":", 1)
         kw = dict(model=arch, pretrained=tag or None)
@@ -158,10 +169,10 @@ def load_models(specs, *, data: str | None = None, metadata: str | None = None, 
     """One TreeData per model spec (:func:`parse_model_spec`) and their provenance: models given as
     checkpoints / architectures embed the images of ``data``; embedding files and examples are read.
     ``common``: the other :func:`load_inputs` keywords (cache_dir, batch_size, device, ...)."""
-    out, prov = {}, {}
-    for spec in specs:
+    parsed: dict[str, dict] = {}
+    for spec in specs:  # every spec checked before the first model is loaded (embedding can take hours)
         name, kw = parse_model_spec(spec)
-        if name in out:
+        if name in parsed:
             raise TreeprobeError(f"two models are named {name!r}; name them: NAME=SOURCE")
         if "ckpt" in kw or "model" in kw:
             if data is None:
@@ -169,6 +180,9 @@ def load_models(specs, *, data: str | None = None, metadata: str | None = None, 
             kw["data"] = data
         elif "embeddings" in kw:
             kw["metadata"] = metadata
+        parsed[name] = kw
+    out, prov = {}, {}
+    for name, kw in parsed.items():
         ds, p = load_inputs(**kw, **common)
         out[name], prov[name] = ds, p
     return out, prov
@@ -180,6 +194,8 @@ def run_compare(*, models, out: str | None = None, figures: bool = True, inputs:
     from treeprobe.compare import compare
     from treeprobe.compare_report import write_comparison
 
+    if out:
+        check_output_dir(out)  # before any model is loaded or embedded
     inputs = dict(inputs or {})
     inputs.setdefault("progress", compare_kwargs.get("progress", False))
     datasets, prov = load_models(models, **inputs)

@@ -7,7 +7,10 @@ provenance as a dict). :func:`write_report` renders it to a folder:
 - ``per_rank.csv`` — one row per rank: taxa counts, clustering and kNN scores with chance;
 - ``figures/*.png|pdf`` — rank-coloured t-SNE/UMAP maps, per-rank metrics, Mantel distance plot;
 - ``report.md``    — a short human-readable report that shows the figures.
-- ``report.html``  — the same report as one self-contained page (figures embedded, sortable tables, opens offline);
+- ``report.html``  — the same report as one self-contained page (figures embedded, sortable tables, opens offline).
+
+The folder is replaced as a whole (written into a temporary folder beside it, then renamed into place):
+a reader sees the previous complete report or the new complete one, never a mix.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from treeprobe._utils import atomic_write, atomic_write_text
+from treeprobe._utils import (OUTPUT_BYTES_PER_ITEM, OUTPUT_MIN_FREE_BYTES, atomic_output_dir, atomic_write,
+                              atomic_write_text, rebase_paths)
 
-__all__ = ["Report", "write_report", "write_figures", "load_report", "render_markdown"]
+__all__ = ["Report", "write_report", "write_report_files", "report_bytes", "write_figures", "load_report",
+           "render_markdown"]
 
 
 @dataclass
@@ -243,17 +248,36 @@ def render_markdown(report: Report, figures: dict[str, str] | None = None) -> st
     return "\n".join(lines)
 
 
+def report_bytes(n_items: int) -> int:
+    """Free space (bytes) asked for before writing the report of ``n_items`` items: a fixed margin
+    (:data:`~treeprobe._utils.OUTPUT_MIN_FREE_BYTES`) plus :data:`~treeprobe._utils.OUTPUT_BYTES_PER_ITEM` per item."""
+    return OUTPUT_MIN_FREE_BYTES + OUTPUT_BYTES_PER_ITEM * max(int(n_items), 0)
+
+
 def write_report(report: Report, out_dir: str | os.PathLike, *, figures: bool = True) -> dict[str, str]:
     """Write report.json, per_rank.csv, items.csv, figures/, report.md and report.html (one self-contained
-    page: figures embedded, sortable tables) into ``out_dir``; return their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    page: figures embedded, sortable tables) into ``out_dir``; return their paths (under ``out_dir``).
+
+    The folder is written whole or not at all (:func:`~treeprobe._utils.atomic_output_dir`): the files go
+    into a temporary folder beside ``out_dir`` that then replaces it, so an earlier report there is
+    replaced entirely (none of its figures stay beside the new ones) and an error or an interrupt leaves
+    it untouched. ``out_dir`` is checked first (:func:`~treeprobe._utils.check_output_dir`: an existing
+    file, a folder that is neither empty nor a treeprobe output, an unwritable place or a full disk
+    raise :class:`~treeprobe.errors.TreeprobeError`).
+    """
+    with atomic_output_dir(out_dir, need_bytes=report_bytes(report.n_items)) as tmp:
+        paths = write_report_files(report, tmp, figures=figures)
+    return rebase_paths(paths, tmp, out_dir)
+
+
+def write_report_files(report: Report, out: Path, *, figures: bool = True) -> dict[str, str]:
+    """The files of :func:`write_report`, written into the existing folder ``out`` as they are made (not
+    atomically: callers write into a temporary folder). report.json comes last, so a folder without
+    it is incomplete even when written in place."""
     paths: dict[str, str] = {}
     fig_paths: dict[str, str] = {}
     if figures:
         fig_paths = write_figures(report, out / "figures")
-    atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, allow_nan=False))
-    paths["json"] = str(out / "report.json")
     atomic_write_text(out / "items.csv", report.items_table().to_csv(index=False), fsync=False)
     paths["items_csv"] = str(out / "items.csv")
     if report.mantel_sample is not None:
@@ -268,8 +292,10 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures: bool = 
 
     write_html(intrinsic_html(report, fig_paths), out / "report.html")
     paths["html"] = str(out / "report.html")
+    atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2, allow_nan=False))
+    paths["json"] = str(out / "report.json")
     paths.update({f"figure:{k}": v for k, v in fig_paths.items()})
-    return paths
+    return {k: paths[k] for k in ("json", *[k for k in paths if k != "json"])}
 
 
 def write_figures(report: Report, fig_dir: Path) -> dict[str, str]:

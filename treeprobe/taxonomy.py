@@ -29,11 +29,23 @@ What a missing rank means depends on ``unknown`` (:meth:`Taxonomy.from_frame`):
     In the rank tree (:meth:`Taxonomy.clade_structure`) an item with unknown ranks gets a private
     leaf below its deepest known taxon, so two items whose deepest known taxon is the family F are
     as far apart as two different species of F (2·Σ of the rank lengths below family), never 0.
+
+**Names.** :func:`clean_lineages` (and so every Taxonomy) reads names in Unicode NFC with runs of
+whitespace (spaces, tabs, no-break spaces) as one space and no leading/trailing whitespace, so
+``"Parus\u00a0 major"`` is ``"Parus major"``. Letter case is kept here: ``Aves`` and ``aves`` are two
+names to a Taxonomy; :func:`tidy_lineage_names` (run by :class:`~treeprobe.core.TreeData` on its
+items) spells the case variants of one name alike. A name may not contain :data:`SEP`.
+
+**Lineage conflicts.** A taxon is expected to have one parent: the same name at the same rank in
+the same kingdom under two different names at the rank directly above (rows where both are known)
+is a conflict. :func:`lineage_conflicts` lists them; the items keep their lineages (each lineage
+is its own taxon, as homonyms are), since no rule can tell which parent is right.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -42,8 +54,9 @@ from treeprobe._utils import RANKS
 from treeprobe.errors import TreeprobeError
 from treeprobe.tree import CladeStructure
 
-__all__ = ["RANKS", "SEP", "PLACEHOLDER", "UNKNOWN_LEAF", "UNKNOWN_MODES", "MISSING_TOKENS", "Taxonomy",
-           "clean_lineages", "is_missing", "placeable_mask"]
+__all__ = ["RANKS", "SEP", "PLACEHOLDER", "UNKNOWN_LEAF", "UNKNOWN_MODES", "MISSING_TOKENS", "CONFLICT_COLUMNS",
+           "Taxonomy", "clean_lineages", "conflict_summary", "is_missing", "lineage_conflicts", "lineage_graph",
+           "normalise_name", "placeable_mask", "tidy_lineage_names"]
 
 #: Separator of the ranks in a cumulative label (``Animalia|Chordata|Aves``).
 SEP = "|"
@@ -59,6 +72,21 @@ UNKNOWN_MODES = ("placeholder", "separate")
 MISSING_TOKENS: frozenset[str] = frozenset(
     {"", "incertae sedis", "incertae_sedis", "unknown", "na", "n/a", "none", "null", "nan", "-", "?"}
 )
+
+
+#: Columns of :func:`lineage_conflicts`.
+CONFLICT_COLUMNS = ("kingdom", "rank", "name", "parent_rank", "parent", "n_items")
+_WHITESPACE = re.compile(r"\s+")  # str patterns: every Unicode space (tab, U+00A0, U+2009, ...)
+_NUMBER = r"[+-]?\d+(?:[.,]\d+)?"
+
+
+def normalise_name(name: str) -> str:
+    """``name`` in Unicode NFC, runs of whitespace as one space, stripped.
+
+    >>> normalise_name(" Parus\u00a0\tmajor  ")
+    'Parus major'
+    """
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", name)).strip()
 
 
 def _normalise_token(s: str) -> str:
@@ -84,23 +112,40 @@ def is_missing(values, *, missing: Iterable[str] = MISSING_TOKENS, rank: str | N
     return _missing_mask(s, _token_set(missing), rank).to_numpy(dtype=bool)
 
 
-def _missing_mask(col: pd.Series, tokens: frozenset[str], rank: str | None) -> pd.Series:
-    """Boolean Series: NaN/None, a token, or (``rank`` given) that rank's placeholder."""
+def _factorize(col) -> tuple[np.ndarray, list]:
+    """(codes (n,), −1 for NaN/None; the distinct values): string work is then done once per
+    distinct name, in plain Python (no per-call pandas overhead on small tables)."""
+    codes, uniques = pd.factorize(col, use_na_sentinel=True)
+    return codes, list(np.asarray(uniques, dtype=object))
+
+
+def _unique_missing(uniques: list, tokens: frozenset[str], rank: str | None) -> np.ndarray:
     if rank is not None:
         tokens = tokens | {_normalise_token(PLACEHOLDER.format(rank=rank))}
-    key = col.astype("string").fillna("").str.strip().str.lower().str.replace(r"[\s_]+", " ", regex=True)
-    return col.isna() | key.isin(tokens)
+    return np.array([_normalise_token(u) in tokens for u in uniques], dtype=bool)
 
 
-def _clean_column(col: pd.Series, tokens: frozenset[str], rank: str) -> pd.Series:
-    """Strings stripped; missing values (NaN/None/tokens/placeholder of ``rank``) → ''."""
-    s = col.astype("string").fillna("").str.strip()
-    return s.where(~_missing_mask(col, tokens, rank), "").astype(object)
+def _missing_mask(col: pd.Series, tokens: frozenset[str], rank: str | None) -> pd.Series:
+    """Boolean Series: NaN/None, a token, or (``rank`` given) that rank's placeholder."""
+    codes, uniques = _factorize(col)
+    miss = np.append(_unique_missing(uniques, tokens, rank), True)  # code −1 (NaN) → last: missing
+    return pd.Series(miss[codes], index=col.index)
+
+
+def _clean_column(col: pd.Series, tokens: frozenset[str], rank: str, normalise: bool = True) -> pd.Series:
+    """Strings (through :func:`normalise_name` unless ``normalise`` is False); missing values
+    (NaN/None/tokens/placeholder of ``rank``) → ''."""
+    codes, uniques = _factorize(col)
+    text = [normalise_name(str(u)) if normalise else str(u) for u in uniques]
+    miss = _unique_missing(uniques, tokens, rank)
+    clean = np.array([("" if m else t) for t, m in zip(text, miss)] + [""], dtype=object)
+    return pd.Series(clean[codes], index=col.index, dtype=object)
 
 
 def clean_lineages(df: pd.DataFrame, ranks: Sequence[str] = RANKS, *,
-                   missing: Iterable[str] = MISSING_TOKENS) -> pd.DataFrame:
-    """The rank columns of ``df`` as stripped strings, '' where missing (see :func:`is_missing`).
+                   missing: Iterable[str] = MISSING_TOKENS, normalise: bool = True) -> pd.DataFrame:
+    """The rank columns of ``df`` as strings, '' where missing (see :func:`is_missing`), each name through
+    :func:`normalise_name` (``normalise=False``: kept as given, for a caller that counts the changes).
 
     Shape (N, len(ranks)), same index as ``df``. Raises :class:`TreeprobeError` if a rank column is absent.
     """
@@ -110,13 +155,171 @@ def clean_lineages(df: pd.DataFrame, ranks: Sequence[str] = RANKS, *,
             f"missing rank column(s): {', '.join(absent)} (need {', '.join(ranks)})"
         )
     tokens = _token_set(missing)
-    return pd.DataFrame({r: _clean_column(df[r], tokens, r) for r in ranks}, index=df.index)
+    return pd.DataFrame({r: _clean_column(df[r], tokens, r, normalise) for r in ranks}, index=df.index)
+
+
+def _separator_error(rank: str, n: int, example: str) -> TreeprobeError:
+    return TreeprobeError(f"{n} {rank} value(s) contain {SEP!r} (e.g. {example!r}), the separator of treeprobe's "
+                          f"cumulative taxon labels: rename them (e.g. replace {SEP!r} by '/')")
+
+
+def _check_separator(lin: pd.DataFrame) -> None:
+    """Raise if a (clean) name contains :data:`SEP`: cumulative labels would then collide."""
+    for r in lin.columns:
+        bad = [v for v in pd.unique(lin[r].to_numpy(dtype=object)) if SEP in v]
+        if bad:
+            raise _separator_error(r, int(lin[r].isin(bad).sum()), bad[0])
+
+
+def tidy_lineage_names(items: pd.DataFrame, ranks: Sequence[str] = RANKS, *,
+                       missing: Iterable[str] = MISSING_TOKENS) -> tuple[pd.DataFrame, dict]:
+    """The rank columns of ``items`` spelled alike: every string through :func:`normalise_name`, then the
+    case variants of a name at a rank (``Aves`` / ``aves``) all spelled as its most frequent variant
+    (ties: the first in sort order, so the choice does not depend on row order): nomenclature never
+    tells two names apart by letter case alone, so they are one name mistyped. Missing values and
+    non-strings are left as they are.
+
+    Returns (``items``, a copy when something changed; ``notes``): ``n_normalised`` (values changed by
+    normalisation), ``case_variants`` (list of (rank, chosen spelling, [other spellings], items changed)),
+    and ``numeric`` (list of (rank, example, items): names that are plain numbers, kept as names).
+    Raises :class:`TreeprobeError` for a name with :data:`SEP`.
+    Works on the distinct values of each column: O(N) plus O(distinct names).
+    """
+    tokens = _token_set(missing)
+    notes = dict(n_normalised=0, case_variants=[], numeric=[])
+    out = items
+    for r in ranks:
+        if r not in items.columns:
+            continue
+        codes, uniques = pd.factorize(items[r], use_na_sentinel=True)
+        uniques = np.asarray(uniques, dtype=object)
+        counts = np.bincount(codes[codes >= 0], minlength=len(uniques))
+        new = np.array([normalise_name(u) if isinstance(u, str) else u for u in uniques], dtype=object)
+        is_str = np.array([isinstance(u, str) for u in uniques], dtype=bool)
+        notes["n_normalised"] += int(counts[is_str & (new != uniques)].sum())
+        known = is_str & ~_missing_mask(pd.Series(new, dtype=object), tokens, r).to_numpy(dtype=bool)
+        has_sep = np.array([SEP in v for v in new[known]], dtype=bool)
+        if has_sep.any():
+            raise _separator_error(r, int(counts[known][has_sep].sum()), new[known][has_sep][0])
+        # case variants, counted on the normalised spellings (uniques that became equal add up)
+        names = pd.Series(counts[known], index=pd.Index(new[known], dtype=object)).groupby(level=0).sum()
+        folded = names.index.str.casefold().to_numpy()
+        variants = pd.Series(folded).duplicated(keep=False).to_numpy()  # a key shared by ≥ 2 spellings
+        names, folded = names[variants], folded[variants]
+        spelling = {}
+        for _, group in names.groupby(folded):
+            if len(group) > 1:
+                ordered = sorted(group.items(), key=lambda kv: (-kv[1], kv[0]))
+                chosen, others = ordered[0][0], [k for k, _ in ordered[1:]]
+                spelling.update(dict.fromkeys(others, chosen))
+                notes["case_variants"].append((r, chosen, others, int(sum(n for _, n in ordered[1:]))))
+        if spelling:
+            new = np.array([spelling.get(v, v) if isinstance(v, str) else v for v in new], dtype=object)
+        nums = known & np.array([isinstance(v, str) and re.fullmatch(_NUMBER, v) is not None for v in new], bool)
+        nums |= np.array([isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and pd.notna(v)
+                          for v in uniques], dtype=bool)
+        if nums.any():
+            notes["numeric"].append((r, str(new[np.flatnonzero(nums)[0]]), int(counts[nums].sum())))
+        if (is_str & (new != uniques)).any():
+            if out is items:
+                out = items.copy()
+            out[r] = pd.Series(new[np.maximum(codes, 0)], index=items.index, dtype=object).where(codes >= 0,
+                                                                                               items[r])
+    return out, notes
+
+
+def lineage_conflicts(df: pd.DataFrame, ranks: Sequence[str] = RANKS, *,
+                      missing: Iterable[str] = MISSING_TOKENS) -> pd.DataFrame:
+    """Taxa with more than one parent: one row per (taxon, parent) of each such taxon.
+
+    A taxon is (kingdom, rank, name) -- homonyms in different kingdoms (the genus *Morus*, a bird and
+    a plant) are different taxa -- and its parent is its name at the rank directly above, counted
+    over the rows where both are known (a missing parent is no evidence). Columns
+    :data:`CONFLICT_COLUMNS`; ``n_items``: rows with that parent. Sorted by rank, kingdom, name,
+    then most items first (independent of row order). Empty when every taxon has one parent.
+
+    >>> df = pd.DataFrame({"kingdom": ["Animalia"] * 3, "family": ["Paridae", "Paridae", "Muscicapidae"],
+    ...                    "genus": ["Parus", "Parus", "Parus"]})
+    >>> lineage_conflicts(df, ("kingdom", "family", "genus"))[["name", "parent", "n_items"]].values.tolist()
+    [['Parus', 'Paridae', 2], ['Parus', 'Muscicapidae', 1]]
+    """
+    return _conflicts(clean_lineages(df, ranks, missing=missing), ranks)
+
+
+def _conflicts(lin: pd.DataFrame, ranks: Sequence[str]) -> pd.DataFrame:
+    """:func:`lineage_conflicts` of clean lineages ('' = missing), on integer codes."""
+    codes = {}
+    for r in ranks:
+        c, uniq = pd.factorize(lin[r].to_numpy(dtype=object))
+        codes[r] = (np.where(np.asarray(uniq, dtype=object)[c] == "", -1, c), np.asarray(uniq, dtype=object))
+    top, names_top = codes[ranks[0]]
+    frames = []
+    for k in range(2, len(ranks)):
+        (child, names_c), (parent, names_p) = codes[ranks[k]], codes[ranks[k - 1]]
+        both = (top >= 0) & (child >= 0) & (parent >= 0)
+        if not both.any():
+            continue
+        # one int64 key per (kingdom, name) and per (kingdom, name, parent): bases are the numbers of names
+        pair = top[both].astype(np.int64) * len(names_c) + child[both]
+        triple_keys, n = np.unique(pair * len(names_p) + parent[both], return_counts=True)
+        pair_of = triple_keys // len(names_p)
+        _, inverse, per_pair = np.unique(pair_of, return_inverse=True, return_counts=True)
+        hit = per_pair[inverse] > 1
+        if hit.any():
+            p_hit, t_hit = pair_of[hit], triple_keys[hit]
+            frames.append(pd.DataFrame({"kingdom": names_top[p_hit // len(names_c)], "rank": ranks[k],
+                                        "name": names_c[p_hit % len(names_c)], "parent_rank": ranks[k - 1],
+                                        "parent": names_p[t_hit % len(names_p)],
+                                        "n_items": n[hit].astype(np.int64), "_k": k}))
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=np.int64 if c == "n_items" else object) for c in CONFLICT_COLUMNS})
+    out = pd.concat(frames, ignore_index=True)
+    out = out.sort_values(["_k", "kingdom", "name", "n_items", "parent"], ascending=[True, True, True, False, True])
+    return out[list(CONFLICT_COLUMNS)].reset_index(drop=True)
+
+
+def conflict_summary(conflicts: pd.DataFrame, limit: int = 3) -> str:
+    """One line for the warning: "2 taxa have more than one parent: 'Parus' (genus, Animalia) under
+    family Paridae (4 items) and family Muscicapidae (1 item); ..." (the first ``limit`` taxa)."""
+    groups = list(conflicts.groupby(["rank", "kingdom", "name"], sort=False))
+    parts = []
+    for (rank, kingdom, name), g in groups[:limit]:
+        under = " and ".join(f"{p_rank} {p} ({n} item{'s' if n != 1 else ''})"
+                             for p_rank, p, n in zip(g["parent_rank"], g["parent"], g["n_items"]))
+        parts.append(f"{name!r} ({rank}, {kingdom}) under {under}")
+    more = f"; and {len(groups) - limit} more" if len(groups) > limit else ""
+    head = f"{len(groups)} taxa have" if len(groups) != 1 else "1 taxon has"
+    return f"{head} more than one parent: " + "; ".join(parts) + more
+
+
+def lineage_graph(df: pd.DataFrame, ranks: Sequence[str] = RANKS, *, missing: Iterable[str] = MISSING_TOKENS):
+    """The lineage graph: a :class:`networkx.DiGraph` with a node (kingdom, rank, name) per taxon
+    (attribute ``n_items``) and an edge parent → child (attribute ``n_items``: rows with both known)
+    for each parent seen. Every taxon has in-degree ≤ 1 exactly when :func:`lineage_conflicts` is
+    empty; its conflicting taxa are the nodes of in-degree > 1 below the second rank."""
+    import networkx as nx
+
+    lin = clean_lineages(df, ranks, missing=missing)
+    top = lin[ranks[0]]
+    g = nx.DiGraph()
+    for k, r in enumerate(ranks):
+        have = (top != "") & (lin[r] != "")
+        for (kd, name), n in pd.DataFrame({"k": top[have], "n": lin[r][have]}).groupby(["k", "n"]).size().items():
+            g.add_node((kd, r, name), n_items=int(n))
+        if k == 0:
+            continue
+        p = ranks[k - 1]
+        both = have & (lin[p] != "")
+        edges = pd.DataFrame({"k": top[both], "p": lin[p][both], "n": lin[r][both]}).groupby(["k", "p", "n"]).size()
+        for (kd, parent, name), n in edges.items():
+            g.add_edge((kd, p, parent), (kd, r, name), n_items=int(n))
+    return g
 
 
 def placeable_mask(df: pd.DataFrame, ranks: Sequence[str] = RANKS, *,
                    missing: Iterable[str] = MISSING_TOKENS) -> np.ndarray:
     """Boolean (N,): True where the lineage has a known top rank (kingdom; ``incertae sedis`` is not)."""
-    return (clean_lineages(df, ranks, missing=missing)[ranks[0]] != "").to_numpy()
+    return (clean_lineages(df, ranks[:1], missing=missing)[ranks[0]] != "").to_numpy()
 
 
 class Taxonomy:
@@ -185,6 +388,7 @@ class Taxonomy:
         if len(df) == 0:
             raise TreeprobeError("no items: the data is empty")
         lin = clean_lineages(df, ranks, missing=missing)
+        _check_separator(lin)
         top = lin[ranks[0]]
         if (top == "").any():
             n = int((top == "").sum())

@@ -107,8 +107,9 @@ def embed(data: TreeData, *, ckpt=None, model: str | None = None, pretrained: st
     paths = data.items["path"].astype(str).tolist()
     res = extract_embeddings(loaded, paths, batch_size=batch_size, num_workers=workers,
                              cache_dir=str(cache_dir or default_cache_dir()), device=device, progress=progress)
+    carried = {k: data.uns[k] for k in ("lineage_conflicts",) if k in data.uns}  # warned about once, at load
     out = TreeData(res.embeddings, data.items[res.ok], skipped=concat_skipped([data.skipped, res.failures]),
-                   source=data.source)
+                   source=data.source, uns=carried)
     out.uns["model"] = dict(name=loaded.model_name, digest=loaded.digest, source=loaded.source,
                             embed_dim=loaded.embed_dim, extraction_seconds=res.seconds, cache_hit=res.cache_hit,
                             n_images=len(paths))

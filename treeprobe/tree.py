@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 
-from treeprobe.errors import TreeprobeError
+from treeprobe.errors import TreeprobeError, TreeprobeWarning
 
 __all__ = ["CladeStructure", "clade_structure_from_tree", "read_newick", "tree_depth"]
 
@@ -182,7 +184,9 @@ def clade_structure_from_tree(tree, item_leaf_names: Sequence[str]) -> tuple[Cla
     ``Genus epithet``. Returns the structure over the items whose name matches a leaf (edge
     lengths = the tree's ``dist``), and a boolean (N,) mask of which items were placed (the
     others are not in the tree). Raises if leaf names are duplicated, no item matches, or a
-    branch length is negative.
+    branch length is negative. When some items are not placed, a :class:`TreeprobeWarning` says
+    "the tree covers S of T species: N items of species not in the tree are left out of the Mantel
+    tests" (T: distinct non-empty names among the items; items with no species name count in N).
     """
     nodes = list(tree.traverse("preorder"))
     index = {id(n): i for i, n in enumerate(nodes)}
@@ -202,6 +206,16 @@ def clade_structure_from_tree(tree, item_leaf_names: Sequence[str]) -> tuple[Cla
         raise TreeprobeError("no item's species matches a leaf name of the tree")
     if (length < 0).any():
         raise TreeprobeError("tree has negative branch lengths")
+    if not mask.all():
+        names_ = np.asarray(item_leaf_names, dtype=object)
+        named = np.array([isinstance(s, str) and s != "" for s in names_], dtype=bool)
+        n_species = len(set(names_[named]))
+        n_in = len(set(names_[mask & named]))
+        n_unnamed = int((~named).sum())
+        unnamed = f" ({n_unnamed} of them with no species name)" if n_unnamed else ""
+        warnings.warn(f"the tree covers {n_in} of {n_species} species: {int((~mask).sum())} of {len(mask)} items "
+                      f"of species not in the tree{unnamed} are left out of the Mantel tests, which use "
+                      f"{int(mask.sum())} items", TreeprobeWarning, stacklevel=2)
     return CladeStructure(parent=parent, length=length, item_node=item_node[mask], names=names), mask
 
 

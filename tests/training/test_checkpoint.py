@@ -54,3 +54,31 @@ def test_rng_state_round_trip_and_weights_only(tmp_path):
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
     assert loaded["args"] == {"p": str(tmp_path), "t": [1, 2]}
+
+
+def test_remove_stale_tmp_takes_only_the_temporary_files_of_atomic_writes(tmp_path):
+    # what a SIGKILL mid-write leaves: a ".<name>.<random>.tmp" next to the checkpoints
+    for name in (".step_4.pt.k1ll3d.tmp", ".latest.json.x9.tmp", "step_3.pt", "notes.tmp", ".hidden"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in ck.remove_stale_tmp(tmp_path, names=("latest.json",))] == [".latest.json.x9.tmp"]
+    assert [p.name for p in ck.remove_stale_tmp(tmp_path)] == [".step_4.pt.k1ll3d.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "notes.tmp", "step_3.pt"]
+    assert ck.remove_stale_tmp(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", "the file is empty (0 bytes)"),
+    (b"\x00\x01garbage" * 4, "is not a PyTorch checkpoint (it starts with bytes 00 01 67 61"),
+    (None, "is truncated or corrupted (its zip archive ends early"),
+])
+def test_load_checkpoint_of_a_bad_file_is_one_line(tmp_path, data, words):
+    from treeprobe.errors import TreeprobeError
+
+    path = tmp_path / "bad.pt"
+    if data is None:  # a real checkpoint cut short
+        ck.atomic_save({"step": 1, "state_dict": {"w": torch.zeros(4000)}}, path)
+        data = path.read_bytes()[:2000]
+    path.write_bytes(data)
+    with pytest.raises(TreeprobeError) as ei:
+        ck.load_checkpoint(path)
+    assert words in str(ei.value) and "\n" not in str(ei.value) and "trust" not in str(ei.value)

@@ -131,3 +131,95 @@ def test_find_latest_differs_from_open_clips_on_purpose(tmp_path):
     ck.save_checkpoint({"step": 4, "epoch": 1}, tmp_path, "epoch_1.pt")
     assert ck.find_latest(tmp_path).name == "epoch_1.pt"
     assert get_latest_checkpoint(str(tmp_path) + "/", remote=False).endswith("step_3.pt")
+
+
+def test_truncate_log_keeps_the_lines_up_to_the_step_and_drops_a_torn_tail(tmp_path):
+    path = tmp_path / "log.jsonl"
+    recs = [{"event": "start", "step": 0}, {"event": "train", "step": 1}, {"event": "checkpoint", "step": 1},
+            {"event": "train", "step": 2}, {"event": "stop", "step": 2}]
+    text = "".join(json.dumps(r) + "\n" for r in recs)
+    path.write_text(text + "junk line\n" + '{"event": "tr')
+    kept, dropped = engine.truncate_log(path, 1)
+    assert kept == recs[:3] and dropped == 3  # steps 2, 2 and the torn line; "junk line" is not ours to judge
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in recs[:3]) + "junk line\n"
+    before = path.stat().st_mtime_ns
+    assert engine.truncate_log(path, 5) == (recs[:3], 0) and path.stat().st_mtime_ns == before  # not rewritten
+    assert engine.truncate_log(tmp_path / "none.jsonl", 3) == ([], 0)
+
+
+def test_stop_flag_takes_sigterm_and_ctrl_c_and_a_second_ctrl_c_quits():
+    import os
+    import signal
+
+    with engine.StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (stop.signum, stop.reason) == (signal.SIGTERM, "signal")
+        os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM changes nothing
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second signal being Ctrl-C: quit at once
+    with engine.StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert (stop.signum, stop.reason) == (signal.SIGINT, "interrupt")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_evaluation_gives_torch_its_thread_count_back(monkeypatch, tmp_path):
+    # numba's OpenMP layer, started by the first kNN of a process, resets torch's thread count: a run
+    # resumed past an evaluation would then reduce floats in another order than one that went through it
+    import pandas as pd
+
+    from treeprobe.training import evaluate as ev
+
+    def knn_that_resets_threads(emb, items, k=10, chance=False):
+        torch.set_num_threads(3)
+        return {}
+
+    monkeypatch.setattr(ev, "knn_metrics", knn_that_resets_threads)
+    monkeypatch.setattr(ev, "embed_images", lambda *a, **kw: np.zeros((2, 4), np.float32))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ev.evaluate(None, pd.DataFrame({"path": ["a", "b"]}), None, use_pipeline=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--epochs", "0"], "--epochs must be >= 1; got 0"),
+    (["--lr", "-0.1"], "--lr must be a finite number >= 0; got -0.1"),
+    (["--wd", "inf"], "--wd must be a finite number >= 0; got inf"),
+    (["--warmup", "-1"], "--warmup must be >= 0; got -1"),
+    (["--save-every-steps", "-2"], "--save-every-steps must be >= 0; got -2"),
+    (["--train-num-samples", "0"], "--train-num-samples must be >= 1; got 0"),
+    (["--beta1", "-0.5"], "--beta1 must be in [0, 1); got -0.5"),
+])
+def test_options_the_loop_cannot_run_with_are_input_errors(argv, words, tmp_path, capsys):
+    assert main(["--data", "synthetic", "--out", str(tmp_path / "o"), "-q", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"treeprobe: error: {words}\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_of_the_old_bookkeeping_resumes_where_its_steps_say(tmp_path):
+    # before the fix a Ctrl-C just after an epoch's last batch saved step_N.pt as (epoch e, position 0):
+    # resuming it repeated the epoch. With the run's own options the step count decides.
+    from treeprobe.errors import TreeprobeWarning
+    from treeprobe.training import checkpoint as ck
+
+    run = ["--data", "synthetic", "--train-num-samples", "8", "--batch-size", "4", "--epochs", "2", "--warmup", "1",
+           "--no-progress", "-q"]
+    assert main([*run, "--out", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "old"
+    assert main([*run, "--max-steps", "2", "--out", str(out)]) == 0  # epoch_1.pt: step 2, epoch 1, position 0
+    old = ck.load_checkpoint(out / "checkpoints" / "epoch_1.pt")
+    old.update(epoch=0, name="step_2.pt", sampler={"epoch": 0, "position": 0})
+    ck.save_checkpoint(old, out / "checkpoints", "step_2.pt")
+    (out / "checkpoints" / "epoch_1.pt").unlink()
+    with pytest.warns(TreeprobeWarning, match=r"says epoch 0, position 0, but 2 steps of 2 per epoch end at epoch 1, "
+                                              r"position 0"):
+        assert main([*run, "--resume", "latest", "--out", str(out)]) == 0
+    a = ck.load_checkpoint(tmp_path / "ref" / "checkpoints" / "epoch_2.pt")
+    b = ck.load_checkpoint(out / "checkpoints" / "epoch_2.pt")
+    assert b["step"] == 4 and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
