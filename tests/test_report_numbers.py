@@ -11,7 +11,6 @@ the t-SNE map bit for bit.
 
 import json
 import math
-import re
 from html.parser import HTMLParser
 
 import numpy as np
