@@ -290,15 +290,9 @@ def _alias_argv(argv: list[str]) -> list[str]:
 def main(argv=None) -> int:
     """``treeprobe-train`` (an alias of the training commands of ``treeprobe``) → exit status."""
     argv = _alias_argv(list(sys.argv[1:] if argv is None else argv))
-    import warnings
-
-    from treeprobe.cli import _show_treeprobe_warnings
-
     try:
         args = build_parser().parse_args(argv)
-        with warnings.catch_warnings():
-            _show_treeprobe_warnings()  # each TreeprobeWarning as one line, as `treeprobe` prints them
-            return int(args.func(args) or 0)
+        return int(args.func(args) or 0)
     except TreeprobeError as e:
         print(f"treeprobe: error: {e}", file=sys.stderr)
         return EXIT_USAGE
