@@ -31,7 +31,8 @@ OLD_MISSING = ("", "nan", "none", "null", "na", "n/a")
 @pytest.fixture(scope="module")
 def analysed():
     ds = tp.datasets.bioclip2_1k()
-    report = tp.tl.intrinsic(ds, **FAST)
+    # Ward instead of k-means: 2 s instead of 22 s here; k-means on these items is pinned by the legacy test
+    report = tp.tl.intrinsic(ds, **{**FAST, "cluster_methods": ("agglomerative",)})
     return ds, report
 
 
@@ -195,3 +196,22 @@ def test_tools_refuse_what_cannot_be_analysed(bc2):
         tp.tl.knn(images)
     with pytest.raises(TreeprobeError, match="images need a model"):
         tp.tl.embed(images)
+
+
+@pytest.mark.parametrize("option, words", [
+    (dict(cluster_methods=("kmeans", "spectral")), "unknown clustering method 'spectral'"),
+    (dict(mantel_methods=("kendall",)), "unknown Mantel method 'kendall'"),
+    (dict(permute=("genus",)), "unknown permutation scheme 'genus'"),
+    (dict(permutations=-1), "permutations must be >= 0; got -1"),
+    (dict(chance_permutations=-3), "chance_permutations must be >= 0; got -3"),
+    (dict(knn_k=0), "knn_k must be >= 1; got 0"),
+    (dict(control="no_such_column"), "'no_such_column' is not a column"),
+])
+def test_intrinsic_checks_every_option_before_the_first_test(option, words, bc2, monkeypatch):
+    """A misspelt option of the last stage (clustering, kNN) is refused before the Mantel tests run."""
+    def boom(*a, **k):
+        raise AssertionError("the analysis started before the bad option was refused")
+
+    monkeypatch.setattr(tp.tl, "mantel", boom)
+    with pytest.raises(TreeprobeError, match=words.replace("(", r"\(")):
+        tp.tl.intrinsic(bc2, **{**FAST, **option})

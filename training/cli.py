@@ -23,8 +23,8 @@ import os
 import signal
 import sys
 
-from treeprobe._utils import one_line
-from treeprobe.errors import TreeprobeError
+from treeprobe._utils import check_output_file, check_work_dir, one_line
+from treeprobe.errors import TreeprobeError, TreeprobeWarning, warnings_as_lines
 
 __all__ = ["TRAIN_EPILOG", "add_train_args", "add_subcommands", "build_parser", "run_train", "run_make_shards",
            "run_export_weights", "main"]
@@ -220,6 +220,7 @@ def run_train(args: argparse.Namespace) -> int:
     from treeprobe.training.engine import train
 
     _setup_logging(args.quiet)
+    check_work_dir(args.out)  # before the data is read or a model built
     res = _input_errors(lambda: train(args))
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # torchrun's rank 0 (or no torchrun)
         print(json.dumps(res))
@@ -231,6 +232,7 @@ def run_make_shards(args: argparse.Namespace) -> int:
     from treeprobe.training.shards import make_shards
 
     _setup_logging(False)
+    check_work_dir(args.out)  # before any image is read
     man = _input_errors(lambda: make_shards(
         args.data, args.out, shard_size=args.shard_size, data_type=args.data_type, max_size=args.max_size,
         quality=args.quality, shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed))
@@ -242,6 +244,7 @@ def run_export_weights(args: argparse.Namespace) -> int:
     """``treeprobe export-weights``: writes the copy, prints its path; exit status 0."""
     from treeprobe.training.checkpoint import export_weights
 
+    check_output_file(args.out)  # before the checkpoint is read
     print(_input_errors(lambda: export_weights(args.ckpt, args.out, half=not args.fp32)))
     return 0
 
@@ -292,9 +295,10 @@ def main(argv=None) -> int:
     argv = _alias_argv(list(sys.argv[1:] if argv is None else argv))
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
-    except TreeprobeError as e:
-        print(f"treeprobe: error: {e}", file=sys.stderr)
+        with warnings_as_lines():
+            return int(args.func(args) or 0)
+    except (TreeprobeError, TreeprobeWarning) as e:  # a warning raised as one: -W error::TreeprobeWarning
+        print(f"treeprobe: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("treeprobe: interrupted", file=sys.stderr)

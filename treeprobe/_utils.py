@@ -23,7 +23,7 @@ __all__ = [
     "RANKS", "IMAGE_EXTENSIONS", "DEFAULT_MAX_MAP_POINTS", "MANTEL_FIGURE_PAIRS", "SINGLE_THREAD_MAX_ITEMS",
     "NO_NUMBA_ENV", "SEED_BOUND", "SEED_MAX", "ROW_CHUNK", "available_cpus", "numba_enabled", "one_line", "atomic_write",
     "atomic_write_text", "row_norms", "l2_normalise", "default_cache_dir", "OUTPUT_MIN_FREE_BYTES",
-    "OUTPUT_BYTES_PER_ITEM", "REPORT_MARKERS", "check_output_dir", "check_output_file", "atomic_output_dir",
+    "OUTPUT_BYTES_PER_ITEM", "REPORT_MARKERS", "check_output_dir", "check_output_file", "check_work_dir", "atomic_output_dir",
     "rebase_paths",
 ]
 
@@ -314,6 +314,30 @@ def check_output_file(path: str | os.PathLike, *, what: str = "--out", need_byte
     if p.is_dir():
         raise TreeprobeError(f"{what} {path} is a folder; pass a file name")
     _check_parent(p, what, path, need_bytes)
+    return p
+
+
+def check_work_dir(path: str | os.PathLike, *, what: str = "--out",
+                   need_bytes: int = OUTPUT_MIN_FREE_BYTES) -> Path:
+    """Check, before any long work, a folder that a command fills in place (a training run, shards, an
+    embedding cache: unlike a report, it is not replaced as a whole, so it may hold files); returns it
+    absolute. Raises :class:`~treeprobe.errors.TreeprobeError` (one line, naming ``what``) when ``path``
+    is an existing file, or when the folder (or its closest existing ancestor) is not a folder, not
+    writable, or has less than ``need_bytes`` free. Nothing is created or left behind.
+    """
+    p = Path(os.path.abspath(os.fspath(path)))
+    if (p.exists() or p.is_symlink()) and not p.is_dir():
+        raise TreeprobeError(f"{what} {path} is an existing file, not a folder; pass a folder name "
+                             "(it is created)")
+    if not p.is_dir():
+        _check_parent(p, what, path, need_bytes)
+        return p
+    try:
+        _probe_writable(p, "out")
+    except OSError as exc:
+        raise TreeprobeError(f"{what} {path}: cannot write into the folder ({exc.strerror or one_line(exc)}); "
+                             "pass a folder you can write to") from None
+    _check_space(p, need_bytes, what, path)
     return p
 
 

@@ -17,9 +17,8 @@ import argparse
 import inspect
 import math
 import sys
-import warnings
 
-from treeprobe.errors import TreeprobeError, TreeprobeWarning
+from treeprobe.errors import TreeprobeError, TreeprobeWarning, warnings_as_lines
 
 __all__ = ["main", "build_parser", "FIRST_CONTACT"]
 
@@ -396,8 +395,7 @@ def main(argv=None) -> int:
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 2
-        with warnings.catch_warnings():
-            _show_treeprobe_warnings()
+        with warnings_as_lines():
             return int(args.func(args) or 0)
     except (TreeprobeError, TreeprobeWarning) as exc:  # a warning raised as one: -W error::TreeprobeWarning
         print(f"treeprobe: error: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -405,23 +403,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("treeprobe: interrupted", file=sys.stderr)
         return 130
-
-
-def _show_treeprobe_warnings() -> None:
-    """Inside ``warnings.catch_warnings()``: print each TreeprobeWarning as one line
-    ``treeprobe: warning: <message>`` on stderr (every occurrence, unless -W / PYTHONWARNINGS say
-    otherwise); other warnings are shown as before."""
-    shown = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, TreeprobeWarning):
-            print(f"treeprobe: warning: {' '.join(str(message).split())}", file=sys.stderr)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-    if not sys.warnoptions:
-        warnings.simplefilter("always", TreeprobeWarning)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ line prints it as one ``treeprobe: warning: ...`` line; the Python API issues it
 """
 
 
-__all__ = ["TreeprobeError", "TreeprobeWarning"]
+import contextlib
+import sys
+import warnings
+
+__all__ = ["TreeprobeError", "TreeprobeWarning", "warnings_as_lines"]
 
 
 class TreeprobeError(Exception):
@@ -21,3 +25,23 @@ class TreeprobeError(Exception):
 
 class TreeprobeWarning(UserWarning):
     """The input was changed or partly set aside; the message says what and how many."""
+
+
+@contextlib.contextmanager
+def warnings_as_lines():
+    """For the command lines: inside the block each :class:`TreeprobeWarning` is printed as one line
+    ``treeprobe: warning: <message>`` on stderr (every occurrence, unless ``-W`` / ``PYTHONWARNINGS``
+    say otherwise); other warnings are shown as before. The previous warning settings come back after."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, TreeprobeWarning):
+                print(f"treeprobe: warning: {' '.join(str(message).split())}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        if not sys.warnoptions:
+            warnings.simplefilter("always", TreeprobeWarning)
+        yield

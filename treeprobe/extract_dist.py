@@ -399,11 +399,12 @@ def _load_inputs(args, device) -> tuple[LoadedModel, list[str]]:
 
 def cmd_extract(args) -> int:
     """``treeprobe extract``: extract (or merge, with ``--merge-only``) into the cache; 0 on success."""
-    from treeprobe._utils import default_cache_dir
+    from treeprobe._utils import check_work_dir, default_cache_dir
 
     rank, world_size = _rank_world(args.rank, args.world_size)
     device = _rank_device(args.device)
     out = args.out or str(default_cache_dir())
+    check_work_dir(out, what="--out" if args.out else "cache folder")  # before the model is loaded
     loaded, paths = _load_inputs(args, device)
     if args.merge_only:
         file = merge_shards(loaded, paths, out, world_size=world_size, autocast=args.autocast, device=device)

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from treeprobe._utils import DEFAULT_MAX_MAP_POINTS, MANTEL_FIGURE_PAIRS, SEED_BOUND, SINGLE_THREAD_MAX_ITEMS
-from treeprobe._validation import check_choice
+from treeprobe._validation import check_choice, check_int
 from treeprobe.core import TreeData, skip_records
 from treeprobe.errors import TreeprobeError
 from treeprobe.mantel import SPEARMAN_MAX_N
@@ -169,6 +169,23 @@ def _mantel_row(level: str, scheme: str, res) -> dict:
     return row
 
 
+def _check_mantel_options(data, methods, levels, permute, control, permutations) -> None:
+    """Raise TreeprobeError (one line) for an unknown Mantel method / level / scheme, a ``control`` that
+    is not an items column, or a negative number of permutations."""
+    from treeprobe.mantel import METHODS as MANTEL_METHODS
+
+    for name in methods:
+        check_choice(name, "Mantel method", MANTEL_METHODS)
+    for lv in levels:
+        check_choice(lv, "Mantel level", MANTEL_LEVELS)
+    for scheme in permute:
+        check_choice(scheme, "permutation scheme", MANTEL_SCHEMES)
+    check_int(permutations, "permutations", minimum=0)
+    if control is not None and control not in data.items.columns:
+        raise TreeprobeError(f"--control {control!r} is not a column of the items "
+                             f"(columns: {', '.join(map(str, data.items.columns))})")
+
+
 def mantel(data: TreeData, *, methods: Sequence[str] = ("pearson", "spearman"),
            levels: Sequence[str] = MANTEL_LEVELS, permute: Sequence[str] = ("species",), control: str | None = None,
            tree=None, rank_lengths=None, permutations: int = 999, seed: int = 0,
@@ -199,13 +216,7 @@ def mantel(data: TreeData, *, methods: Sequence[str] = ("pearson", "spearman"),
     from treeprobe.partial_mantel import partial_mantel_tree
 
     _check_data(data)
-    for lv in levels:
-        check_choice(lv, "Mantel level", MANTEL_LEVELS)
-    for scheme in permute:
-        check_choice(scheme, "permutation scheme", MANTEL_SCHEMES)
-    if control is not None and control not in data.items.columns:
-        raise TreeprobeError(f"--control {control!r} is not a column of the items "
-                             f"(columns: {', '.join(map(str, data.items.columns))})")
+    _check_mantel_options(data, methods, levels, permute, control, permutations)
     X_m, clades, units, info, in_tree = _mantel_inputs(data, tree, rank_lengths)
     rng = np.random.default_rng(seed)
     rows = []
@@ -333,7 +344,16 @@ def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, pe
     all seeded by ``seed``; returns the :class:`~treeprobe.report.Report` (nothing is written)."""
     from treeprobe.report import Report
 
+    from treeprobe.clustering import METHODS as CLUSTER_METHODS
+
     check_analysable(data)
+    # every option checked before the first (long) test runs
+    levels = ("image", "species-centroid") if centroid_level else ("image",)
+    _check_mantel_options(data, mantel_methods, levels, permute, control, permutations)
+    for name in cluster_methods:
+        check_choice(name, "clustering method", CLUSTER_METHODS)
+    check_int(chance_permutations, "chance_permutations", minimum=0)
+    check_int(knn_k, "knn_k", minimum=1)
     for name in maps:
         check_choice(name, "map", MAPS)
     t0 = time.perf_counter()
@@ -344,7 +364,6 @@ def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, pe
         fn(data, **kw)
         timings[key] = time.perf_counter() - t
 
-    levels = ("image", "species-centroid") if centroid_level else ("image",)
     timed("mantel_s", mantel, methods=mantel_methods, levels=levels, permute=permute, control=control, tree=tree,
           rank_lengths=rank_lengths, permutations=permutations, seed=seed, spearman_max_n=spearman_max_n,
           progress=progress)

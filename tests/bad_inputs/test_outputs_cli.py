@@ -430,3 +430,70 @@ def test_write_report_python_api_returns_final_paths(tmp_path):
     for p in paths.values():
         assert Path(p).parent == tmp_path / "api" and Path(p).is_file()
     assert _leftovers(tmp_path) == []
+
+
+# --- the commands that fill a folder in place (train, make-shards, extract) or write one file ---------------
+
+def _block_work(monkeypatch):
+    """Fail loudly if training, sharding, weight export or extraction starts."""
+    import treeprobe.extract_dist as extract_dist
+    import treeprobe.training.checkpoint as checkpoint
+    import treeprobe.training.engine as engine
+    import treeprobe.training.shards as shards
+
+    def boom(*a, **k):
+        raise AssertionError("the work started before --out was refused")
+
+    for mod, name in ((engine, "train"), (shards, "make_shards"), (checkpoint, "export_weights"),
+                      (extract_dist, "_load_inputs")):
+        monkeypatch.setattr(mod, name, boom)
+
+
+WORK_COMMANDS = {
+    "train": lambda out: ["train", "--data", "meta.csv", "--out", out, "--model", "tiny"],
+    "make-shards": lambda out: ["make-shards", "--data", "meta.csv", "--out", out],
+    "extract": lambda out: ["extract", "--ckpt", "m.pt", "--data", "meta.csv", "--out", out],
+    "export-weights": lambda out: ["export-weights", "--ckpt", "m.pt", "--out", out],
+}
+WORK_OUTS = {  # setup in tmp → (the --out to pass, key words of the error)
+    "existing_file": (lambda tmp: (tmp / "afile").write_text("keep") and str(tmp / "afile"),
+                      ["afile"]),
+    "under_a_file": (lambda tmp: (tmp / "afile").write_text("keep") and str(tmp / "afile" / "sub"),
+                     ["is a file"]),
+    "under_proc": (lambda tmp: "/proc/1/treeprobe_out", ["cannot write into /proc/1"]),
+}
+
+
+@pytest.mark.parametrize("where", list(WORK_OUTS))
+@pytest.mark.parametrize("command", list(WORK_COMMANDS))
+def test_work_commands_check_out_first(command, where, tmp_path, capsys, monkeypatch):
+    """``train``, ``make-shards``, ``extract`` and ``export-weights`` refuse an unusable ``--out`` in one
+    line before any data, model or image is read."""
+    if where == "under_proc" and not os.path.isdir("/proc/1"):
+        pytest.skip("no /proc")
+    if (command, where) == ("export-weights", "existing_file"):
+        pytest.skip("export-weights replaces an existing file (atomically), as cp does")
+    monkeypatch.chdir(tmp_path)
+    _block_work(monkeypatch)
+    setup, words = WORK_OUTS[where]
+    out = setup(tmp_path)
+    before = _snapshot(tmp_path)
+    code, _, err = _run(WORK_COMMANDS[command](out), capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    expected = words + (["is an existing file, not a folder"] if where == "existing_file" else [])
+    for w in expected:
+        assert w in line, (w, line)
+    assert _snapshot(tmp_path) == before and _leftovers(tmp_path) == []
+
+
+def test_work_folder_may_hold_files(tmp_path, capsys, monkeypatch):
+    """A run / shard / cache folder is filled in place: an existing non-empty folder passes the check
+    (the command itself decides, e.g. ``train`` refuses a fresh run over an old one)."""
+    from treeprobe._utils import check_work_dir
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("{}\n")
+    assert check_work_dir(tmp_path / "run") == tmp_path / "run"
+    assert check_work_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # nothing created
