@@ -245,6 +245,22 @@ def _partial_family(data, *, seed, permutations):
 
 register_family("partial", _partial_family)
 
+
+def _physignal_family(data, *, seed, permutations):
+    """K_mult of the species centroids on the rank taxonomy, both permutation schemes of ``tl.physignal``
+    (size strata, the default; free, geomorph's), named physignal/<scheme>."""
+    out = {}
+    for scheme in ("size-strata", "free"):
+        try:
+            res = tl.physignal(data, permutations=permutations, seed=seed, n_axes=0, permute=scheme)
+        except TreeprobeError:  # fewer than 3 species, or no variation
+            continue
+        out[f"physignal/{scheme}"] = (res.statistic, res.p_value)
+    return out
+
+
+register_family("physignal", _physignal_family)
+
 #: Where a world stores its second model's embeddings (paired-comparison worlds).
 SECOND_MODEL = "X_model_b"
 
@@ -501,6 +517,19 @@ def same_model_simulated(seed: int, *, noise: float = 1.0, noise_b: float | None
                        "same-model" if noise_b is None else f"degraded-{noise_b:g}")
 
 
+#: The small world of the clustering paired tests: ~50 species, ~100 images, 16-d (so that 200 worlds of
+#: 11 k-means fits per model and rank run in minutes, not hours).
+SMALL_BRANCHING = ((1, 2), (1, 2), (1, 2), (1, 2), (2, 3), (1, 3))
+
+
+def same_model_small(seed: int, *, noise: float = 1.0) -> TreeData:
+    """Paired-comparison null, small: a Brownian world (signal 0.05 × default, 2 kingdoms,
+    :data:`SMALL_BRANCHING`, 1-3 images per species, 16-d) seen by two models = the same model with
+    independent equal noise."""
+    base = brownian(_sub_seed(seed, "base"), fraction=0.05, dim=16, trait_dim=16, branching=SMALL_BRANCHING)
+    return _two_models(base, noise, noise, seed, "same-model-small")
+
+
 def same_model_real(seed: int, *, n: int = 400, noise: float = 1.0) -> TreeData:
     """Paired-comparison null on real vectors: ``n`` random BioCLIP-2 items, two models = the real vectors
     plus independent noise of equal size."""
@@ -513,7 +542,7 @@ def same_model_real(seed: int, *, n: int = 400, noise: float = 1.0) -> TreeData:
 NULL_WORLDS = ("iid-gaussian", "shuffled-images", "species-clusters", "size-by-kingdom", "shuffled-species")
 #: Worlds of the partial Mantel and paired-comparison tests (run with --tests 'partial/*' / 'compare/*').
 COVARIATE_WORLDS = ("covariate-confound",)
-COMPARE_WORLDS = ("same-model", "same-model-real")
+COMPARE_WORLDS = ("same-model", "same-model-real", "same-model-small")
 COMPARE_POWER_WORLDS = ("degraded-1.3",)
 register_world("iid-gaussian", iid_gaussian, description="(a) iid Gaussian vectors, real taxonomy (400 items)")
 register_world("shuffled-images", shuffled_images, description="(b) real vectors shuffled against labels")
@@ -530,6 +559,8 @@ register_world("same-model", same_model_simulated,
                description="(g) two models = one Brownian world + independent equal noise (paired null)")
 register_world("same-model-real", same_model_real,
                description="(h) two models = 400 real BioCLIP-2 vectors + independent equal noise (paired null)")
+register_world("same-model-small", same_model_small,
+               description="(i) two models = a small Brownian world (~100 images, 16-d) + independent equal noise")
 register_world("degraded-1.3", functools.partial(same_model_simulated, noise_b=1.3), null=False,
                description="power of the paired tests: model b has 1.3x the noise of model a")
 

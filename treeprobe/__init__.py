@@ -32,7 +32,8 @@ from treeprobe.errors import TreeprobeError, TreeprobeWarning
 SUBMODULES = ("tl", "pl", "datasets", "data", "report", "taxonomy", "tree", "mantel", "clustering", "neighbors",
               "embedding_maps", "plots", "simulate", "synthetic_images", "models", "extract", "extract_dist",
               "pipeline", "cli", "core", "permutation", "training", "compare", "compare_report", "compare_plots",
-              "similarity", "drilldown", "html_report", "training_curves", "partial_mantel")
+              "similarity", "drilldown", "html_report", "training_curves", "partial_mantel", "physignal",
+              "tree_recovery")
 
 #: Classes and functions reachable at the top level, imported when first used.
 _LAZY_NAMES = {"Taxonomy": "taxonomy", "CladeStructure": "tree", "Report": "report", "write_report": "report",

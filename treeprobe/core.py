@@ -133,7 +133,7 @@ class TreeData:
             X = check_embeddings(X, n_rows=len(items))
         if len(items) == 0:
             raise TreeprobeError("no items: the data is empty")
-        self.missing = tuple(missing)
+        self.missing = tuple(sorted(set(missing)))  # sorted: a frozenset's order changes from one process to the next
         self.unknown = unknown
         items = _tidy_names(items, self.missing)
         lin = clean_lineages(items, RANKS, missing=self.missing)

@@ -15,6 +15,7 @@ plot                   reads                                 after
 :func:`distance_profiles`  ``comparison.extras``              ``tp.tl.compare(...)``
 :func:`drilldown`      ``comparison.extras``                  ``tp.tl.compare(..., drilldown=True)``
 :func:`training_curves`  a curves table                       ``treeprobe.training_curves.evaluate_run``
+:func:`tree_recovery`  ``uns["tree_recovery_result"]``          ``tp.tl.tree_recovery(data)``
 =====================  ====================================  =====================================
 
 The comparison plots take the :class:`~treeprobe.compare.Comparison` that :func:`treeprobe.tl.compare`
@@ -32,7 +33,7 @@ from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 
 __all__ = ["embedding", "tsne", "umap", "rank_metrics", "mantel", "metric_panels", "distance_profiles",
-           "drilldown", "training_curves"]
+           "drilldown", "training_curves", "tree_recovery"]
 
 _MAP_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
 
@@ -163,3 +164,13 @@ def training_curves(table, *, loss=None, save: str | None = None):
     from treeprobe.training_curves import plot_training_curves
 
     return _finish(plot_training_curves(table, loss=loss), save)
+
+
+def tree_recovery(data: TreeData, *, level: str = "species", rank: str = "order", top_n: int = 10,
+                  save: str | None = None):
+    """Tanglegram of the recovered tree against the taxonomy, coloured by ``rank``
+    (:func:`treeprobe.tree_recovery.plot_tree_recovery`), from ``uns["tree_recovery_result"]``."""
+    from treeprobe.tree_recovery import plot_tree_recovery
+
+    res = _needs(data, "uns", "tree_recovery_result", "tree_recovery")
+    return _finish(plot_tree_recovery(res, level=level, rank=rank, top_n=top_n), save)

@@ -15,6 +15,10 @@ tool                     stores
 :func:`knn`              ``uns["knn"]`` (DataFrame, one row per rank), ``uns["knn_params"]``
 :func:`tsne`, :func:`umap`  ``obsm["X_tsne"]`` / ``obsm["X_umap"]`` (N, 2; NaN for rows not drawn),
                          ``uns["tsne"]`` / ``uns["umap"]`` (subsample, title, seed)
+:func:`physignal`        ``uns["physignal"]`` (K_mult of the species centroids: K, p, z, parts),
+                         ``uns["physignal_axes"]`` (DataFrame, one row per principal axis)
+:func:`tree_recovery`    ``uns["tree_recovery"]`` (one row per level), ``uns["tree_recovery_ranks"]``
+                         (level × rank), ``uns["tree_recovery_result"]`` (with the recovered trees)
 :func:`intrinsic`        all of the above + ``uns["timings"]``; returns the :class:`~treeprobe.report.Report`
 :func:`compare`          several TreeData (one per model, same items): every tool on each, paired tests;
                          returns a :class:`~treeprobe.compare.Comparison`
@@ -40,8 +44,8 @@ from treeprobe.core import TreeData, skip_records
 from treeprobe.errors import TreeprobeError
 from treeprobe.mantel import SPEARMAN_MAX_N
 
-__all__ = ["embed", "mantel", "clustering", "knn", "tsne", "umap", "intrinsic", "compare", "check_analysable",
-           "MANTEL_LEVELS", "MANTEL_SCHEMES", "MAPS"]
+__all__ = ["embed", "mantel", "clustering", "knn", "physignal", "tree_recovery", "tsne", "umap", "intrinsic",
+           "compare", "check_analysable", "MANTEL_LEVELS", "MANTEL_SCHEMES", "MAPS"]
 
 MANTEL_LEVELS = ("image", "species-centroid")
 #: What a Mantel p-value can permute (see :func:`mantel`).
@@ -285,6 +289,40 @@ def knn(data: TreeData, *, k: int = 10, max_queries: int | None = 100_000, seed:
     data.uns["knn"] = table
     data.uns["knn_params"] = dict(k=k, max_queries=max_queries)
     return table
+
+
+def physignal(data: TreeData, *, tree=None, rank_lengths=None, permutations: int = 999, seed: int = 0,
+              n_axes: int = 10, renormalise: bool = True, permute: str = "size-strata", n_jobs: int | None = 1,
+              progress: bool = False):
+    """Multivariate phylogenetic signal K_mult (Adams 2014) of the species centroids on the rank taxonomy or
+    ``tree`` (species permuted among the tips, by default only among species with as many images: see
+    :func:`treeprobe.physignal.physignal`); stores ``uns["physignal"]`` (dict: K, p, z, parts, details)
+    and ``uns["physignal_axes"]`` (DataFrame, one row per principal axis); returns the
+    :class:`~treeprobe.physignal.KmultResult`."""
+    from treeprobe.physignal import physignal as _physignal
+
+    res = _physignal(_check_data(data), tree=tree, rank_lengths=rank_lengths, permutations=permutations, seed=seed,
+                     n_axes=n_axes, renormalise=renormalise, permute=permute, n_jobs=n_jobs, progress=progress)
+    data.uns["physignal"] = {k: v for k, v in res.to_dict().items() if k != "per_axis"}
+    data.uns["physignal_axes"] = res.per_axis
+    return res
+
+
+def tree_recovery(data: TreeData, *, method: str = "upgma", levels: Sequence[str] = ("species",), tree=None,
+                  rank_lengths=None, permutations: int = 999, seed: int = 0, stratify: bool = True):
+    """Tree of taxon centroids (UPGMA or neighbour joining on cosine distances) scored against the rank
+    taxonomy or ``tree``: cophenetic r, normalised Robinson-Foulds, dendrogram purity and monophyly per rank,
+    each next to its permutation null (leaf labels shuffled; by default only among taxa with as many
+    images, ``stratify``; see :func:`treeprobe.tree_recovery.tree_recovery`). Stores ``uns["tree_recovery"]``,
+    ``uns["tree_recovery_ranks"]`` and ``uns["tree_recovery_result"]``; returns the result."""
+    from treeprobe.tree_recovery import tree_recovery as _tree_recovery
+
+    res = _tree_recovery(_check_data(data), method=method, levels=levels, tree=tree, rank_lengths=rank_lengths,
+                         permutations=permutations, seed=seed, stratify=stratify)
+    data.uns["tree_recovery"] = res.summary
+    data.uns["tree_recovery_ranks"] = res.ranks
+    data.uns["tree_recovery_result"] = res
+    return res
 
 
 # --- 2-D maps ------------------------------------------------------------------------------------
