@@ -239,3 +239,23 @@ def test_conflicts_carried_in_uns_are_not_warned_again(small):
         TreeData(ds.X, ds.items, uns={"lineage_conflicts": ds.uns["lineage_conflicts"].iloc[:1]})
     stale = TreeData(*small, uns={"lineage_conflicts": ds.uns["lineage_conflicts"]})
     assert "lineage_conflicts" not in stale.uns  # a table that no longer holds is dropped
+
+
+def test_missing_tokens_in_a_fixed_order_whatever_the_hash_seed():
+    """The report's provenance lists the missing-rank tokens; from a frozenset their order changed from
+    one process to the next (string hashing is salted), so two runs of one command differed."""
+    import subprocess
+    import sys
+
+    code = ("import treeprobe as tp, json; ds = tp.datasets.bioclip2_1k(); "
+            "r = tp.tl.intrinsic(ds[:60], permutations=0, maps=(), cluster_methods=(), progress=False); "
+            "print(json.dumps(r.provenance['taxonomy']['missing']))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+            for seed in (1, 2)}
+    assert len(outs) == 1
+    import json
+
+    from treeprobe.taxonomy import MISSING_TOKENS
+
+    assert json.loads(outs.pop()) == sorted(MISSING_TOKENS)
