@@ -20,6 +20,7 @@ from treeprobe.permutation import item_permutation, species_sizes, stratified_sp
 from treeprobe.simulate import simulate_world
 from treeprobe.taxonomy import RANKS, Taxonomy
 from treeprobe.tree import CladeStructure, clade_structure_from_tree
+from tests._helpers import spy_mantel_permutations
 from tests.test_tree import random_taxonomy, random_tree_structure
 
 MM = importlib.import_module("treeprobe.mantel")  # the module (the package re-exports the function `mantel`)
@@ -174,16 +175,7 @@ def _species_problem(kind, seed, dtype=np.float64):
 
 
 def _spy(monkeypatch):
-    calls = []
-    orig = MM._run_permutations
-
-    def spy(*args, **kwargs):
-        out = orig(*args, **kwargs)
-        calls.append(out.copy())
-        return out
-
-    monkeypatch.setattr(MM, "_run_permutations", spy)
-    return calls
+    return spy_mantel_permutations(monkeypatch)
 
 
 @pytest.mark.parametrize("kind", ["rank", "newick", "shared-node"])

@@ -25,6 +25,7 @@ from treeprobe.embedding_maps import tsne_2d
 from treeprobe.neighbors import knn_rank_agreement
 from treeprobe.permutation import stratified_species_permutation
 from treeprobe.taxonomy import RANKS
+from tests._helpers import spy_mantel_permutations
 
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
@@ -283,18 +284,7 @@ def centroid_case():
 
 
 def _spy(monkeypatch):
-    import treeprobe.mantel as MM
-
-    calls = []
-    orig = MM._run_permutations
-
-    def spy(*args, **kwargs):
-        out = orig(*args, **kwargs)
-        calls.append(out.copy())
-        return out
-
-    monkeypatch.setattr(MM, "_run_permutations", spy)
-    return calls
+    return spy_mantel_permutations(monkeypatch)
 
 
 def test_centroid_level_statistic_and_tree_equal_an_independent_computation(centroid_case):

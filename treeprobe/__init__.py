@@ -33,7 +33,7 @@ SUBMODULES = ("tl", "pl", "datasets", "data", "report", "taxonomy", "tree", "man
               "embedding_maps", "plots", "simulate", "synthetic_images", "models", "extract", "extract_dist",
               "pipeline", "cli", "core", "permutation", "training", "compare", "compare_report", "compare_plots",
               "similarity", "drilldown", "html_report", "training_curves", "partial_mantel", "physignal",
-              "tree_recovery")
+              "tree_recovery", "variation", "phylo_plots")
 
 #: Classes and functions reachable at the top level, imported when first used.
 _LAZY_NAMES = {"Taxonomy": "taxonomy", "CladeStructure": "tree", "Report": "report", "write_report": "report",

@@ -16,6 +16,8 @@ plot                   reads                                 after
 :func:`drilldown`      ``comparison.extras``                  ``tp.tl.compare(..., drilldown=True)``
 :func:`training_curves`  a curves table                       ``treeprobe.training_curves.evaluate_run``
 :func:`tree_recovery`  ``uns["tree_recovery_result"]``          ``tp.tl.tree_recovery(data)``
+:func:`physignal`      ``uns["physignal_result"]``              ``tp.tl.physignal(data)``
+:func:`within_species_variation`  ``uns["within_species_variation_ranks"]``  ``tp.tl.within_species_variation``
 =====================  ====================================  =====================================
 
 The comparison plots take the :class:`~treeprobe.compare.Comparison` that :func:`treeprobe.tl.compare`
@@ -33,7 +35,7 @@ from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 
 __all__ = ["embedding", "tsne", "umap", "rank_metrics", "mantel", "metric_panels", "distance_profiles",
-           "drilldown", "training_curves", "tree_recovery"]
+           "drilldown", "training_curves", "tree_recovery", "physignal", "within_species_variation"]
 
 _MAP_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
 
@@ -174,3 +176,20 @@ def tree_recovery(data: TreeData, *, level: str = "species", rank: str = "order"
 
     res = _needs(data, "uns", "tree_recovery_result", "tree_recovery")
     return _finish(plot_tree_recovery(res, level=level, rank=rank, top_n=top_n), save)
+
+
+def physignal(data: TreeData, *, save: str | None = None):
+    """K_mult against its permutation null and K per principal axis
+    (:func:`treeprobe.phylo_plots.plot_physignal`), from ``uns["physignal_result"]``."""
+    from treeprobe.phylo_plots import plot_physignal
+
+    return _finish(plot_physignal(_needs(data, "uns", "physignal_result", "physignal")), save)
+
+
+def within_species_variation(data: TreeData, *, save: str | None = None):
+    """Per rank: within-species variation outside the between-taxon subspace vs chance, and a covariate's
+    shift angle (:func:`treeprobe.phylo_plots.plot_within_species_variation`)."""
+    from treeprobe.phylo_plots import plot_within_species_variation
+
+    table = _needs(data, "uns", "within_species_variation_ranks", "within_species_variation")
+    return _finish(plot_within_species_variation(table), save)

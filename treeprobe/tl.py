@@ -16,9 +16,12 @@ tool                     stores
 :func:`tsne`, :func:`umap`  ``obsm["X_tsne"]`` / ``obsm["X_umap"]`` (N, 2; NaN for rows not drawn),
                          ``uns["tsne"]`` / ``uns["umap"]`` (subsample, title, seed)
 :func:`physignal`        ``uns["physignal"]`` (K_mult of the species centroids: K, p, z, parts),
-                         ``uns["physignal_axes"]`` (DataFrame, one row per principal axis)
+                         ``uns["physignal_axes"]`` (DataFrame, one row per principal axis),
+                         ``uns["physignal_result"]`` (the result, with the permuted K)
 :func:`tree_recovery`    ``uns["tree_recovery"]`` (one row per level), ``uns["tree_recovery_ranks"]``
                          (level × rank), ``uns["tree_recovery_result"]`` (with the recovered trees)
+:func:`within_species_variation`  ``uns["within_species_variation"]`` (headline numbers),
+                         ``uns["within_species_variation_ranks"]`` (DataFrame, one row per rank)
 :func:`intrinsic`        all of the above + ``uns["timings"]``; returns the :class:`~treeprobe.report.Report`
 :func:`compare`          several TreeData (one per model, same items): every tool on each, paired tests;
                          returns a :class:`~treeprobe.compare.Comparison`
@@ -44,8 +47,8 @@ from treeprobe.core import TreeData, skip_records
 from treeprobe.errors import TreeprobeError
 from treeprobe.mantel import SPEARMAN_MAX_N
 
-__all__ = ["embed", "mantel", "clustering", "knn", "physignal", "tree_recovery", "tsne", "umap", "intrinsic",
-           "compare", "check_analysable", "MANTEL_LEVELS", "MANTEL_SCHEMES", "MAPS"]
+__all__ = ["embed", "mantel", "clustering", "knn", "physignal", "tree_recovery", "within_species_variation",
+           "tsne", "umap", "intrinsic", "compare", "check_analysable", "MANTEL_LEVELS", "MANTEL_SCHEMES", "MAPS"]
 
 MANTEL_LEVELS = ("image", "species-centroid")
 #: What a Mantel p-value can permute (see :func:`mantel`).
@@ -305,6 +308,7 @@ def physignal(data: TreeData, *, tree=None, rank_lengths=None, permutations: int
                      n_axes=n_axes, renormalise=renormalise, permute=permute, n_jobs=n_jobs, progress=progress)
     data.uns["physignal"] = {k: v for k, v in res.to_dict().items() if k != "per_axis"}
     data.uns["physignal_axes"] = res.per_axis
+    data.uns["physignal_result"] = res
     return res
 
 
@@ -322,6 +326,26 @@ def tree_recovery(data: TreeData, *, method: str = "upgma", levels: Sequence[str
     data.uns["tree_recovery"] = res.summary
     data.uns["tree_recovery_ranks"] = res.ranks
     data.uns["tree_recovery_result"] = res
+    return res
+
+
+def within_species_variation(data: TreeData, *, covariate: str | None = None, levels=None,
+                             ranks: Sequence[str] | None = None, n_components: int | None = None,
+                             variance_share: float = 0.9, min_centroid_items: int = 1,
+                             permutations: int = 999, seed: int = 0):
+    """Share of within-species variation outside the between-taxon principal subspace at each rank and,
+    with a 2-level ``covariate`` (``levels=(a, b)``, each a value or a list of values), the mean
+    within-species shift b − a: its angle to each subspace and permutation p-values (labels shuffled
+    within species; see :func:`treeprobe.variation.within_species_variation`). Stores
+    ``uns["within_species_variation"]`` (dict: headline numbers) and ``uns["within_species_variation_ranks"]``
+    (DataFrame, one row per rank); returns the :class:`~treeprobe.variation.VariationResult`."""
+    from treeprobe.variation import within_species_variation as _wsv
+
+    res = _wsv(_check_data(data), covariate=covariate, levels=levels, ranks=ranks, n_components=n_components,
+               variance_share=variance_share, min_centroid_items=min_centroid_items,
+               permutations=permutations, seed=seed)
+    data.uns["within_species_variation"] = res.summary
+    data.uns["within_species_variation_ranks"] = res.ranks
     return res
 
 

@@ -42,13 +42,9 @@ class _RngLoss(ClipLoss):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """metadata.csv of 16 rendered images (32 px) of 16 species."""
-    from treeprobe.simulate import simulate_world
-    from treeprobe.synthetic_images import write_image_folder
+    from tests._helpers import rendered_image_csv
 
-    folder = tmp_path_factory.mktemp("interrupt_images")
-    world = simulate_world(n_kingdoms=2, branching=[1, 1, 1, 2, 2, 2], images_per_species=1, seed=0)
-    write_image_folder(world, folder, image_size=32)
-    return folder / "metadata.csv"
+    return rendered_image_csv(tmp_path_factory.mktemp("interrupt_images"))
 
 
 def _argv(csv: Path, out: Path, *extra: str) -> list[str]:
