@@ -43,6 +43,12 @@ fi
 # Comparisons: 3 models, paired tests (20K x 512 here; --per-species 10 for the 100K target, ~1 h)
 "$PY" benchmarks/bench_compare.py --per-species 2 | tee "$OUT/compare_20k.txt"
 "$PY" benchmarks/bench_similarity.py | tee "$OUT/similarity.txt"
+# K_mult at 10K species x 512 (999 permutations) and tree recovery at 1K / 5K species
+OMP_NUM_THREADS=1 "$PY" benchmarks/bench_physignal.py | tee "$OUT/physignal.txt"
+OMP_NUM_THREADS=1 "$PY" benchmarks/bench_tree_recovery.py --sizes 1000 5000 --nj-max 5000 | tee "$OUT/tree_recovery.txt"
+# resume-chunk cost of extraction; kill-and-rerun of intrinsic and train (~25 min)
+"$PY" benchmarks/bench_extract_chunks.py --n 256 --repeats 3 | tee "$OUT/extract_chunks.txt"
+"$PY" benchmarks/kill_and_rerun.py | tee "$OUT/kill_and_rerun.txt"
 # Training throughput vs open_clip's trainer needs a GPU; on the CPU only the smoke test runs:
 "$PY" benchmarks/train_throughput.py --model tiny --batch-size 8 --steps 5 --workers 0 | tee "$OUT/train_smoke.txt"
 # The design issue's "numbers do not change" check: compare two report.json files (old vs new code)
