@@ -261,6 +261,30 @@ def _physignal_family(data, *, seed, permutations):
 
 register_family("physignal", _physignal_family)
 
+
+def _tree_recovery_family(data, *, seed, permutations):
+    """The species-level recovered-tree scores of ``tl.tree_recovery`` (UPGMA; cophenetic r, nRF, split
+    recall, and genus / family monophyly and purity), under both permutation schemes (size strata, the
+    default; free), named tree-recovery/<statistic>[/<rank>]/<scheme>."""
+    out = {}
+    for scheme in ("size-strata", "free"):
+        try:
+            res = tl.tree_recovery(data, permutations=permutations, seed=seed, permute=scheme)
+        except TreeprobeError:  # fewer than 3 leaves
+            continue
+        row = res.summary.iloc[0]
+        for key in ("cophenetic_r", "nrf", "split_recall"):
+            out[f"tree-recovery/{key}/{scheme}"] = (row[key], row[f"{key}_p"])
+        ranks = res.ranks.set_index("rank")
+        for rank in ("family", "genus"):
+            if rank in ranks.index:
+                for key in ("purity", "monophyly"):
+                    out[f"tree-recovery/{key}/{rank}/{scheme}"] = (ranks.loc[rank, key], ranks.loc[rank, f"{key}_p"])
+    return out
+
+
+register_family("tree-recovery", _tree_recovery_family)
+
 #: Where a world stores its second model's embeddings (paired-comparison worlds).
 SECOND_MODEL = "X_model_b"
 

@@ -39,3 +39,25 @@ def test_variation_figure_draws_the_per_rank_table(world):
     alines = {ln.get_label(): ln.get_ydata() for ln in angle.get_lines()}
     assert np.allclose(alines["covariate shift"], res.ranks["shift_angle_deg"], equal_nan=True)
     assert [t.get_text() for t in share.get_xticklabels()] == res.ranks["rank"].tolist()
+
+
+def test_covariate_alignment_figure_draws_the_null_and_every_r(world):
+    from treeprobe.covariate_alignment import STATISTICS, covariate_alignment
+    from treeprobe.phylo_plots import plot_covariate_alignment
+
+    items = world.items
+    z = items.groupby("species")["genus"].transform(lambda s: float(len(s.iloc[0])))  # constant within species
+    data = tp.TreeData(world.X, items.assign(z=z.to_numpy() + items["species"].str.len().to_numpy()))
+    res = covariate_alignment(data, "z", permutations=39, match_sizes=False)
+    fig = plot_covariate_alignment(res)
+    hist, bars = fig.axes
+    assert sum(p.get_height() for p in hist.patches) == 39  # every permuted partial r counted once
+    assert hist.get_lines()[0].get_xdata()[0] == pytest.approx(res.r)
+    assert [p.get_width() for p in bars.patches] == pytest.approx(np.nan_to_num(res.table["r"].to_numpy()).tolist())
+    labels = [t.get_text() for t in bars.get_yticklabels()]
+    assert len(labels) == len(STATISTICS) and labels[3].endswith("n.t.")  # r_dt has no p-value
+    assert f"{res.p_value:.2g}" in labels[1]
+    fig2 = plot_covariate_alignment(res, statistic=STATISTICS[0])
+    assert fig2.axes[0].get_lines()[0].get_xdata()[0] == pytest.approx(res.table["r"].iloc[0])
+    with pytest.raises(TreeprobeError, match="no row 'nope'"):
+        plot_covariate_alignment(res, statistic="nope")

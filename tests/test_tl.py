@@ -206,6 +206,15 @@ def test_tools_refuse_what_cannot_be_analysed(bc2):
     (dict(chance_permutations=-3), "chance_permutations must be >= 0; got -3"),
     (dict(knn_k=0), "knn_k must be >= 1; got 0"),
     (dict(control="no_such_column"), "'no_such_column' is not a column"),
+    (dict(phylo=True, tree_method="ward"), "unknown tree method 'ward'"),
+    (dict(phylo=True, tree_levels=("species", "subspecies")), "unknown tree-recovery level 'subspecies'"),
+    (dict(phylo=True, tree_levels=()), "tree_levels is empty"),
+    (dict(covariate="no_such_column"), "covariate 'no_such_column' is not a column"),
+    (dict(covariate="img_type"), "has 8 levels"),  # a covariate alone turns the tree-level analyses on
+    (dict(covariate="img_type", covariate_levels=("Citizen Science", "Herbarium*")), "not found in covariate 'img_type'"),
+    (dict(species_covariates=["img_type", "habitat"]), "species covariate 'habitat' is not a column"),
+    (dict(covariate="img_type", covariate_levels=("Camera-trap", "Museum Specimen: Plant")),
+     "no species is observed under both levels"),
 ])
 def test_intrinsic_checks_every_option_before_the_first_test(option, words, bc2, monkeypatch):
     """A misspelt option of the last stage (clustering, kNN) is refused before the Mantel tests run."""

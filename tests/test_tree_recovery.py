@@ -415,18 +415,23 @@ def test_user_tree_reference_equals_the_rank_taxonomy_it_spells():
 
 
 def test_stratified_permutations_keep_image_counts():
-    """tree_recovery(stratify=True) permutes species only among species with as many images: its null
+    """tree_recovery(permute="size-strata", the default) permutes species only among species with as many images: its null
     is tree_scores' with the image counts as strata, and differs from the free one."""
     _, data = _world_data(seed=6, dim=16, images_per_species=(1, 3))
-    res = tr.tree_recovery(data, permutations=9, stratify=True, seed=3)
-    free = tr.tree_recovery(data, permutations=9, seed=3)
+    res = tr.tree_recovery(data, permutations=9, seed=3)
+    free = tr.tree_recovery(data, permutations=9, seed=3, permute="free")
     keep, codes, ref, first = tr._level_inputs(data, "species", None, None)
     tax = data.taxonomy
     groups = {r: tax.codes(r)[first] for r in tax.ranks[:-1]}
     direct = tr.tree_scores(res.tree(), ref, groups, permutations=9, seed=3, strata=np.bincount(codes))
     assert np.allclose(res.null[("species", "cophenetic_r")], direct.null["cophenetic_r"], atol=1e-13)
     assert not np.allclose(res.null[("species", "cophenetic_r")], free.null[("species", "cophenetic_r")])
-    assert res.params["stratify"] is True
+    assert res.params["permute"] == "size-strata" and "equal image count" in res.params["permuted"]
+    assert "freely" in free.params["permuted"]
+    free_direct = tr.tree_scores(res.tree(), ref, groups, permutations=9, seed=3)
+    assert np.allclose(free.null[("species", "cophenetic_r")], free_direct.null["cophenetic_r"], atol=1e-13)
+    with pytest.raises(TreeprobeError, match="permutation scheme"):
+        tr.tree_recovery(data, permutations=9, permute="stratified")
 
 
 def test_newick_round_trip(tmp_path):

@@ -18,6 +18,7 @@ import inspect
 import math
 import sys
 
+from treeprobe._utils import RANKS
 from treeprobe.errors import TreeprobeError, TreeprobeWarning, warnings_as_lines
 
 __all__ = ["main", "build_parser", "FIRST_CONTACT"]
@@ -112,8 +113,36 @@ def _add_intrinsic(sub) -> None:
     s.add_argument("--control", metavar="COLUMN",
                    help="also run a partial Mantel test controlling for this items column (categorical: "
                         "same/different; numeric: absolute difference), e.g. img_type")
+    ph = a.add_argument_group("tree-level analyses")
+    ph.add_argument("--phylo", action="store_true",
+                    help="also K_mult (phylogenetic signal of the species centroids), the tree recovered from the "
+                         "embeddings against the taxonomy, and within- vs between-species variation")
+    ph.add_argument("--tree-method", choices=("upgma", "nj"), default=_default(tl.intrinsic, "tree_method"),
+                    help="how the tree of taxon centroids is built (default %(default)s)")
+    ph.add_argument("--tree-levels", default=",".join(_default(tl.intrinsic, "tree_levels")),
+                    help="leaves of the recovered trees: species and/or ranks (default %(default)s)")
+    ph.add_argument("--covariate", metavar="COLUMN",
+                    help="an items column for the within-species shift (implies --phylo), e.g. img_type")
+    ph.add_argument("--covariate-levels", metavar="A;B",
+                    help="the two levels of --covariate compared, separated by ';', each one value or several "
+                         "joined by '|' or a shell-style pattern, e.g. 'Citizen Science;Museum Specimen*' "
+                         "(default: the column's two values)")
+    ph.add_argument("--species-covariate", metavar="COLUMN[,COLUMN]",
+                    help="items column(s) constant within species (a trait, a habitat): does embedding distance "
+                         "follow it beyond the tree? (partial Mantel; implies --phylo)")
     _add_output(a, "treeprobe_out")
     a.set_defaults(func=cmd_intrinsic)
+
+
+def covariate_levels(text: str | None) -> tuple | None:
+    """``--covariate-levels 'A;B1|B2'`` → ``(['A'], ['B1', 'B2'])`` (values may be shell-style patterns:
+    :func:`treeprobe.variation.within_species_variation` matches them against the column's values)."""
+    if text is None:
+        return None
+    parts = text.split(";")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise TreeprobeError(f"--covariate-levels {text!r}: expected two levels separated by ';' (e.g. 'A;B')")
+    return tuple([v.strip() for v in p.split("|") if v.strip()] for p in parts)
 
 
 def _add_output(parser, default: str) -> None:
@@ -347,6 +376,9 @@ def cmd_intrinsic(args) -> int:
         cluster_methods=_names(args.cluster_methods, "clustering method", CLUSTER_METHODS),
         centroid_level=not args.no_centroids,
         permute=("species", "images") if args.permute == "both" else (args.permute,), control=args.control,
+        phylo=args.phylo, tree_method=args.tree_method, tree_levels=_split(args.tree_levels),
+        covariate=args.covariate, covariate_levels=covariate_levels(args.covariate_levels),
+        species_covariates=_split(args.species_covariate) if args.species_covariate else None,
     )
     _print_summary(report, paths)
     return 0
@@ -360,6 +392,16 @@ def _print_summary(report, paths) -> None:
     if len(report.knn):
         print("kNN agreement (excess over chance): " + ", ".join(
             f"{r['rank']} {r['agreement']:.3f} ({r['agreement_excess']:+.3f})" for _, r in report.knn.iterrows()))
+    head = report.headline()
+    if "physignal_K" in head:
+        print(f"K_mult = {head['physignal_K']:.4f}  p = {head['physignal_p']:.4g}  z = {head['physignal_z']:.2f}")
+    for level in dict.fromkeys(("species", *RANKS)):
+        if f"tree_{level}_cophenetic_r" in head:
+            print(f"recovered tree ({level}): cophenetic r = {head[f'tree_{level}_cophenetic_r']:+.4f} "
+                  f"(p = {head[f'tree_{level}_cophenetic_r_p']:.4g}), nRF = {head[f'tree_{level}_nrf']:.4f}")
+    if "covariate_partial_r" in head:
+        print(f"species covariate given the tree: partial r = {head['covariate_partial_r']:+.4f} "
+              f"(p = {head['covariate_partial_p']:.4g})")
     if paths:
         print(f"report: {paths.get('markdown')}  json: {paths.get('json')}")
 

@@ -540,11 +540,26 @@ def intrinsic_html(report, figures: Mapping[str, str | os.PathLike] | None = Non
             "permuted labels); `purity_excess` = (purity − chance)/(1 − chance). At fine ranks with many "
             "single-image taxa raw purity is high by construction: read the excess.",
             html_table(_columns(report.clustering, _CLUSTER_COLS), caption="Clustering")]),
+        *_phylo_sections(getattr(report, "phylo", {}) or {}),
         Section("Figures", _figures_blocks(figures)),
         Section("Skipped inputs", _skipped_blocks(report.skipped)),
         Section("Provenance", _provenance_blocks(prov)),
     ]
     return render_html("treeprobe intrinsic report", sections, meta=meta)
+
+
+def _phylo_sections(phylo: Mapping) -> list:
+    """The tree-level sections (:data:`treeprobe.report.PHYLO_SECTIONS`) present in ``phylo``."""
+    from treeprobe.report import PHYLO_SECTIONS
+
+    out = []
+    for title, text, tables in PHYLO_SECTIONS:
+        blocks = [html_table(_columns(phylo[name], phylo[name].columns if cols is None else cols),
+                             caption=name.replace("_", " "))
+                  for name, cols in tables if name in phylo and len(phylo[name])]
+        if blocks:
+            out.append(Section(title, [text, *blocks]))
+    return out
 
 
 def _skipped_blocks(skipped: pd.DataFrame | None) -> list:

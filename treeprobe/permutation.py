@@ -21,8 +21,13 @@ import numpy as np
 from treeprobe._validation import check_codes
 from treeprobe.errors import TreeprobeError
 
-__all__ = ["species_sizes", "stratified_species_permutation", "stratified_sampler", "item_permutation",
+__all__ = ["TIP_SCHEMES", "species_sizes", "stratified_species_permutation", "stratified_sampler", "item_permutation",
            "species_item_permuter", "inverse_permutation", "n_permutable_species", "n_strata"]
+
+#: How taxa move among the tips of a tree in the tree-level tests (K_mult, tree recovery):
+#: ``"size-strata"`` only among taxa with as many images (a centroid of 1 image is noisier than one of
+#: 10, so only equal sizes are exchangeable; the default), ``"free"`` any tip with any.
+TIP_SCHEMES = ("size-strata", "free")
 
 
 def species_sizes(species_codes: np.ndarray) -> np.ndarray:

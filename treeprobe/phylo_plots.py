@@ -14,7 +14,7 @@ import pandas as pd
 from treeprobe.errors import TreeprobeError
 from treeprobe.plots import DisplayFigure
 
-__all__ = ["plot_physignal", "plot_within_species_variation"]
+__all__ = ["plot_physignal", "plot_within_species_variation", "plot_covariate_alignment"]
 
 _BLUE, _ORANGE, _GREY = "#0072B2", "#E69F00", "0.6"
 
@@ -103,6 +103,70 @@ def plot_within_species_variation(ranks: pd.DataFrame, *, title: str = "") -> Di
         a.set_xticks(x)
         a.set_xticklabels(ranks["rank"], rotation=45, ha="right")
         a.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+_ALIGNMENT_LABELS = {
+    "mantel_embedding_covariate": "embedding ~ covariate",
+    "partial_mantel_embedding_covariate_given_tree": "embedding ~ covariate | tree",
+    "mantel_covariate_tree": "covariate ~ tree",
+    "mantel_embedding_tree": "embedding ~ tree",
+}
+
+
+def plot_covariate_alignment(result, *, statistic: str = "partial_mantel_embedding_covariate_given_tree",
+                             title: str = "") -> DisplayFigure:
+    """Covariate alignment (:mod:`treeprobe.covariate_alignment`): left, the permutation null of one
+    statistic (histogram of the permuted r, the observed r as a line); right, the Mantel r of each row of the
+    table (bars; p-values in the labels, "n.t." where not tested).
+
+    ``result``: a :class:`~treeprobe.covariate_alignment.CovariateAlignmentResult` (or anything with its
+    ``table`` and ``permuted_statistics``); ``statistic``: the row whose null is drawn.
+
+    >>> import numpy as np, pandas as pd
+    >>> from types import SimpleNamespace
+    >>> t = pd.DataFrame(dict(statistic=["mantel_embedding_covariate", "partial_mantel_embedding_covariate_given_tree"],
+    ...                       r=[0.3, 0.2], p_value=[0.01, 0.02], permutations=[3, 3]))
+    >>> r = SimpleNamespace(table=t, scheme="within-genus",
+    ...                     permuted_statistics={"partial_mantel_embedding_covariate_given_tree": np.array([0.0, 0.1, -0.1])})
+    >>> [ax.get_title() for ax in plot_covariate_alignment(r).axes]
+    ['embedding ~ covariate | tree: r = 0.200 (p = 0.02)', 'Mantel r per statistic']
+    """
+    table = getattr(result, "table", None)
+    if table is None or not {"statistic", "r", "p_value"} <= set(table.columns):
+        raise TreeprobeError("plot_covariate_alignment needs a covariate-alignment result (columns statistic, r, p_value)")
+    rows = table.set_index("statistic")
+    if statistic not in rows.index:
+        raise TreeprobeError(f"plot_covariate_alignment: no row {statistic!r}; rows: {', '.join(rows.index)}")
+    fig = DisplayFigure(figsize=(8.8, 3.6), layout="constrained")
+    ax = fig.add_subplot(1, 2, 1)
+    null = np.asarray(getattr(result, "permuted_statistics", {}).get(statistic, ()), dtype=float)
+    if null.size:
+        ax.hist(null, bins=min(40, max(5, null.size // 10)), color=_GREY,
+                label=f"permuted ({getattr(result, 'scheme', '')}, {null.size})")
+    r_obs, p_obs = float(rows.loc[statistic, "r"]), float(rows.loc[statistic, "p_value"])
+    ax.axvline(r_obs, color=_BLUE, lw=2, label="observed")
+    ax.set_xlabel("Mantel r")
+    ax.set_ylabel("permutations")
+    name = _ALIGNMENT_LABELS.get(statistic, statistic)
+    ax.set_title(f"{name}: r = {r_obs:.3f} (p = {p_obs:.2g})" if np.isfinite(p_obs) else f"{name}: r = {r_obs:.3f}")
+    ax.legend(fontsize=7)
+    bx = fig.add_subplot(1, 2, 2)
+    y = np.arange(len(rows))
+    r_all = rows["r"].to_numpy(dtype=float)
+    colours = [_ORANGE if s == statistic else _BLUE for s in rows.index]
+    bx.barh(y, np.nan_to_num(r_all), color=colours)
+    bx.axvline(0.0, color="k", lw=0.8)
+    labels = [f"{_ALIGNMENT_LABELS.get(s, s)}\n" + (f"p = {p:.2g}" if np.isfinite(p) else "n.t.")
+              for s, p in zip(rows.index, rows["p_value"].to_numpy(dtype=float))]
+    bx.set_yticks(y)
+    bx.set_yticklabels(labels, fontsize=7)
+    bx.invert_yaxis()
+    bx.set_xlabel("Mantel r (species pairs)")
+    bx.set_title("Mantel r per statistic")
+    bx.grid(alpha=0.3, axis="x")
     if title:
         fig.suptitle(title)
     return fig

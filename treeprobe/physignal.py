@@ -78,6 +78,7 @@ import pandas as pd
 from treeprobe._utils import available_cpus, numba_enabled
 from treeprobe._validation import check_choice, check_embeddings, check_int
 from treeprobe.errors import TreeprobeError
+from treeprobe.permutation import TIP_SCHEMES
 from treeprobe.tree import CladeStructure
 
 __all__ = ["PhyloTree", "KmultResult", "PERMUTED_TIPS", "PERMUTED_TIPS_BY_SIZE", "PHYSIGNAL_SCHEMES", "TIE_TOLERANCE", "phylo_tree", "kmult", "kmult_test",
@@ -88,8 +89,8 @@ PERMUTED_TIPS = ("species (rows of Y) permuted freely among the tips of the tree
                  "numbers of images per species ignored)")
 #: What the size-stratified permutations of :func:`physignal` move (the default on a TreeData): a species'
 #: centroid is as precise as its number of images, so centroids are exchangeable only at equal size.
-#: The permutation schemes of :func:`physignal`.
-PHYSIGNAL_SCHEMES = ("size-strata", "free")
+#: The permutation schemes of :func:`physignal` (:data:`treeprobe.permutation.TIP_SCHEMES`).
+PHYSIGNAL_SCHEMES = TIP_SCHEMES
 PERMUTED_TIPS_BY_SIZE = ("species centroids permuted among the tips of the tree within strata of equal image count "
                          "(species of n images only swap with species of n images; as the centroid Mantel test)")
 

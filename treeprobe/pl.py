@@ -18,6 +18,7 @@ plot                   reads                                 after
 :func:`tree_recovery`  ``uns["tree_recovery_result"]``          ``tp.tl.tree_recovery(data)``
 :func:`physignal`      ``uns["physignal_result"]``              ``tp.tl.physignal(data)``
 :func:`within_species_variation`  ``uns["within_species_variation_ranks"]``  ``tp.tl.within_species_variation``
+:func:`covariate_alignment`  ``uns["covariate_alignment_result"]``  ``tp.tl.covariate_alignment(data, "col")``
 =====================  ====================================  =====================================
 
 The comparison plots take the :class:`~treeprobe.compare.Comparison` that :func:`treeprobe.tl.compare`
@@ -35,7 +36,7 @@ from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 
 __all__ = ["embedding", "tsne", "umap", "rank_metrics", "mantel", "metric_panels", "distance_profiles",
-           "drilldown", "training_curves", "tree_recovery", "physignal", "within_species_variation"]
+           "drilldown", "training_curves", "tree_recovery", "physignal", "within_species_variation", "covariate_alignment"]
 
 _MAP_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
 
@@ -193,3 +194,13 @@ def within_species_variation(data: TreeData, *, save: str | None = None):
 
     table = _needs(data, "uns", "within_species_variation_ranks", "within_species_variation")
     return _finish(plot_within_species_variation(table), save)
+
+
+def covariate_alignment(data: TreeData, *, statistic: str = "partial_mantel_embedding_covariate_given_tree",
+                        save: str | None = None):
+    """The permutation null of one covariate-alignment statistic and the Mantel r of every row
+    (:func:`treeprobe.phylo_plots.plot_covariate_alignment`), from ``uns["covariate_alignment_result"]``."""
+    from treeprobe.phylo_plots import plot_covariate_alignment
+
+    res = _needs(data, "uns", "covariate_alignment_result", "covariate_alignment")
+    return _finish(plot_covariate_alignment(res, statistic=statistic), save)

@@ -6,7 +6,8 @@ provenance as a dict). :func:`write_report` renders it to a folder:
 - ``report.json``  — every number and the provenance (machine-readable);
 - ``per_rank.csv`` — one row per rank: taxa counts, clustering and kNN scores with chance;
 - ``figures/*.png|pdf`` — rank-coloured t-SNE/UMAP maps, per-rank metrics, Mantel distance plot;
-- ``report.md``    — a short human-readable report that shows the figures.
+- ``report.md``    — a short human-readable report that shows the figures;
+- ``trees/*.nwk``  — the trees recovered from the embeddings (with ``phylo``).
 - ``report.html``  — the same report as one self-contained page (figures embedded, sortable tables, opens offline).
 
 The folder is replaced as a whole (written into a temporary folder beside it, then renamed into place):
@@ -27,7 +28,7 @@ import pandas as pd
 from treeprobe._utils import (OUTPUT_BYTES_PER_ITEM, OUTPUT_MIN_FREE_BYTES, atomic_output_dir, atomic_write,
                               atomic_write_text, rebase_paths)
 
-__all__ = ["Report", "write_report", "write_report_files", "report_bytes", "write_figures", "load_report",
+__all__ = ["Report", "PHYLO_TABLES", "PHYLO_SECTIONS", "write_report", "write_report_files", "report_bytes", "write_figures", "load_report",
            "render_markdown"]
 
 
@@ -55,6 +56,12 @@ class Report:
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["item", "reason"]))
     mantel_sample: dict | None = None  # condensed (d_embed, d_tree) sample for the Mantel figure
     items: pd.DataFrame | None = None  # the analysed items (path, ranks, covariates), row i ↔ labels i
+    #: tree-level analyses (``tl.intrinsic(phylo=True)``): name (:data:`PHYLO_TABLES`) → DataFrame
+    phylo: dict = field(default_factory=dict)
+    #: the recovered trees as Newick: "<level>_<method>" → text (written to ``trees/``)
+    trees: dict = field(default_factory=dict)
+    #: the tools' result objects, for the figures only (not written; absent in a loaded report)
+    results: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_data(cls, data) -> "Report":
@@ -74,12 +81,13 @@ class Report:
         frame = lambda key: uns[key] if key in uns else pd.DataFrame()  # noqa: E731
         tax = data.taxonomy
         skipped = [s for s in (data.skipped, uns.get("mantel_not_in_tree")) if s is not None and len(s)]
+        phylo, trees, results = _phylo_parts(uns)
         return cls(
             mantel=frame("mantel"), clustering=frame("clustering"), knn=frame("knn"),
             rank_summary=tax.rank_summary(), maps=maps, labels_by_rank=tax.labels_by_rank(),
             provenance=dict(uns.get("provenance", {})),
             skipped=pd.concat(skipped, ignore_index=True) if skipped else pd.DataFrame(columns=["item", "reason"]),
-            mantel_sample=uns.get("mantel_pairs"), items=data.items,
+            mantel_sample=uns.get("mantel_pairs"), items=data.items, phylo=phylo, trees=trees, results=results,
         )
 
     @property
@@ -97,6 +105,7 @@ class Report:
         if len(self.knn):
             for _, row in self.knn.iterrows():
                 out[f"knn_{row['rank']}_agreement_excess"] = row.get("agreement_excess")
+        out.update(_phylo_headline(self.phylo))
         return out
 
     def per_rank(self) -> pd.DataFrame:
@@ -141,8 +150,63 @@ class Report:
                 maps={k: dict(n_points=int(len(v["coords"])), **v.get("info", {})) for k, v in self.maps.items()},
                 provenance=self.provenance,
                 skipped=dict(count=int(len(self.skipped)), items=self.skipped.to_dict(orient="records")),
+                **({"phylo": {k: v.to_dict(orient="records") for k, v in self.phylo.items()}} if self.phylo else {}),
             )
         )
+
+
+#: The tables of the tree-level analyses in :attr:`Report.phylo` (and ``report.json["phylo"]``), from the
+#: keys :mod:`treeprobe.tl` stores: name → (uns key, what it holds).
+PHYLO_TABLES = {
+    "physignal": ("physignal", "K_mult of the species centroids (one row)"),
+    "physignal_axes": ("physignal_axes", "K per principal axis"),
+    "tree_recovery": ("tree_recovery", "recovered-tree scores, one row per level"),
+    "tree_recovery_ranks": ("tree_recovery_ranks", "dendrogram purity and monophyly per level × rank"),
+    "within_species_variation": ("within_species_variation", "within- vs between-species variation (one row)"),
+    "within_species_variation_ranks": ("within_species_variation_ranks", "the same per rank"),
+    "covariate_alignment": ("covariate_alignment_table", "embedding vs species covariate distance, given the tree"),
+}
+
+
+def _one_row(value) -> pd.DataFrame:
+    if isinstance(value, pd.DataFrame):
+        return value
+    flat = {k: ("; ".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+            for k, v in dict(value).items() if not isinstance(v, dict)}
+    return pd.DataFrame([flat])
+
+
+def _phylo_parts(uns) -> tuple[dict, dict, dict]:
+    """(tables, Newick trees, result objects) of the tree-level tools stored in ``uns``."""
+    tables = {name: _one_row(uns[key]) for name, (key, _) in PHYLO_TABLES.items() if key in uns}
+    results = {k: uns[f"{k}_result"] for k in ("physignal", "tree_recovery", "covariate_alignment")
+               if f"{k}_result" in uns}
+    trees = {}
+    if "tree_recovery" in results:
+        res = results["tree_recovery"]
+        trees = {f"{level}_{res.method}": t.to_newick() for level, t in res.trees.items()}
+    return tables, trees, results
+
+
+def _phylo_headline(phylo: dict) -> dict:
+    out = {}
+    if "physignal" in phylo and len(phylo["physignal"]):
+        row = phylo["physignal"].iloc[0]
+        out.update(physignal_K=row.get("statistic"), physignal_p=row.get("p_value"), physignal_z=row.get("z"))
+    if "tree_recovery" in phylo:
+        for _, row in phylo["tree_recovery"].iterrows():
+            for key in ("cophenetic_r", "cophenetic_r_p", "nrf", "nrf_p"):
+                out[f"tree_{row['level']}_{key}"] = row.get(key)
+    if "within_species_variation" in phylo and len(phylo["within_species_variation"]):
+        row = phylo["within_species_variation"].iloc[0]
+        for key in ("within_outside_share", "isotropic_outside_share", "shift_angle_deg", "p_angle", "p_norm"):
+            if key in row.index:
+                out[f"variation_{key}"] = row[key]
+    if "covariate_alignment" in phylo and len(phylo["covariate_alignment"]):
+        for _, row in phylo["covariate_alignment"].iterrows():
+            if row["statistic"].startswith("partial"):
+                out.update(covariate_partial_r=row["r"], covariate_partial_p=row["p_value"])
+    return out
 
 
 def _jsonable(obj):
@@ -176,8 +240,8 @@ def _fmt(x, nd=3) -> str:
 def _md_table(df: pd.DataFrame, cols: list[str], nd=3) -> str:
     cols = [c for c in cols if c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c], nd) for c in cols) + " |")
+    for i in range(len(df)):  # by column, not iterrows: a row of ints and floats would come back as floats
+        lines.append("| " + " | ".join(_fmt(df[c].iat[i], nd).replace("|", "\\|") for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -233,6 +297,7 @@ def render_markdown(report: Report, figures: dict[str, str] | None = None) -> st
         knn_cols[3:3] = ["agreement_ci95"]
         knn_cols.insert(knn_cols.index("top1") + 1, "top1_ci95")
     lines.append(_md_table(report.knn, knn_cols))
+    lines += _phylo_markdown(report.phylo)
     lines += ["", "## Taxa per rank", "", _md_table(report.rank_summary, list(report.rank_summary.columns))]
     if figures:
         lines += ["", "## Figures", ""]
@@ -246,6 +311,61 @@ def render_markdown(report: Report, figures: dict[str, str] | None = None) -> st
         lines.append("The full list is in `report.json` (`skipped.items`).")
     lines += ["", "## Provenance", "", "```json", json.dumps(_jsonable(prov), indent=1)[:4000], "```", ""]
     return "\n".join(lines)
+
+
+#: Text and columns of each tree-level section (markdown and HTML): title, explanation, [(table, columns)].
+PHYLO_SECTIONS = [
+    ("Phylogenetic signal (K_mult)",
+     "Adams' (2014) multivariate K of the species centroids on the tree: K = 1 is what Brownian motion along "
+     "the tree gives, K < 1 less resemblance between relatives than that, K > 1 more; `z` is K's effect size "
+     "in its permutation distribution (log scale). `permuted` says what the p-value permuted. Per principal "
+     "axis of the centroids: K of that axis alone.",
+     [("physignal", ["statistic", "p_value", "z", "permutations", "n_species", "n_dims", "permuted"]),
+      ("physignal_axes", ["axis", "variance_share", "K", "p_value", "z", "K_cumulative"])]),
+    ("Tree recovered from the embeddings",
+     "A tree of taxon centroids (cosine distance) against the rank taxonomy: cophenetic r (1 = the same "
+     "distances), normalised Robinson-Foulds distance `nrf` (0 = the same splits; `nrf_best` is the lowest a "
+     "binary tree can reach against the polytomies of the taxonomy), the share of the taxonomy's splits "
+     "recovered (`split_recall`); per rank, dendrogram purity and the share of taxa that form a clade "
+     "(`monophyly`). Each next to its permutation null (`_null`: mean over the permutations) and p; `_best` "
+     "is the ceiling. The trees are in `trees/` (Newick).",
+     [("tree_recovery", ["level", "n_leaves", "cophenetic_r", "cophenetic_r_null", "cophenetic_r_p", "nrf",
+                         "nrf_null", "nrf_best", "nrf_p", "split_recall", "split_recall_null", "split_recall_p",
+                         "permuted"]),
+      ("tree_recovery_ranks", ["level", "rank", "n_taxa", "purity", "purity_null", "purity_p", "monophyly",
+                               "monophyly_null", "monophyly_p", "n_monophyletic"])]),
+    ("Within- vs between-species variation",
+     "Share of the within-species deviations (image minus its species centroid) outside the principal "
+     "subspace of the between-taxon differences at each rank, next to the share an isotropic spread leaves "
+     "outside (`isotropic_outside_share`; `within_outside_z` in random-subspace sd). With a covariate: the "
+     "mean within-species shift between its two levels, its angle to that subspace (90° = orthogonal) next to "
+     "the permutation mean, and p-values with the covariate shuffled within species (`p_norm`: is there a "
+     "shift; `p_angle`: is it further from the subspace than chance).",
+     [("within_species_variation", ["covariate", "levels", "n_species_both", "shift_norm", "p_norm",
+                                    "shift_angle_deg", "p_angle", "within_outside_share",
+                                    "isotropic_outside_share", "within_outside_z", "n_items_within"]),
+      ("within_species_variation_ranks", ["rank", "n_taxa", "n_components", "variance_explained",
+                                          "within_outside_share", "isotropic_outside_share", "within_outside_z",
+                                          "shift_angle_deg", "perm_angle_mean_deg", "p_angle"])]),
+    ("Covariate alignment",
+     "Mantel correlation between the embedding distance of species centroids and the distance of a species "
+     "covariate, and the same given the tree (partial Mantel): does the embedding follow the covariate beyond "
+     "what relatedness explains? `permuted` says what each p-value permuted.",
+     [("covariate_alignment", ["statistic", "r", "p_value", "permutations", "n_species", "permuted"])]),
+]
+
+
+def _phylo_markdown(phylo: dict) -> list[str]:
+    lines = []
+    for title, text, tables in PHYLO_SECTIONS:
+        present = [(name, cols) for name, cols in tables if name in phylo and len(phylo[name])]
+        if not present:
+            continue
+        lines += ["", f"## {title}", "", text, ""]
+        for name, cols in present:
+            df = phylo[name]
+            lines += [_md_table(df, list(df.columns) if cols is None else cols), ""]
+    return lines
 
 
 def report_bytes(n_items: int) -> int:
@@ -282,6 +402,10 @@ def write_report_files(report: Report, out: Path, *, figures: bool = True) -> di
     paths["items_csv"] = str(out / "items.csv")
     if report.mantel_sample is not None:
         atomic_write(out / "mantel_pairs.npz", lambda f: np.savez_compressed(f, **report.mantel_sample), fsync=False)
+    for name, text in report.trees.items():
+        (out / "trees").mkdir(exist_ok=True)
+        atomic_write_text(out / "trees" / f"{name}.nwk", text + "\n", fsync=False)
+        paths[f"tree:{name}"] = str(out / "trees" / f"{name}.nwk")
     per_rank = report.per_rank()
     atomic_write_text(out / "per_rank.csv", per_rank.to_csv(index=False), fsync=False)
     paths["per_rank_csv"] = str(out / "per_rank.csv")
@@ -323,6 +447,40 @@ def write_figures(report: Report, fig_dir: Path) -> dict[str, str]:
         fig = plots.plot_mantel_scatter(report.mantel_sample["d_embed"], report.mantel_sample["d_tree"])
         png, _ = plots.save_figure(fig, str(fig_dir / "mantel_distances"))
         out["Embedding distance by tree distance"] = png
+    out.update(_phylo_figures(report, fig_dir))
+    return out
+
+
+def _phylo_figures(report: Report, fig_dir: Path) -> dict[str, str]:
+    """The tree-level figures: K_mult and the tanglegram need the result objects (a freshly made report),
+    the variation figure only its table."""
+    from treeprobe import phylo_plots, plots
+
+    out = {}
+    if "physignal" in report.results:
+        png, _ = plots.save_figure(phylo_plots.plot_physignal(report.results["physignal"]),
+                                   str(fig_dir / "physignal"))
+        out["K_mult against its permutation null"] = png
+    if "tree_recovery" in report.results:
+        from treeprobe.tree_recovery import plot_tree_recovery
+
+        res = report.results["tree_recovery"]
+        level = "species" if "species" in res.trees else next(iter(res.trees))
+        ranks = res.ranks[res.ranks["level"] == level]["rank"].tolist()
+        rank = "order" if "order" in ranks else (ranks[-1] if ranks else None)
+        if rank is not None:
+            png, _ = plots.save_figure(plot_tree_recovery(res, level=level, rank=rank),
+                                       str(fig_dir / f"tree_recovery_{level}"))
+            out[f"Recovered tree ({level}) beside the taxonomy, coloured by {rank}"] = png
+    table = report.phylo.get("within_species_variation_ranks")
+    if table is not None and len(table):
+        png, _ = plots.save_figure(phylo_plots.plot_within_species_variation(table),
+                                   str(fig_dir / "within_species_variation"))
+        out["Within-species variation outside the between-taxon subspace"] = png
+    if "covariate_alignment" in report.results:
+        png, _ = plots.save_figure(phylo_plots.plot_covariate_alignment(report.results["covariate_alignment"]),
+                                   str(fig_dir / "covariate_alignment"))
+        out["Covariate alignment given the tree"] = png
     return out
 
 
@@ -355,7 +513,10 @@ def load_report(out_dir: str | os.PathLike) -> Report:
             sample = {k: z[k] for k in z.files}
     skipped = pd.DataFrame(rep["skipped"]["items"], columns=["item", "reason"])
     frame = lambda key: pd.DataFrame(rep.get(key, []))  # noqa: E731
+    phylo = {k: pd.DataFrame(v) for k, v in rep.get("phylo", {}).items()}
+    trees = {p.stem: p.read_text().strip() for p in sorted((out / "trees").glob("*.nwk"))}
     return Report(mantel=frame("mantel"), clustering=frame("clustering"), knn=frame("knn"),
                   rank_summary=frame("rank_summary"), maps=maps, labels_by_rank=tax.labels_by_rank(),
                   provenance=rep.get("provenance", {}), skipped=skipped, mantel_sample=sample,
+                  phylo=phylo, trees=trees,
                   items=items.drop(columns=[c for c in items.columns if c[:5] in ("tsne_", "umap_")]))

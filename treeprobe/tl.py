@@ -22,7 +22,10 @@ tool                     stores
                          (level × rank), ``uns["tree_recovery_result"]`` (with the recovered trees)
 :func:`within_species_variation`  ``uns["within_species_variation"]`` (headline numbers),
                          ``uns["within_species_variation_ranks"]`` (DataFrame, one row per rank)
-:func:`intrinsic`        all of the above + ``uns["timings"]``; returns the :class:`~treeprobe.report.Report`
+:func:`covariate_alignment`  ``uns["covariate_alignment"]`` (dict), ``uns["covariate_alignment_table"]``
+                         (one row per statistic), ``uns["covariate_alignment_result"]``
+:func:`intrinsic`        all of the above (the last four with ``phylo=True``) + ``uns["timings"]``;
+                         returns the :class:`~treeprobe.report.Report`
 :func:`compare`          several TreeData (one per model, same items): every tool on each, paired tests;
                          returns a :class:`~treeprobe.compare.Comparison`
 =======================  ==========================================================================
@@ -48,6 +51,7 @@ from treeprobe.errors import TreeprobeError
 from treeprobe.mantel import SPEARMAN_MAX_N
 
 __all__ = ["embed", "mantel", "clustering", "knn", "physignal", "tree_recovery", "within_species_variation",
+           "covariate_alignment",
            "tsne", "umap", "intrinsic", "compare", "check_analysable", "MANTEL_LEVELS", "MANTEL_SCHEMES", "MAPS"]
 
 MANTEL_LEVELS = ("image", "species-centroid")
@@ -313,17 +317,17 @@ def physignal(data: TreeData, *, tree=None, rank_lengths=None, permutations: int
 
 
 def tree_recovery(data: TreeData, *, method: str = "upgma", levels: Sequence[str] = ("species",), tree=None,
-                  rank_lengths=None, permutations: int = 999, seed: int = 0, stratify: bool = True):
+                  rank_lengths=None, permutations: int = 999, seed: int = 0, permute: str = "size-strata"):
     """Tree of taxon centroids (UPGMA or neighbour joining on cosine distances) scored against the rank
     taxonomy or ``tree``: cophenetic r, normalised Robinson-Foulds, dendrogram purity and monophyly per rank,
     each next to its permutation null (leaf labels shuffled; by default only among taxa with as many
-    images, ``stratify``; see :func:`treeprobe.tree_recovery.tree_recovery`). Stores ``uns["tree_recovery"]``,
+    images, ``permute="size-strata"``; see :func:`treeprobe.tree_recovery.tree_recovery`). Stores ``uns["tree_recovery"]``,
     ``uns["tree_recovery_ranks"]`` and ``uns["tree_recovery_result"]``; returns the result."""
     from treeprobe.tree_recovery import tree_recovery as _tree_recovery
 
     res = _tree_recovery(_check_data(data), method=method, levels=levels, tree=tree, rank_lengths=rank_lengths,
-                         permutations=permutations, seed=seed, stratify=stratify)
-    data.uns["tree_recovery"] = res.summary
+                         permutations=permutations, seed=seed, permute=permute)
+    data.uns["tree_recovery"] = res.summary.assign(permuted=res.params["permuted"])
     data.uns["tree_recovery_ranks"] = res.ranks
     data.uns["tree_recovery_result"] = res
     return res
@@ -346,6 +350,25 @@ def within_species_variation(data: TreeData, *, covariate: str | None = None, le
                permutations=permutations, seed=seed)
     data.uns["within_species_variation"] = res.summary
     data.uns["within_species_variation_ranks"] = res.ranks
+    return res
+
+
+def covariate_alignment(data: TreeData, covariates, *, tree=None, rank_lengths=None, kind: str = "auto",
+                        permute: str = "within-genus", match_sizes: bool = True, permutations: int = 999,
+                        seed: int = 0, min_images: int = 1, alternative: str = "greater", progress: bool = False):
+    """Does the embedding follow a species-level covariate beyond what the tree explains? Mantel r(embedding,
+    covariate), partial r(embedding, covariate | tree) and r(covariate, tree) of the species centroids; the
+    covariate is permuted within genera among species with as many images by default (the scheme measured
+    calibrated: see :mod:`treeprobe.covariate_alignment`). Stores ``uns["covariate_alignment"]`` (dict),
+    ``uns["covariate_alignment_table"]`` (DataFrame) and ``uns["covariate_alignment_result"]``; returns the result."""
+    from treeprobe.covariate_alignment import covariate_alignment as _covariate_alignment
+
+    res = _covariate_alignment(_check_data(data), covariates, tree=tree, rank_lengths=rank_lengths, kind=kind,
+                               permute=permute, match_sizes=match_sizes, permutations=permutations, seed=seed,
+                               min_images=min_images, alternative=alternative, progress=progress)
+    data.uns["covariate_alignment"] = res.to_dict()
+    data.uns["covariate_alignment_table"] = res.table
+    data.uns["covariate_alignment_result"] = res
     return res
 
 
@@ -395,20 +418,61 @@ def package_versions() -> dict:
     return out
 
 
+def _check_phylo_options(data, tree, tree_method, tree_levels, covariate, covariate_levels,
+                         species_covariates=None) -> tuple[str, ...]:
+    """The tree-level options of :func:`intrinsic`, checked before the first test; returns the levels
+    tree recovery runs at (a user ``tree`` is compared at the species level only)."""
+    from treeprobe.tree_recovery import TREE_METHODS
+    from treeprobe.variation import _covariate_groups, _shift_weights
+
+    check_choice(tree_method, "tree method", TREE_METHODS)
+    levels = tuple(tree_levels)
+    if not levels:
+        raise TreeprobeError("tree_levels is empty: name at least one (species or a rank)")
+    for level in levels:
+        check_choice(level, "tree-recovery level", ("species", *data.taxonomy.ranks[:-1]))
+    if tree is not None:
+        levels = ("species",)
+    if covariate is not None:
+        group, lv = _covariate_groups(data.items, covariate, covariate_levels)
+        if _shift_weights(data.taxonomy.codes(data.taxonomy.ranks[-1]), group)[2] == 0:
+            raise TreeprobeError(f"no species is observed under both levels {lv[0]!r} and {lv[1]!r} "
+                                 f"of covariate {covariate!r}")
+    for col in [species_covariates] if isinstance(species_covariates, str) else (species_covariates or ()):
+        if col not in data.items.columns:
+            raise TreeprobeError(f"species covariate {col!r} is not a column of the items; columns: "
+                                 f"{', '.join(map(str, data.items.columns))}")
+    return levels
+
+
 def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, permutations: int = 999,
               mantel_methods: Sequence[str] = ("pearson", "spearman"), centroid_level: bool = True,
               permute: Sequence[str] = ("species",), control: str | None = None,
               cluster_methods: Sequence[str] = ("kmeans", "agglomerative"), chance_permutations: int = 20,
               knn_k: int = 10, knn_max_queries: int | None = 100_000, maps: Sequence[str] = MAPS,
               max_map_points: int | None = DEFAULT_MAX_MAP_POINTS, spearman_max_n: int = SPEARMAN_MAX_N,
+              phylo: bool = False, tree_method: str = "upgma", tree_levels: Sequence[str] = ("species", "genus"),
+              covariate: str | None = None, covariate_levels=None, species_covariates=None,
               progress: bool = True, provenance: dict | None = None):
     """The whole intrinsic analysis: :func:`mantel`, :func:`clustering`, :func:`knn` and the maps,
-    all seeded by ``seed``; returns the :class:`~treeprobe.report.Report` (nothing is written)."""
+    all seeded by ``seed``; returns the :class:`~treeprobe.report.Report` (nothing is written).
+
+    ``phylo``: also the tree-level analyses — :func:`physignal` (K_mult), :func:`tree_recovery`
+    (``tree_method`` at ``tree_levels``; at ``"species"`` only with a user ``tree``) and
+    :func:`within_species_variation`, the latter with ``covariate`` (an item column, 2 levels or
+    ``covariate_levels=(a, b)``) when given, and :func:`covariate_alignment` of ``species_covariates`` (item
+    column name(s), constant within species) when given; either turns ``phylo`` on. Same ``seed`` and
+    ``permutations`` as the Mantel tests.
+    """
     from treeprobe.report import Report
 
     from treeprobe.clustering import METHODS as CLUSTER_METHODS
 
     check_analysable(data)
+    phylo = bool(phylo or covariate is not None or species_covariates is not None)
+    if phylo:
+        tree_levels = _check_phylo_options(data, tree, tree_method, tree_levels, covariate, covariate_levels,
+                                           species_covariates)
     # every option checked before the first (long) test runs
     levels = ("image", "species-centroid") if centroid_level else ("image",)
     _check_mantel_options(data, mantel_methods, levels, permute, control, permutations)
@@ -434,6 +498,16 @@ def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, pe
     timed("knn_s", knn, k=knn_k, max_queries=knn_max_queries, seed=seed)
     for name in maps:
         timed(f"{name}_s", {"tsne": tsne, "umap": umap}[name], seed=seed, max_points=max_map_points)
+    if phylo:
+        timed("physignal_s", physignal, tree=tree, rank_lengths=rank_lengths, permutations=permutations, seed=seed,
+              progress=progress)
+        timed("tree_recovery_s", tree_recovery, method=tree_method, levels=tree_levels, tree=tree,
+              rank_lengths=rank_lengths, permutations=permutations, seed=seed)
+        timed("within_species_variation_s", within_species_variation, covariate=covariate, levels=covariate_levels,
+              permutations=permutations, seed=seed)
+        if species_covariates is not None:
+            timed("covariate_alignment_s", covariate_alignment, covariates=species_covariates, tree=tree,
+                  rank_lengths=rank_lengths, permutations=permutations, seed=seed, progress=progress)
     timings["total_analysis_s"] = time.perf_counter() - t0
     data.uns["timings"] = timings
     tax = data.taxonomy

@@ -63,15 +63,23 @@ import scipy.sparse as sp
 
 from treeprobe._validation import check_choice, check_codes, check_embeddings, check_int
 from treeprobe.errors import TreeprobeError, TreeprobeWarning
+from treeprobe.permutation import TIP_SCHEMES
 from treeprobe.tree import CladeStructure
 
-__all__ = ["TREE_METHODS", "NJ_WARN_LEAVES", "TIE_TOLERANCE", "RecoveredTree", "TreeScores", "TreeRecoveryResult",
+__all__ = ["TREE_METHODS", "PERMUTED_LEAVES", "NJ_WARN_LEAVES", "TIE_TOLERANCE", "RecoveredTree", "TreeScores", "TreeRecoveryResult",
            "upgma", "neighbor_joining", "build_tree", "resolve_polytomies", "cophenetic_correlation", "robinson_foulds",
            "dendrogram_purity", "monophyly", "tree_scores", "tree_recovery", "plot_tree_recovery",
            "write_newick"]
 
 #: Tree-building methods of :func:`build_tree`.
 TREE_METHODS = ("upgma", "nj")
+#: ``TreeRecoveryResult.params["permuted"]``: what the permutation nulls of :func:`tree_recovery` move.
+PERMUTED_LEAVES = {
+    "size-strata": "leaf labels (taxa) permuted among the tips of the recovered tree within strata of equal image "
+                   "count (a taxon of n images only swaps with taxa of n images: centroids are exchangeable only "
+                   "at equal precision)",
+    "free": "leaf labels (taxa) permuted freely among the tips of the recovered tree (image counts ignored)",
+}
 #: Above this many taxa :func:`neighbor_joining` warns (O(S³): about a minute at 5,000 on one core).
 NJ_WARN_LEAVES = 6_000
 _NJ_BLOCK_ELEMS = 1 << 18  # float64 elements of the Q-criterion scratch block (2 MiB: stays in cache)
@@ -915,7 +923,7 @@ def _level_inputs(data, level: str, tree, rank_lengths):
 
 def tree_recovery(data, *, method: str = "upgma", levels: Sequence[str] = ("species",), tree=None,
                   rank_lengths=None, permutations: int = 999, seed: int = 0,
-                  stratify: bool = False) -> TreeRecoveryResult:
+                  permute: str = "size-strata") -> TreeRecoveryResult:
     """Build the tree of taxon centroids of ``data`` (a :class:`~treeprobe.core.TreeData`) and score it
     against the taxonomy.
 
@@ -925,8 +933,10 @@ def tree_recovery(data, *, method: str = "upgma", levels: Sequence[str] = ("spec
     left out), the tree by ``method`` (:data:`TREE_METHODS`), and :func:`tree_scores` against the rank
     tree (edge lengths ``rank_lengths``, one unit per rank by default) or, at ``"species"`` only, the
     ``tree`` (an ete3 tree, a Newick file or Newick text; leaves named by species; species not in it are
-    left out, warned), per rank above the level. Permutations as :func:`tree_scores` (``stratify=True``:
-    only among leaves of equal image count). Returns :class:`TreeRecoveryResult`.
+    left out, warned), per rank above the level. Permutations as :func:`tree_scores`; ``permute``
+    (:data:`~treeprobe.permutation.TIP_SCHEMES`): ``"size-strata"`` (default) moves leaves only among leaves
+    of equal image count (a centroid of 1 image is noisier than one of 10), ``"free"`` any leaf to any tip.
+    ``params["permuted"]`` says which. Returns :class:`TreeRecoveryResult`.
     """
     from treeprobe.core import TreeData
     from treeprobe.mantel import taxon_centroids
@@ -934,6 +944,7 @@ def tree_recovery(data, *, method: str = "upgma", levels: Sequence[str] = ("spec
     if not isinstance(data, TreeData):
         raise TreeprobeError(f"expected a treeprobe.TreeData, got {type(data).__name__}")
     check_choice(method, "tree method", TREE_METHODS)
+    check_choice(permute, "tree-recovery permutation scheme", TIP_SCHEMES)
     levels = list(levels)
     if not levels:
         raise TreeprobeError("levels is empty: name at least one (species or a rank)")
@@ -965,7 +976,7 @@ def tree_recovery(data, *, method: str = "upgma", levels: Sequence[str] = ("spec
         scored = [r for r in tax.ranks[:upto] if r != level]
         groups = {r: tax.codes(r)[first] for r in scored}
         labels = {r: tax.taxon_labels(r) for r in scored}
-        strata = np.bincount(codes, minlength=S) if stratify else None
+        strata = np.bincount(codes, minlength=S) if permute == "size-strata" else None
         sc = tree_scores(rec, ref, groups, permutations=permutations, seed=seed, strata=strata, taxon_labels=labels)
         trees[level], refs[level], leaf_labels[level] = rec, ref, lab
         summaries.append(sc.summary.assign(level=level))
@@ -976,7 +987,8 @@ def tree_recovery(data, *, method: str = "upgma", levels: Sequence[str] = ("spec
     def front(df):
         return df[["level"] + [c for c in df.columns if c != "level"]].reset_index(drop=True)
 
-    params = dict(method=method, levels=levels, permutations=permutations, seed=seed, stratify=stratify,
+    params = dict(method=method, levels=levels, permutations=permutations, seed=seed, permute=permute,
+                  permuted=PERMUTED_LEAVES[permute],
                   reference="user tree" if tree is not None else "rank taxonomy",
                   rank_lengths=None if rank_lengths is None else rank_lengths,
                   distance="cosine between unit-norm centroids")

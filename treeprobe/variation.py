@@ -345,6 +345,22 @@ def _level_values(level) -> list:
     return [level]
 
 
+def _expand_patterns(values: list, observed: list) -> list:
+    """Each value as it is when the column has it, else, if it is a shell-style pattern (``*``, ``?``,
+    ``[``), the column's values it matches (``"Museum Specimen*"``)."""
+    import fnmatch
+
+    present = set(observed)
+    out = []
+    for v in values:
+        if v in present or not (isinstance(v, str) and any(c in v for c in "*?[")):
+            out.append(v)
+        else:
+            hits = [o for o in observed if isinstance(o, str) and fnmatch.fnmatchcase(o, v)]
+            out.extend(hits if hits else [v])
+    return out
+
+
 def _covariate_groups(items: pd.DataFrame, covariate: str, levels) -> tuple[np.ndarray, tuple]:
     if covariate not in items.columns:
         raise TreeprobeError(f"covariate {covariate!r} is not a column of the items; columns: "
@@ -359,7 +375,7 @@ def _covariate_groups(items: pd.DataFrame, covariate: str, levels) -> tuple[np.n
         levels = (observed[0], observed[1])
     if len(levels) != 2:
         raise TreeprobeError(f"levels must be a pair (a, b); got {len(levels)} entries")
-    a, b = (_level_values(lv) for lv in levels)
+    a, b = (_expand_patterns(_level_values(lv), observed) for lv in levels)
     missing = [v for v in a + b if v not in set(observed)]
     if missing:
         raise TreeprobeError(f"level value(s) {', '.join(map(repr, missing))} not found in covariate "
@@ -369,7 +385,7 @@ def _covariate_groups(items: pd.DataFrame, covariate: str, levels) -> tuple[np.n
     group = np.full(len(items), -1, dtype=np.int64)
     group[col.isin(a).to_numpy()] = 0
     group[col.isin(b).to_numpy()] = 1
-    return group, tuple(levels)
+    return group, tuple(v[0] if len(v) == 1 else v for v in (a, b))  # patterns as the values they matched
 
 
 def within_species_variation(data, *, covariate: str | None = None, levels: Sequence | None = None,
