@@ -251,18 +251,24 @@ def test_a_wrong_kingdom_makes_every_lower_rank_wrong_top_down():
 
 # --- the null, and the species bootstrap -----------------------------------------------------------
 
+def _null_class_rows(n_worlds: int, *, seed0: int, n_boot: int) -> list:
+    """The class-rank row of flat zero-shot in ``n_worlds`` null worlds (random images and text)."""
+    rows = []
+    for seed in range(n_worlds):
+        rng = np.random.default_rng(seed0 + seed)
+        w, h, truth = _world(seed=seed, images_per_species=(3, 6))
+        X = rng.standard_normal((len(truth), 16)).astype(np.float32)
+        tab = zeroshot(X, _random_text(h, 16, rng), h, truth=truth, modes=["flat"], n_boot=n_boot, seed=seed).table
+        rows.append(tab.set_index("rank").loc["class"])
+    return rows
+
+
 def test_null_accuracy_is_chance_and_intervals_cover_it():
     """Random images and text: each prediction is uniform over the candidates, so the mean accuracy over
     worlds is 1/T_r; the 95 % species-bootstrap interval covers 1/T_r in most worlds."""
-    accs, cover = [], []
-    for seed in range(12):
-        rng = np.random.default_rng(100 + seed)
-        w, h, truth = _world(seed=seed, images_per_species=(3, 6))
-        X = rng.standard_normal((len(truth), 16)).astype(np.float32)
-        tab = zeroshot(X, _random_text(h, 16, rng), h, truth=truth, modes=["flat"], n_boot=300, seed=seed).table
-        row = tab.set_index("rank").loc["class"]
-        accs.append(row["top1"] * row["n_taxa"])  # accuracy / chance: 1 on average
-        cover.append(row["top1_lo"] <= row["chance_top1"] <= row["top1_hi"])
+    rows = _null_class_rows(12, seed0=100, n_boot=300)
+    accs = [row["top1"] * row["n_taxa"] for row in rows]  # accuracy / chance: 1 on average
+    cover = [row["top1_lo"] <= row["chance_top1"] <= row["top1_hi"] for row in rows]
     assert abs(np.mean(accs) - 1) < 0.25
     assert np.mean(cover) >= 0.75
 
@@ -271,15 +277,9 @@ def test_null_accuracy_is_chance_and_intervals_cover_it():
 def test_null_interval_coverage_over_many_worlds():
     """200 null worlds: the 95 % species-bootstrap interval of class accuracy covers chance (1/T) in
     90-99 % of them (false-positive rate of 'better than chance' about 2.5 %)."""
-    cover, above = [], []
-    for seed in range(200):
-        rng = np.random.default_rng(1000 + seed)
-        w, h, truth = _world(seed=seed, images_per_species=(3, 6))
-        X = rng.standard_normal((len(truth), 16)).astype(np.float32)
-        tab = zeroshot(X, _random_text(h, 16, rng), h, truth=truth, modes=["flat"], n_boot=500, seed=seed).table
-        row = tab.set_index("rank").loc["class"]
-        cover.append(row["top1_lo"] <= row["chance_top1"] <= row["top1_hi"])
-        above.append(row["top1_lo"] > row["chance_top1"])
+    rows = _null_class_rows(200, seed0=1000, n_boot=500)
+    cover = [row["top1_lo"] <= row["chance_top1"] <= row["top1_hi"] for row in rows]
+    above = [row["top1_lo"] > row["chance_top1"] for row in rows]
     assert 0.90 <= np.mean(cover) <= 0.99
     assert np.mean(above) <= 0.06
 

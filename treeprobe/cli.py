@@ -1,6 +1,6 @@
 """The ``treeprobe`` command line: one program, one subcommand per job.
 
-``treeprobe intrinsic`` (the analysis), ``treeprobe compare`` (several models, paired tests), ``treeprobe tree`` (taxonomy → Newick), ``treeprobe extract``
+``treeprobe intrinsic`` (the analysis), ``treeprobe zeroshot`` (the image-text side), ``treeprobe compare`` (several models, paired tests), ``treeprobe tree`` (taxonomy → Newick), ``treeprobe extract``
 (embed images into the cache, also under torchrun), ``treeprobe train`` / ``make-shards`` /
 ``export-weights`` (the BioCLIP-style trainer; ``treeprobe-train`` is an alias of ``treeprobe train``).
 
@@ -35,6 +35,8 @@ Your own data:
   treeprobe intrinsic --ckpt model.pt --data images.csv --out out/mine  (images + an open_clip checkpoint)
 Compare models on the same images (paired tests, figures, HTML report):
   treeprobe compare --model a=a.pt --model b=b.pt --data images.csv --out out/ab
+Zero-shot and few-shot per rank, mistake severity, the text tower's tree:
+  treeprobe zeroshot --demo --text-types taxonomic,scientific --out out/demo_zeroshot
 Other commands: tree, extract, train, make-shards, export-weights (treeprobe COMMAND --help).
 """
 
@@ -52,8 +54,6 @@ def _version() -> str:
 
 def _add_intrinsic(sub) -> None:
     from treeprobe import tl
-    from treeprobe.datasets import EXAMPLES
-    from treeprobe.pipeline import load_inputs
 
     a = sub.add_parser(
         "intrinsic",
@@ -63,30 +63,9 @@ def _add_intrinsic(sub) -> None:
                     "clustering purity/NMI/AMI/ARI with chance baselines, kNN rank agreement, t-SNE/UMAP maps.",
         epilog=FIRST_CONTACT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = a.add_argument_group("inputs (one of)")
-    src.add_argument("--example", choices=sorted(EXAMPLES),
-                     help="a bundled real example: bioclip2-1k (1,030 BioCLIP 2 embeddings with lineages)")
-    src.add_argument("--data", help="metadata CSV (path + kingdom..species, paths relative to the CSV), an "
-                                    "iNat21-style image folder, or an embeddings file (.npy / .parquet)")
-    src.add_argument("--embeddings", help="precomputed embeddings: .npy (with --metadata or a metadata.csv beside "
-                                          "it) or .parquet with an 'emb' column and rank columns")
-    src.add_argument("--metadata", help="metadata CSV for a .npy embeddings file")
-    src.add_argument("--demo", action="store_true",
-                     help="synthetic images of a simulated tree of life, embedded by the bundled demo checkpoint")
-    src.add_argument("--tree", help="Newick phylogeny with branch lengths, leaves named by species binomial; its "
-                                    "patristic distances replace the rank taxonomy's in the Mantel tests")
-    m = a.add_argument_group("model (for images)")
-    m.add_argument("--ckpt", help="open_clip checkpoint (.pt with state_dict, bare state dict, .safetensors) "
-                                  "or an hf-hub:ORG/NAME id")
-    m.add_argument("--model", help="open_clip architecture (e.g. ViT-B-16) when the checkpoint does not name it")
-    m.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai) for --model")
-    m.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow a torch checkpoint holding non-tensor Python objects (unpickling runs its code)")
-    bs, wk = _default(load_inputs, "batch_size"), _default(load_inputs, "workers")
-    m.add_argument("--batch-size", type=int, default=bs, help=f"images per forward pass (default {bs})")
-    m.add_argument("--workers", type=int, default=wk, help=f"DataLoader workers for image decoding (default {wk})")
-    m.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    m.add_argument("--cache-dir", help="embedding cache folder (default $TREEPROBE_CACHE or ~/.cache/treeprobe)")
+    _add_inputs(a)
+    a.add_argument("--tree", help="Newick phylogeny with branch lengths, leaves named by species binomial; its "
+                                  "patristic distances replace the rank taxonomy's in the Mantel tests")
     s = a.add_argument_group("analysis")
     d = {k: _default(tl.intrinsic, k) for k in ("seed", "permutations", "knn_k", "knn_max_queries",
                                                 "max_map_points", "maps", "cluster_methods")}
@@ -130,8 +109,146 @@ def _add_intrinsic(sub) -> None:
     ph.add_argument("--species-covariate", metavar="COLUMN[,COLUMN]",
                     help="items column(s) constant within species (a trait, a habitat): does embedding distance "
                          "follow it beyond the tree? (partial Mantel; implies --phylo)")
+    z = a.add_argument_group("image-text analyses")
+    z.add_argument("--zeroshot", action="store_true",
+                   help="also per-rank zero-shot, mistake severity, few-shot and the text tower's tree (as "
+                        "treeprobe zeroshot), with the text options below")
+    _add_text(a)
     _add_output(a, "treeprobe_out")
     a.set_defaults(func=cmd_intrinsic)
+
+
+def _add_inputs(a) -> None:
+    """The input and model options shared by ``intrinsic`` and ``zeroshot``."""
+    from treeprobe.datasets import EXAMPLES
+    from treeprobe.pipeline import load_inputs
+
+    src = a.add_argument_group("inputs (one of)")
+    src.add_argument("--example", choices=sorted(EXAMPLES),
+                     help="a bundled real example: bioclip2-1k (1,030 BioCLIP 2 embeddings with lineages)")
+    src.add_argument("--data", help="metadata CSV (path + kingdom..species, paths relative to the CSV), an "
+                                    "iNat21-style image folder, or an embeddings file (.npy / .parquet)")
+    src.add_argument("--embeddings", help="precomputed embeddings: .npy (with --metadata or a metadata.csv beside "
+                                          "it) or .parquet with an 'emb' column and rank columns")
+    src.add_argument("--metadata", help="metadata CSV for a .npy embeddings file")
+    src.add_argument("--demo", action="store_true",
+                     help="synthetic images of a simulated tree of life, embedded by the bundled demo checkpoint")
+    m = a.add_argument_group("model (for images)")
+    m.add_argument("--ckpt", help="open_clip checkpoint (.pt with state_dict, bare state dict, .safetensors) "
+                                  "or an hf-hub:ORG/NAME id")
+    m.add_argument("--model", help="open_clip architecture (e.g. ViT-B-16) when the checkpoint does not name it")
+    m.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai) for --model")
+    m.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a torch checkpoint holding non-tensor Python objects (unpickling runs its code)")
+    bs, wk = _default(load_inputs, "batch_size"), _default(load_inputs, "workers")
+    m.add_argument("--batch-size", type=int, default=bs, help=f"images per forward pass (default {bs})")
+    m.add_argument("--workers", type=int, default=wk, help=f"DataLoader workers for image decoding (default {wk})")
+    m.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    m.add_argument("--cache-dir", help="embedding cache folder (default $TREEPROBE_CACHE or ~/.cache/treeprobe)")
+
+
+def _add_text(parser) -> None:
+    """The text-embedding options (``zeroshot``, ``intrinsic --zeroshot``)."""
+    from treeprobe.text_embed import TEXT_TYPES
+
+    t = parser.add_argument_group("text embeddings of the taxa (zero-shot)")
+    t.add_argument("--text-types", default="taxonomic",
+                   help="caption types embedded for every taxon, comma-separated: " + ", ".join(TEXT_TYPES) +
+                        " (default %(default)s; BioCLIP's text types)")
+    t.add_argument("--text-embeddings", metavar="FILE",
+                   help="precomputed text embeddings of the taxa (.parquet / .npz with rank, taxon, embedding; "
+                        "as written by treeprobe.text_embed.write_text_embeddings) instead of the model's text tower")
+    t.add_argument("--templates", choices=("single", "ensemble"), default="single",
+                   help="'a photo of {}.' (default) or an average over eight CLIP-style templates")
+
+
+def _text_options(args) -> dict:
+    from treeprobe.text_embed import TEXT_TYPES
+
+    return dict(text_types=_names(args.text_types, "text type", TEXT_TYPES), file=args.text_embeddings,
+                templates="ensemble" if args.templates == "ensemble" else None)
+
+
+def _add_zeroshot(sub) -> None:
+    from treeprobe import tl
+
+    a = sub.add_parser(
+        "zeroshot", help="per-rank zero-shot and few-shot, mistake severity, the text tower's tree",
+        description="Classify every image among the taxa of its data set at every rank by the text embeddings of "
+                    "the taxa (flat, top-down, species scores summed up the tree), with species-bootstrap "
+                    "intervals and chance; how far wrong the mistakes are (LCA depth, mistake severity, hdist@k, "
+                    "nLCA); 1- and 5-shot per rank on the image embeddings (seeded splits written out); and whether "
+                    "the text embeddings of species names follow the tree (Mantel, K_mult, recovered tree) and "
+                    "align with the images per rank.",
+        epilog="examples:\n  treeprobe zeroshot --demo --text-types taxonomic,scientific --out out/demo_zeroshot\n"
+               "  treeprobe zeroshot --ckpt model.pt --data images.csv --out out/zeroshot\n"
+               "  treeprobe zeroshot --example bioclip2-1k --text-embeddings taxa.parquet --out out/zs",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_inputs(a)
+    _add_text(a)
+    s = a.add_argument_group("analysis")
+    d = {k: _default(tl.image_text, k) for k in ("seed", "permutations", "n_boot", "k", "fewshot_seeds")}
+    s.add_argument("--seed", type=int, default=d["seed"], help=f"seed of every stochastic step (default {d['seed']})")
+    s.add_argument("--permutations", type=int, default=d["permutations"],
+                   help=f"permutations of the text-tree tests (default {d['permutations']})")
+    s.add_argument("--bootstrap", type=int, default=d["n_boot"],
+                   help=f"species-bootstrap resamples of the intervals (default {d['n_boot']})")
+    s.add_argument("--top-k", type=int, default=d["k"], help=f"k of top-k accuracy and hdist@k (default {d['k']})")
+    s.add_argument("--fewshot-seeds", type=int, default=d["fewshot_seeds"],
+                   help=f"seeded few-shot splits (default {d['fewshot_seeds']})")
+    s.add_argument("--rank-lengths", help="edge length above each rank, 7 comma-separated numbers "
+                                          "kingdom..species (default 1 each): the heights of the mistake metrics")
+    _add_output(a, "treeprobe_zeroshot")
+    a.set_defaults(func=cmd_zeroshot)
+
+
+def _input_options(args) -> dict:
+    return dict(example=args.example, data=args.data, embeddings=args.embeddings, metadata=args.metadata,
+                demo=args.demo, ckpt=args.ckpt, model=args.model, pretrained=args.pretrained,
+                cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                progress=not args.quiet, trust_checkpoint=args.trust_checkpoint)
+
+
+def cmd_zeroshot(args) -> int:
+    """``treeprobe zeroshot``: check the options, run the image-text analyses, print the headline numbers."""
+    from treeprobe.pipeline import run_zeroshot
+
+    if not (args.example or args.data or args.embeddings or args.demo):
+        sys.stderr.write("treeprobe zeroshot: no input given (--demo, --example, --data or --embeddings).\n")
+        return 2
+    _check_counts(args, positive=("bootstrap", "top_k", "fewshot_seeds", "batch_size"),
+                  non_negative=("permutations", "workers"))
+    report, paths = run_zeroshot(out=args.out, figures=not args.no_figures, inputs=_input_options(args),
+                                 text=_text_options(args), seed=args.seed, permutations=args.permutations,
+                                 n_boot=args.bootstrap, k=args.top_k, fewshot_seeds=args.fewshot_seeds,
+                                 rank_lengths=_rank_lengths(args.rank_lengths), progress=not args.quiet)
+    print(f"items analysed: {report.n_items}   skipped: {len(report.skipped)}")
+    _print_image_text(report)
+    if paths:
+        print(f"report: {paths.get('markdown')}  json: {paths.get('json')}")
+    return 0
+
+
+def _print_image_text(report) -> None:
+    z = report.image_text.get("zeroshot")
+    if z is not None and len(z):
+        for (tt, mode), sub in z.groupby(["text_type", "mode"], sort=False):
+            print(f"zero-shot top-1 ({tt}, {mode}): " + ", ".join(f"{r} {v:.3f}" for r, v in zip(sub["rank"], sub["top1"])))
+    m = report.image_text.get("mistakes")
+    if m is not None and len(m):
+        for tt, sub in m.groupby("text_type", sort=False):
+            v = sub.set_index("metric")
+            print(f"mistakes ({tt}): severity {v.loc['mistake_severity', 'value']:.3f} (chance "
+                  f"{v.loc['mistake_severity', 'chance']:.3f}), nLCA {v.loc['nlca', 'value']:.3f} "
+                  f"(chance {v.loc['nlca', 'chance']:.3f})")
+    f = report.image_text.get("fewshot")
+    if f is not None and len(f):
+        for (k, meth), sub in f.groupby(["k", "method"], sort=False):
+            print(f"{k}-shot {meth}: " + ", ".join(f"{r} {v:.3f}" for r, v in zip(sub["rank"], sub["mean"])))
+    t = report.image_text.get("text_tree")
+    if t is not None and len(t):
+        for _, row in t.iterrows():
+            print(f"text tree ({row['text_type']}): {row['statistic']} = {row['value']:+.4f}  p = {row['p_value']:.3g}")
 
 
 def covariate_levels(text: str | None) -> tuple | None:
@@ -207,6 +324,14 @@ def _add_compare(sub) -> None:
                    help="clustering methods (default %(default)s; none to skip)")
     s.add_argument("--drilldown", action="store_true", help="also draw the drill-down t-SNE (one row per model)")
     s.add_argument("--no-similarity", action="store_true", help="skip CKA / RSA between models")
+    z = a.add_argument_group("zero-shot (each model with its own text tower)")
+    z.add_argument("--zeroshot", action="store_true",
+                   help="also per-rank zero-shot top-1 of every model and the paired differences (species bootstrap)")
+    z.add_argument("--text-types", default="taxonomic", help="caption type of the class texts (default %(default)s)")
+    z.add_argument("--text-embeddings", action="append", default=[], metavar="NAME=FILE",
+                   help="precomputed text embeddings of the taxa for model NAME (needed for embedding-file models)")
+    z.add_argument("--templates", choices=("single", "ensemble"), default="single",
+                   help="'a photo of {}.' (default) or an average over eight CLIP-style templates")
     _add_output(a, "treeprobe_compare")
     a.set_defaults(func=cmd_compare)
 
@@ -224,8 +349,20 @@ def cmd_compare(args) -> int:
 
     inputs = dict(data=args.data, metadata=args.metadata, cache_dir=args.cache_dir, batch_size=args.batch_size,
                   device=args.device, progress=not args.quiet, trust_checkpoint=args.trust_checkpoint, seed=args.seed)
+    text = None
+    if args.zeroshot or args.text_embeddings:
+        from treeprobe.text_embed import TEXT_TYPES
+
+        files = {}
+        for spec in args.text_embeddings:
+            name, sep, file = spec.partition("=")
+            if not sep or not name or not file:
+                raise TreeprobeError(f"--text-embeddings {spec!r}: expected NAME=FILE (NAME one of the --model names)")
+            files[name] = file
+        text = dict(text_types=_names(args.text_types, "text type", TEXT_TYPES)[:1], files=files,
+                    templates="ensemble" if args.templates == "ensemble" else None)
     comp, paths = run_compare(
-        models=args.model, out=args.out, figures=not args.no_figures, inputs=inputs, seed=args.seed,
+        models=args.model, out=args.out, figures=not args.no_figures, inputs=inputs, text=text, seed=args.seed,
         permutations=args.permutations, bootstrap=args.bootstrap, max_pairs=args.max_pairs, control=args.control,
         jackknife=args.jackknife,
         on=args.on, mismatch="intersect" if args.intersect else "error", similarity=not args.no_similarity,
@@ -301,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"treeprobe {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_intrinsic(sub)
+    _add_zeroshot(sub)
     _add_compare(sub)
     _add_tree(sub)
     add_extract(sub)
@@ -364,12 +502,10 @@ def cmd_intrinsic(args) -> int:
     _check_counts(args, positive=("knn_k", "knn_max_queries", "batch_size", "max_map_points"),
                   non_negative=("permutations", "workers"))
     progress = not args.quiet
-    inputs = dict(example=args.example, data=args.data, embeddings=args.embeddings, metadata=args.metadata,
-                  demo=args.demo, ckpt=args.ckpt, model=args.model, pretrained=args.pretrained,
-                  cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                  progress=progress, trust_checkpoint=args.trust_checkpoint)
+    zs = args.zeroshot or args.text_embeddings is not None
     report, paths = run_intrinsic(
-        out=args.out, tree=args.tree, figures=not args.no_figures, inputs=inputs, progress=progress,
+        out=args.out, tree=args.tree, figures=not args.no_figures, inputs=_input_options(args), progress=progress,
+        text=_text_options(args) if zs else None,
         seed=args.seed, permutations=args.permutations, knn_k=args.knn_k, knn_max_queries=args.knn_max_queries,
         rank_lengths=_rank_lengths(args.rank_lengths), maps=_names(args.maps, "map", MAPS),
         max_map_points=args.max_map_points,
@@ -402,6 +538,7 @@ def _print_summary(report, paths) -> None:
     if "covariate_partial_r" in head:
         print(f"species covariate given the tree: partial r = {head['covariate_partial_r']:+.4f} "
               f"(p = {head['covariate_partial_p']:.4g})")
+    _print_image_text(report)
     if paths:
         print(f"report: {paths.get('markdown')}  json: {paths.get('json')}")
 

@@ -52,12 +52,13 @@ import numpy as np
 import pandas as pd
 
 from treeprobe._utils import RANKS, SEED_BOUND
-from treeprobe._validation import check_int
+from treeprobe._validation import check_choice, check_int
 from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 
 __all__ = ["align", "compare", "Comparison", "holm", "species_units", "species_bootstrap_weights",
-           "pair_bootstrap_pearson", "ALIGN_KEYS", "DIFF_COLUMNS"]
+           "pair_bootstrap_pearson", "warm_start_centres", "cluster_seed_list", "ALIGN_KEYS", "DIFF_COLUMNS",
+           "CLUSTER_SCHEMES", "CLUSTER_SEEDS"]
 
 #: Id columns tried, in order, to match items across models.
 ALIGN_KEYS = ("path", "uuid", "id", "item")
@@ -69,6 +70,9 @@ MODEL_COLUMNS = ["model", "metric", "rank", "estimate", "ci_low", "ci_high", "ch
 BOOTSTRAP_SCHEME = "species bootstrap (species resampled with all their images; same draws for both models)"
 JACKKNIFE_SCHEME = ("delete-a-group jackknife over species (random groups of species left out in turn, every kNN "
                     "search or clustering redone on the rest), normal approximation")
+WARM_SCHEME = ("k-means: mean over the k-means seeds; variance = delete-a-group jackknife over species with warm "
+               "starts (each group's re-clustering starts from the full-data centres, one run) + seed variance / "
+               "seeds, normal approximation")
 _CHUNK = 1 << 15
 
 
@@ -350,6 +354,216 @@ def _clustering_scores(methods, seed: int):
     return score
 
 
+# --- k-means scores: warm-started jackknife plus the seed variance -------------------------------
+
+#: Clustering paired-test schemes of :func:`compare` (``cluster_scheme``).
+CLUSTER_SCHEMES = ("warm-jackknife", "jackknife")
+#: Default k-means seeds whose scores are averaged (``cluster_seeds``).
+CLUSTER_SEEDS = 4
+_KMEANS_SCORES = ("purity", "nmi", "ari")
+
+
+def _kmeans_score_values(codes: np.ndarray, labels: np.ndarray) -> dict:
+    """Purity, NMI and ARI of a clustering (label arrays (n,)): the values of
+    :func:`treeprobe.clustering.clustering_scores` (to rounding), from one contingency matrix."""
+    from treeprobe.clustering import _PermutationScorer
+
+    return _PermutationScorer(codes, labels).scores(None, _KMEANS_SCORES)
+
+
+def warm_start_centres(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Starting centres (k, D) for k-means on the rows ``X`` (n, D) that a full-data clustering had put in
+    clusters ``labels`` (int (n,)): the means of the ``k`` clusters that keep the most rows (ties: lower
+    label first); when fewer than ``k`` clusters keep a row, the rows farthest from their cluster's mean
+    fill the rest (as scikit-learn relocates an empty cluster).
+
+    >>> warm_start_centres(np.array([[0., 0.], [0., 2.], [5., 5.], [9., 9.]]), np.array([3, 3, 1, 0]), 2)
+    array([[0., 1.],
+           [9., 9.]])
+    """
+    from scipy import sparse
+
+    X = np.asarray(X)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = X.shape[0]
+    if not 1 <= k <= n:
+        raise TreeprobeError(f"warm start needs 1 <= k <= {n} rows; got k={k}")
+    _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    inv = inv.ravel()
+    member = sparse.csr_matrix((np.ones(n), (inv, np.arange(n))), shape=(counts.size, n))
+    means = np.asarray(member @ X.astype(np.float64)) / counts[:, None]
+    order = np.argsort(-counts, kind="stable")[:k]
+    centres = means[order]
+    if centres.shape[0] < k:
+        d2 = np.einsum("ij,ij->i", X - means[inv], X - means[inv])
+        far = np.argsort(-d2, kind="stable")[: k - centres.shape[0]]
+        centres = np.vstack([centres, X[far].astype(np.float64)])
+    return centres
+
+
+def _kmeans_warm(Xn: np.ndarray, centres: np.ndarray, seed: int, minibatch_threshold: int) -> np.ndarray:
+    """k-means labels (n,) of the normalised rows ``Xn`` started from ``centres`` (k, D) with one run
+    (n_init=1): full ``KMeans`` up to ``minibatch_threshold`` rows, mini-batch k-means (float32, the
+    batch size and epochs of :func:`treeprobe.clustering.cluster_labels`) above."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    from treeprobe.clustering import _MAX_EPOCHS, _MIN_BATCH
+
+    k = centres.shape[0]
+    if Xn.shape[0] > minibatch_threshold:
+        X32 = np.ascontiguousarray(Xn, dtype=np.float32)
+        km = MiniBatchKMeans(n_clusters=k, init=centres.astype(np.float32), n_init=1,
+                             batch_size=min(X32.shape[0], max(_MIN_BATCH, 4 * k)), max_iter=_MAX_EPOCHS,
+                             random_state=seed)
+        return km.fit(X32).labels_.astype(np.int64)
+    return KMeans(n_clusters=k, init=centres.astype(Xn.dtype), n_init=1, random_state=seed).fit_predict(Xn).astype(
+        np.int64)
+
+
+def cluster_seed_list(seed: int, n_seeds: int) -> list:
+    """The ``n_seeds`` k-means seeds of the clustering paired test: ``seed`` itself (the seed of the
+    models' own clustering tables) first, then seeded sub-seeds in [0, 2**31)."""
+    check_int(n_seeds, "cluster_seeds", minimum=1)
+    return [int(seed)] + [_sub_seed(seed, f"kmeans-seed-{r}") % SEED_BOUND for r in range(1, n_seeds)]
+
+
+def _kmeans_warm_jackknife(aligned: dict, names: list, units: np.ndarray, *, groups: int, seed: int,
+                           n_seeds: int) -> dict:
+    """{(\"kmeans <score>\", rank): (values (R, M), replicates (G, M))} for purity, NMI and ARI.
+
+    values: each model's k-means scores at each of the R seeds of :func:`cluster_seed_list` on all items
+    (the first seed's equal the models' clustering tables). replicates: with one of ``groups`` random
+    groups of species left out in turn (the groups of :func:`_jackknife`), k-means re-run once on the
+    rest, started from the first seed's full-data clustering (:func:`warm_start_centres`, k = the taxa
+    left at the rank). Ranks with a skip note of :func:`treeprobe.clustering.rankwise_clustering`
+    (one taxon, k >= items) get NaN."""
+    from threadpoolctl import threadpool_limits
+
+    from treeprobe._utils import SINGLE_THREAD_MAX_ITEMS, l2_normalise
+    from treeprobe.clustering import MINIBATCH_THRESHOLD, N_INIT, _kmeans, _skip_note
+    from treeprobe.neighbors import _unknown_mask
+
+    S = int(units.max()) + 1
+    if groups > S:
+        raise TreeprobeError(f"{groups} jackknife groups need at least as many species units; got {S}")
+    group = np.random.default_rng(_sub_seed(seed, "jackknife")).permutation(S) % groups
+    seeds = cluster_seed_list(seed, n_seeds)
+    codes_by_rank = aligned[names[0]].taxonomy.codes_by_rank()
+    n = len(units)
+    out: dict = {}
+    with threadpool_limits(1 if n <= SINGLE_THREAD_MAX_ITEMS else None):
+        for k_m, m in enumerate(names):
+            Xn = l2_normalise(aligned[m].unit)
+            Xk = np.ascontiguousarray(Xn, dtype=np.float32) if n > MINIBATCH_THRESHOLD else Xn
+            for rank, codes in codes_by_rank.items():
+                codes = np.asarray(codes)
+                known = ~_unknown_mask(codes)
+                c_known = codes[known]
+                k = int(np.unique(c_known).size)
+                keys = [(f"kmeans {s}", rank) for s in _KMEANS_SCORES]
+                for key in keys:
+                    out.setdefault(key, (np.full((len(seeds), len(names)), np.nan),
+                                         np.full((groups, len(names)), np.nan)))
+                if _skip_note(k, int(known.sum())):
+                    continue
+                Xr = Xk if known.all() else Xk[known]
+                first = None
+                for r, s in enumerate(seeds):
+                    labels = _kmeans(Xr, k, s, N_INIT, MINIBATCH_THRESHOLD)
+                    first = labels if r == 0 else first
+                    for sc, v in _kmeans_score_values(c_known, labels).items():
+                        out[(f"kmeans {sc}", rank)][0][r, k_m] = v
+                u_known = units[known]
+                for g in range(groups):
+                    keep = group[u_known] != g
+                    sub_codes = c_known[keep]
+                    k_sub = int(np.unique(sub_codes).size)
+                    if _skip_note(k_sub, int(keep.sum())):
+                        continue
+                    centres = warm_start_centres(Xr[keep], first[keep], k_sub)
+                    labels = _kmeans_warm(Xr[keep], centres, seeds[0], MINIBATCH_THRESHOLD)
+                    for sc, v in _kmeans_score_values(sub_codes, labels).items():
+                        out[(f"kmeans {sc}", rank)][1][g, k_m] = v
+    return out
+
+
+def _seeded_jackknife_rows(exact: dict, warm: dict, names: list, per_model: list, diffs: list, n_units: int,
+                           scheme: str) -> None:
+    """Per-model and paired-difference rows of the warm-started k-means jackknife: estimate = mean over
+    the R seeds; variance = jackknife variance of the warm replicates + seed variance / R."""
+    z = 1.959963984540054
+    for key, (values, reps) in warm.items():
+        if key not in exact or not np.all(np.isfinite(values)):
+            continue
+        _, chance, n = exact[key]
+        R = values.shape[0]
+        est = values.mean(axis=0)
+
+        def se(v_seeds, v_reps):
+            seed_var = float(np.var(v_seeds, ddof=1)) / R if R >= 2 else 0.0
+            return float(np.sqrt(_jackknife_se(v_reps) ** 2 + seed_var))
+
+        for k, m in enumerate(names):
+            s = se(values[:, k], reps[:, k])
+            per_model.append(_model_row(m, key[0], key[1], est[k], (est[k] - z * s, est[k] + z * s), chance, n=n))
+        for a, b in combinations(range(len(names)), 2):
+            d = est[a] - est[b]
+            s = se(values[:, a] - values[:, b], reps[:, a] - reps[:, b])
+            diffs.append(_diff_row(key[0], key[1], names[a], names[b], est[a], est[b], (d - z * s, d + z * s),
+                                   _normal_p(d, s), n_units, scheme))
+
+
+ZEROSHOT_SCHEME = ("species bootstrap of the images' hits (species resampled with all their images; same draws "
+                   "for both models)")
+
+
+def _zeroshot_rows(aligned: dict, texts: dict, names: list, per_model: list, diffs: list, *, bootstrap: int,
+                   seed: int, modes=("flat", "species_summed")) -> None:
+    """Per-model zero-shot top-1 per rank (metric ``zeroshot <mode> top1``, each model with its own text
+    embeddings of the first text type; intervals of :func:`treeprobe.zeroshot.zeroshot`) and the paired
+    differences: accuracy = Σ_s hits_s / Σ_s known_s over species s, so one species-bootstrap draw
+    (weights w_s, the same for both models) gives Δ* = Σ w·hits_a / Σ w·known − Σ w·hits_b / Σ w·known;
+    percentile interval and p = (1 + #{|Δ* − Δ̂| ≥ |Δ̂|}) / (B + 1), as for Mantel r."""
+    from scipy import sparse
+
+    from treeprobe import image_text
+
+    first = aligned[names[0]]
+    h, truth = image_text.hierarchy_of(first)
+    keep = truth >= 0
+    t = truth[keep]
+    onehot = sparse.csr_matrix((np.ones(t.size), (t, np.arange(t.size))), shape=(h.n_species, t.size))
+    W = species_bootstrap_weights(h.n_species, bootstrap, _sub_seed(seed, "zeroshot"))
+    sums = {}
+    for m in names:
+        text = texts[m]
+        tt = image_text.text_type_of(text, None)
+        out = image_text.zeroshot_tables(np.asarray(aligned[m].X), h, truth, text=text[tt], modes=modes, k=5,
+                                         logit_scale=100.0, n_boot=bootstrap, seed=seed)
+        res = out["result"]
+        known = res.true_codes >= 0
+        for row in out["zeroshot"].itertuples():
+            per_model.append(_model_row(m, f"zeroshot {row.mode} top1", row.rank, row.top1, (row.top1_lo, row.top1_hi),
+                                        row.chance_top1, n=row.n_items, note=f"text type {tt}"))
+        for mode, pred in res.predictions.items():
+            hit = ((pred == res.true_codes) & known).astype(np.float64)
+            sums[(m, mode)] = (np.asarray(onehot @ hit), np.asarray(onehot @ known.astype(np.float64)))
+    for mode in modes:
+        for j, rank in enumerate(h.ranks):
+            den = sums[(names[0], mode)][1][:, j]
+            if den.sum() == 0:
+                continue
+            with np.errstate(invalid="ignore", divide="ignore"):
+                boot_den = W @ den
+                est = {m: float(sums[(m, mode)][0][:, j].sum() / den.sum()) for m in names}
+                boot = {m: (W @ sums[(m, mode)][0][:, j]) / boot_den for m in names}
+            for a, b in combinations(names, 2):
+                d = est[a] - est[b]
+                shifts = (boot[a] - boot[b]) - d
+                diffs.append(_diff_row(f"zeroshot {mode} top1", rank, a, b, est[a], est[b], _percentile_ci(shifts, d),
+                                       _bootstrap_p(shifts, d), h.n_species, ZEROSHOT_SCHEME))
+
+
 def _sub_seed(seed: int, name: str) -> int:
     import zlib
 
@@ -472,9 +686,11 @@ def _mantel_exact(report, metric: str, level: str) -> tuple[float, float]:
 
 
 def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: int = 999, bootstrap: int = 1000,
-            max_pairs: int = 500_000, jackknife: int = 10, control: str | None = None, on: str | None = None,
+            max_pairs: int = 500_000, jackknife: int = 10, cluster_scheme: str = "warm-jackknife",
+            cluster_seeds: int = CLUSTER_SEEDS, control: str | None = None, on: str | None = None,
             mismatch: str = "error", similarity: bool = True, drilldown: bool = False,
-            distance_profiles: bool = True, progress: bool = False, **intrinsic_kwargs) -> Comparison:
+            distance_profiles: bool = True, zeroshot: bool | None = None, progress: bool = False,
+            **intrinsic_kwargs) -> Comparison:
     """Score every model on the same items and test their differences (see the module docstring).
 
     datasets: model name → TreeData with embeddings (aligned by :func:`align` with ``on`` /
@@ -483,12 +699,24 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
     inference (``bootstrap`` species resamples and ``jackknife`` species groups; Mantel sums over at most
     ``max_pairs`` pairs per level), CKA / RSA per rank (``similarity``), the distance-by-tree-distance
     profile of each model (``distance_profiles``) and the drill-down t-SNE (``drilldown``).
+
+    ``zeroshot`` (default: when every model's TreeData holds ``uns["text_embeddings"]``, from
+    :func:`treeprobe.tl.text_embeddings`): per-rank zero-shot top-1 (flat and species-summed) of each model
+    with its own text embeddings, and the paired differences (:func:`_zeroshot_rows`).
     """
     from treeprobe import tl
 
     check_int(bootstrap, "bootstrap", minimum=19)
     check_int(max_pairs, "max_pairs", minimum=100)
+    check_choice(cluster_scheme, "cluster_scheme", CLUSTER_SCHEMES)
+    check_int(cluster_seeds, "cluster_seeds", minimum=2)
     provenance = {m: dict(ds.uns.get("provenance", {})) for m, ds in datasets.items()}
+    texts = {m: ds.uns.get("text_embeddings") for m, ds in datasets.items()}
+    if zeroshot is None:
+        zeroshot = all(texts.values())
+    elif zeroshot and not all(texts.values()):
+        raise TreeprobeError("zeroshot=True needs text embeddings for every model (tl.text_embeddings); missing for "
+                             + ", ".join(m for m, t in texts.items() if not t))
     aligned = align(datasets, on=on, mismatch=mismatch)
     names = list(aligned)
     intrinsic_kwargs.setdefault("maps", ())
@@ -542,6 +770,9 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
                           score=_knn_scores(int(kq.get("knn_k", 10)), kq.get("knn_max_queries"), seed))
         _jackknife_rows(exact, jack, names, per_model, diffs, S, JACKKNIFE_SCHEME)
     lap("knn_jackknife_s")
+    if zeroshot:
+        _zeroshot_rows(aligned, texts, names, per_model, diffs, bootstrap=bootstrap, seed=seed)
+        lap("zeroshot_s")
     clus0 = reports[names[0]].clustering
     if len(clus0) and jackknife:
         exact = {}
@@ -550,9 +781,15 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
                 key = (f"{row.method} {s_}", row.rank)
                 exact[key] = ([float(reports[m].clustering.set_index(["rank", "method"]).loc[(row.rank, row.method), s_])
                                for m in names], float(getattr(row, f"{s_}_chance", np.nan)), int(row.n_items))
-        jack = _jackknife(aligned, names, units, groups=jackknife, seed=seed,
-                          score=_clustering_scores(tuple(clus0["method"].unique()), seed))
-        _jackknife_rows(exact, jack, names, per_model, diffs, S, JACKKNIFE_SCHEME)
+        methods = tuple(clus0["method"].unique())
+        if cluster_scheme == "warm-jackknife" and "kmeans" in methods:
+            warm = _kmeans_warm_jackknife(aligned, names, units, groups=jackknife, seed=seed, n_seeds=cluster_seeds)
+            _seeded_jackknife_rows(exact, warm, names, per_model, diffs, S, WARM_SCHEME)
+            methods = tuple(x for x in methods if x != "kmeans")
+        if methods:
+            jack = _jackknife(aligned, names, units, groups=jackknife, seed=seed,
+                              score=_clustering_scores(methods, seed))
+            _jackknife_rows(exact, jack, names, per_model, diffs, S, JACKKNIFE_SCHEME)
     lap("clustering_jackknife_s")
 
     per_model = pd.DataFrame(per_model, columns=MODEL_COLUMNS)
@@ -563,7 +800,8 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
             differences.loc[differences.index[idx], "p_holm"] = holm(differences["p_value"].to_numpy()[idx])
     comp = Comparison(models=names, per_model=per_model, differences=differences, reports=reports,
                       params=dict(seed=seed, permutations=permutations, bootstrap=bootstrap,
-                                  jackknife=jackknife, max_pairs=max_pairs, control=control, n_items=len(first),
+                                  jackknife=jackknife, cluster_scheme=cluster_scheme, cluster_seeds=cluster_seeds,
+                                  max_pairs=max_pairs, control=control, n_items=len(first),
                                   n_species_units=S, timings=timings))
     if similarity:
         comp.similarity = _similarity(aligned, names, seed)

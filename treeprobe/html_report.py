@@ -541,19 +541,25 @@ def intrinsic_html(report, figures: Mapping[str, str | os.PathLike] | None = Non
             "single-image taxa raw purity is high by construction: read the excess.",
             html_table(_columns(report.clustering, _CLUSTER_COLS), caption="Clustering")]),
         *_phylo_sections(getattr(report, "phylo", {}) or {}),
+        *_phylo_sections(getattr(report, "image_text", {}) or {}, image_text=True),
         Section("Figures", _figures_blocks(figures)),
         Section("Skipped inputs", _skipped_blocks(report.skipped)),
         Section("Provenance", _provenance_blocks(prov)),
     ]
-    return render_html("treeprobe intrinsic report", sections, meta=meta)
+    empty = {"Mantel test: does embedding distance follow the tree?": report.mantel,
+             "Nearest-neighbour rank agreement": report.knn, "Rank-wise clustering": report.clustering}
+    if prov.get("analysis") == "image-text":  # `treeprobe zeroshot`: no intrinsic sections (an intrinsic report keeps them all)
+        sections = [s for s in sections if not (s.title in empty and not len(empty[s.title]))]
+    return render_html(f"treeprobe {prov.get('analysis', 'intrinsic')} report", sections, meta=meta)
 
 
-def _phylo_sections(phylo: Mapping) -> list:
-    """The tree-level sections (:data:`treeprobe.report.PHYLO_SECTIONS`) present in ``phylo``."""
-    from treeprobe.report import PHYLO_SECTIONS
+def _phylo_sections(phylo: Mapping, *, image_text: bool = False) -> list:
+    """The tree-level sections (:data:`treeprobe.report.PHYLO_SECTIONS`) present in ``phylo``; with
+    ``image_text``, the image-text sections (:data:`treeprobe.report.IMAGE_TEXT_SECTIONS`)."""
+    from treeprobe.report import IMAGE_TEXT_SECTIONS, PHYLO_SECTIONS
 
     out = []
-    for title, text, tables in PHYLO_SECTIONS:
+    for title, text, tables in IMAGE_TEXT_SECTIONS if image_text else PHYLO_SECTIONS:
         blocks = [html_table(_columns(phylo[name], phylo[name].columns if cols is None else cols),
                              caption=name.replace("_", " "))
                   for name, cols in tables if name in phylo and len(phylo[name])]

@@ -8,6 +8,7 @@ adds the tree file, runs :func:`treeprobe.tl.intrinsic` and writes the report.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from treeprobe._utils import check_output_dir
 from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 
-__all__ = ["analyse_embeddings", "load_inputs", "run_intrinsic", "parse_model_spec", "load_models",
+__all__ = ["analyse_embeddings", "load_inputs", "run_intrinsic", "run_zeroshot", "add_text_embeddings", "parse_model_spec", "load_models",
            "run_compare"]
 
 DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "demo_clip.pt"
@@ -94,8 +95,59 @@ def load_inputs(*, example: str | None = None, data: str | None = None, embeddin
     return ds, prov
 
 
+def add_text_embeddings(ds: TreeData, prov: dict, inputs: dict, *, text: dict) -> None:
+    """Text embeddings of the taxa of ``ds`` (:func:`treeprobe.tl.text_embeddings`) from ``text["file"]`` or
+    the model of ``inputs`` (``ckpt`` / ``model`` / ``pretrained``; the bundled demo checkpoint with
+    ``demo``), with ``text["text_types"]`` and ``text["templates"]``; records them in ``prov``."""
+    from treeprobe import tl
+
+    text = dict(text)
+    source = dict(ckpt=inputs.get("ckpt"), model=inputs.get("model"), pretrained=inputs.get("pretrained"))
+    if inputs.get("demo") and not any(source.values()):
+        source["ckpt"] = str(DEMO_CKPT)
+    if text.get("file") is None and not any(source.values()):
+        raise TreeprobeError("zero-shot needs text embeddings of the taxa: pass --ckpt (a CLIP checkpoint with its "
+                             "text tower) or --text-embeddings FILE")
+    tl.text_embeddings(ds, file=text.get("file"), text_types=text.get("text_types", ("taxonomic",)),
+                       templates=text.get("templates"), cache_dir=inputs.get("cache_dir"),
+                       batch_size=max(int(inputs.get("batch_size", 64)), 64), device=inputs.get("device"),
+                       progress=inputs.get("progress", True), trust_checkpoint=inputs.get("trust_checkpoint", False),
+                       **({} if text.get("file") else source))
+    prov["text_model"] = ds.uns["text_model"]
+
+
+def run_zeroshot(*, out: str | None = None, figures: bool = True, inputs: dict | None = None,
+                 text: dict | None = None, **analysis_kwargs):
+    """``treeprobe zeroshot``: load (:func:`load_inputs`) → text embeddings (:func:`add_text_embeddings`)
+    → :func:`treeprobe.tl.image_text` (zero-shot per rank, mistakes, few-shot, the text tower's tree) →
+    write a report with those sections. Returns ``(report, written paths)``."""
+    from treeprobe import tl
+    from treeprobe.report import Report, report_bytes, write_report
+
+    if out:
+        check_output_dir(out)
+    inputs = dict(inputs or {})
+    inputs.setdefault("progress", analysis_kwargs.get("progress", True))
+    seed = analysis_kwargs.get("seed", 0)
+    ds, prov = load_inputs(seed=seed, **inputs)
+    tl.check_analysable(ds)
+    if out:
+        check_output_dir(out, need_bytes=report_bytes(len(ds)))
+    add_text_embeddings(ds, prov, inputs, text=text or {})
+    timings = tl.image_text(ds, **analysis_kwargs)
+    tax = ds.taxonomy
+    prov.update(analysis="image-text", seed=seed, n_items=len(ds), embedding_dim=ds.n_dims,
+                n_taxa={r: tax.n_taxa(r) for r in tax.ranks}, taxonomy=dict(unknown=ds.unknown, missing=list(ds.missing)),
+                zeroshot=ds.uns.get("zeroshot_params", {}), timings=timings, versions=tl.package_versions(),
+                command=" ".join(sys.argv))
+    ds.uns["provenance"] = prov
+    report = Report.from_data(ds)
+    paths = write_report(report, out, figures=figures) if out else {}
+    return report, paths
+
+
 def run_intrinsic(*, out: str | None = None, tree: str | None = None, figures: bool = True,
-                  inputs: dict | None = None, **analysis_kwargs):
+                  inputs: dict | None = None, text: dict | None = None, **analysis_kwargs):
     """Load (:func:`load_inputs` with ``inputs``) → analyse (:func:`treeprobe.tl.intrinsic`) → write.
 
     Returns ``(report, written paths)``; nothing is written when ``out`` is None. ``out`` is checked
@@ -115,6 +167,9 @@ def run_intrinsic(*, out: str | None = None, tree: str | None = None, figures: b
         check_output_dir(out, need_bytes=report_bytes(len(ds)))
     if tree:
         prov["tree_file"] = str(tree)
+    if text is not None:
+        add_text_embeddings(ds, prov, inputs, text=text)
+        analysis_kwargs["image_text"] = True
     report = tl.intrinsic(ds, tree=read_newick(tree) if tree else None, provenance=prov, **analysis_kwargs)
     paths = write_report(report, out, figures=figures) if out else {}
     return report, paths
@@ -188,9 +243,12 @@ def load_models(specs, *, data: str | None = None, metadata: str | None = None, 
     return out, prov
 
 
-def run_compare(*, models, out: str | None = None, figures: bool = True, inputs: dict | None = None, **compare_kwargs):
+def run_compare(*, models, out: str | None = None, figures: bool = True, inputs: dict | None = None,
+                text: dict | None = None, **compare_kwargs):
     """Load every model (:func:`load_models` with ``inputs``) → :func:`treeprobe.compare.compare` → write
-    (:func:`treeprobe.compare_report.write_comparison`). Returns ``(comparison, written paths)``."""
+    (:func:`treeprobe.compare_report.write_comparison`). Returns ``(comparison, written paths)``.
+    ``text`` (``text_types``, ``templates``, ``files``: model name → text-embedding file): zero-shot for every
+    model too, with its own text tower (or its file)."""
     from treeprobe.compare import compare
     from treeprobe.compare_report import write_comparison
 
@@ -198,9 +256,25 @@ def run_compare(*, models, out: str | None = None, figures: bool = True, inputs:
         check_output_dir(out)  # before any model is loaded or embedded
     inputs = dict(inputs or {})
     inputs.setdefault("progress", compare_kwargs.get("progress", False))
+    if text is not None:  # every text source checked before the first model is loaded
+        specs = dict(parse_model_spec(spec) for spec in models)
+        unknown = sorted(set(text.get("files", {})) - set(specs))
+        if unknown:
+            raise TreeprobeError(f"--text-embeddings names model {unknown[0]!r}, which is not a --model "
+                                 f"(models: {', '.join(specs)})")
+        lacking = [n for n, kw in specs.items() if n not in text.get("files", {}) and not
+                   any(kw.get(k) for k in ("ckpt", "model"))]
+        if lacking:
+            raise TreeprobeError(f"zero-shot needs text embeddings for model {lacking[0]!r}: it is an embeddings file, "
+                                 f"so pass --text-embeddings {lacking[0]}=FILE")
     datasets, prov = load_models(models, **inputs)
     for name, ds in datasets.items():
         ds.uns["provenance"] = prov[name]
-    comp = compare(datasets, **compare_kwargs)
+        if text is not None:
+            kw = specs[name]
+            file = text.get("files", {}).get(name)
+            add_text_embeddings(ds, prov[name], dict(inputs, **{k: v for k, v in kw.items() if k != "data"}),
+                                text=dict(text, file=file))
+    comp = compare(datasets, zeroshot=text is not None, **compare_kwargs)
     paths = write_comparison(comp, out, figures=figures) if out else {}
     return comp, paths

@@ -19,6 +19,10 @@ plot                   reads                                 after
 :func:`physignal`      ``uns["physignal_result"]``              ``tp.tl.physignal(data)``
 :func:`within_species_variation`  ``uns["within_species_variation_ranks"]``  ``tp.tl.within_species_variation``
 :func:`covariate_alignment`  ``uns["covariate_alignment_result"]``  ``tp.tl.covariate_alignment(data, "col")``
+:func:`zeroshot`       ``uns["zeroshot"]``                     ``tp.tl.zeroshot(data)``
+:func:`mistake_depths`  ``uns["mistake_depths"]``              ``tp.tl.zeroshot(data)``
+:func:`fewshot`        ``uns["fewshot"]``                      ``tp.tl.fewshot(data)``
+:func:`image_text_alignment`  ``uns["image_text_alignment"]``  ``tp.tl.text_tree(data)``
 =====================  ====================================  =====================================
 
 The comparison plots take the :class:`~treeprobe.compare.Comparison` that :func:`treeprobe.tl.compare`
@@ -36,7 +40,8 @@ from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 
 __all__ = ["embedding", "tsne", "umap", "rank_metrics", "mantel", "metric_panels", "distance_profiles",
-           "drilldown", "training_curves", "tree_recovery", "physignal", "within_species_variation", "covariate_alignment"]
+           "drilldown", "training_curves", "tree_recovery", "physignal", "within_species_variation", "covariate_alignment",
+           "zeroshot", "mistake_depths", "fewshot", "image_text_alignment"]
 
 _MAP_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
 
@@ -204,3 +209,35 @@ def covariate_alignment(data: TreeData, *, statistic: str = "partial_mantel_embe
 
     res = _needs(data, "uns", "covariate_alignment_result", "covariate_alignment")
     return _finish(plot_covariate_alignment(res, statistic=statistic), save)
+
+
+def zeroshot(data: TreeData, *, save: str | None = None):
+    """Per-rank zero-shot accuracy (top-1, top-k) per text type and mode with species-bootstrap bands and
+    chance (:func:`treeprobe.image_text_plots.plot_zeroshot`), from ``uns["zeroshot"]``."""
+    from treeprobe.image_text_plots import plot_zeroshot
+
+    return _finish(plot_zeroshot(_needs(data, "uns", "zeroshot", "zeroshot")), save)
+
+
+def mistake_depths(data: TreeData, *, save: str | None = None):
+    """The distance-of-mistakes histogram: share of images by the deepest rank the top-1 species shares
+    with the truth, next to uniform guessing (:func:`treeprobe.image_text_plots.plot_mistake_depths`)."""
+    from treeprobe.image_text_plots import plot_mistake_depths
+
+    return _finish(plot_mistake_depths(_needs(data, "uns", "mistake_depths", "zeroshot")), save)
+
+
+def fewshot(data: TreeData, *, save: str | None = None):
+    """Few-shot accuracy per rank and shot count, spread over seeds, next to chance
+    (:func:`treeprobe.image_text_plots.plot_fewshot`), from ``uns["fewshot"]``."""
+    from treeprobe.image_text_plots import plot_fewshot
+
+    return _finish(plot_fewshot(_needs(data, "uns", "fewshot", "fewshot")), save)
+
+
+def image_text_alignment(data: TreeData, *, save: str | None = None):
+    """Own-taxon vs sibling-taxa text cosine per rank, and the share of images whose own text wins
+    (:func:`treeprobe.image_text_plots.plot_image_text_alignment`), from ``uns["image_text_alignment"]``."""
+    from treeprobe.image_text_plots import plot_image_text_alignment
+
+    return _finish(plot_image_text_alignment(_needs(data, "uns", "image_text_alignment", "text_tree")), save)

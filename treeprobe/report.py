@@ -28,7 +28,7 @@ import pandas as pd
 from treeprobe._utils import (OUTPUT_BYTES_PER_ITEM, OUTPUT_MIN_FREE_BYTES, atomic_output_dir, atomic_write,
                               atomic_write_text, rebase_paths)
 
-__all__ = ["Report", "PHYLO_TABLES", "PHYLO_SECTIONS", "write_report", "write_report_files", "report_bytes", "write_figures", "load_report",
+__all__ = ["Report", "PHYLO_TABLES", "PHYLO_SECTIONS", "IMAGE_TEXT_TABLES", "IMAGE_TEXT_SECTIONS", "write_report", "write_report_files", "report_bytes", "write_figures", "load_report",
            "render_markdown"]
 
 
@@ -58,6 +58,8 @@ class Report:
     items: pd.DataFrame | None = None  # the analysed items (path, ranks, covariates), row i ↔ labels i
     #: tree-level analyses (``tl.intrinsic(phylo=True)``): name (:data:`PHYLO_TABLES`) → DataFrame
     phylo: dict = field(default_factory=dict)
+    #: image-text analyses (``tl.image_text``): name (:data:`IMAGE_TEXT_TABLES`) → DataFrame
+    image_text: dict = field(default_factory=dict)
     #: the recovered trees as Newick: "<level>_<method>" → text (written to ``trees/``)
     trees: dict = field(default_factory=dict)
     #: the tools' result objects, for the figures only (not written; absent in a loaded report)
@@ -82,12 +84,15 @@ class Report:
         tax = data.taxonomy
         skipped = [s for s in (data.skipped, uns.get("mantel_not_in_tree")) if s is not None and len(s)]
         phylo, trees, results = _phylo_parts(uns)
+        image_text = {name: uns[key] for name, (key, _) in IMAGE_TEXT_TABLES.items()
+                      if isinstance(uns.get(key), pd.DataFrame)}
         return cls(
             mantel=frame("mantel"), clustering=frame("clustering"), knn=frame("knn"),
             rank_summary=tax.rank_summary(), maps=maps, labels_by_rank=tax.labels_by_rank(),
             provenance=dict(uns.get("provenance", {})),
             skipped=pd.concat(skipped, ignore_index=True) if skipped else pd.DataFrame(columns=["item", "reason"]),
             mantel_sample=uns.get("mantel_pairs"), items=data.items, phylo=phylo, trees=trees, results=results,
+            image_text=image_text,
         )
 
     @property
@@ -106,6 +111,7 @@ class Report:
             for _, row in self.knn.iterrows():
                 out[f"knn_{row['rank']}_agreement_excess"] = row.get("agreement_excess")
         out.update(_phylo_headline(self.phylo))
+        out.update(_image_text_headline(self.image_text))
         return out
 
     def per_rank(self) -> pd.DataFrame:
@@ -151,6 +157,8 @@ class Report:
                 provenance=self.provenance,
                 skipped=dict(count=int(len(self.skipped)), items=self.skipped.to_dict(orient="records")),
                 **({"phylo": {k: v.to_dict(orient="records") for k, v in self.phylo.items()}} if self.phylo else {}),
+                **({"image_text": {k: v.to_dict(orient="records") for k, v in self.image_text.items()
+                                   if k != "fewshot_splits"}} if self.image_text else {}),
             )
         )
 
@@ -166,6 +174,43 @@ PHYLO_TABLES = {
     "within_species_variation_ranks": ("within_species_variation_ranks", "the same per rank"),
     "covariate_alignment": ("covariate_alignment_table", "embedding vs species covariate distance, given the tree"),
 }
+
+
+#: The tables of the image-text analyses in :attr:`Report.image_text` (``report.json["image_text"]``; the
+#: few-shot splits go to ``fewshot_splits.csv`` instead): name → (uns key, what it holds).
+IMAGE_TEXT_TABLES = {
+    "zeroshot": ("zeroshot", "zero-shot accuracy per text type × rank × mode"),
+    "mistakes": ("mistakes", "mistake severity of the top-1 species, per text type"),
+    "mistake_depths": ("mistake_depths", "distance-of-mistakes histogram, per text type"),
+    "fewshot": ("fewshot", "few-shot accuracy per rank × k × method over seeds"),
+    "fewshot_splits": ("fewshot_splits", "the few-shot splits (fewshot_splits.csv)"),
+    "text_tree": ("text_tree", "the text tower's tree: species-name embeddings against the taxonomy"),
+    "image_text_alignment": ("image_text_alignment", "own vs sibling taxon text cosine per rank"),
+}
+
+
+def _image_text_headline(tables: dict) -> dict:
+    out = {}
+    z = tables.get("zeroshot")
+    if z is not None and len(z):
+        for _, row in z[z["mode"] == "species_summed"].iterrows():
+            out[f"zeroshot_{row['text_type']}_{row['rank']}_top1"] = row["top1"]
+    m = tables.get("mistakes")
+    if m is not None and len(m):
+        for _, row in m[m["metric"].isin(["mistake_severity", "nlca"])].iterrows():
+            out[f"mistakes_{row['text_type']}_{row['metric']}"] = row["value"]
+    f = tables.get("fewshot")
+    if f is not None and len(f):
+        for _, row in f[(f["method"] == "simpleshot")].iterrows():
+            out[f"fewshot_{int(row['k'])}shot_{row['rank']}"] = row["mean"]
+    t = tables.get("text_tree")
+    if t is not None and len(t):
+        for _, row in t.iterrows():
+            if str(row["statistic"]).startswith("Mantel"):
+                out.update(text_tree_mantel_r=row["value"], text_tree_mantel_p=row["p_value"])
+            if str(row["statistic"]).startswith("K_mult"):
+                out.update(text_tree_K=row["value"], text_tree_K_p=row["p_value"])
+    return out
 
 
 def _one_row(value) -> pd.DataFrame:
@@ -263,41 +308,46 @@ HOW_TO_READ = """## How to read this report
 def render_markdown(report: Report, figures: dict[str, str] | None = None) -> str:
     """A short readable report; ``figures`` maps figure name → relative PNG path."""
     prov = report.provenance
-    lines = ["# treeprobe intrinsic report", ""]
+    lines = [f"# treeprobe {prov.get('analysis', 'intrinsic')} report", ""]
     lines.append(f"Model: `{prov.get('model', {}).get('name', 'precomputed embeddings')}` "
                  f"(digest `{str(prov.get('model', {}).get('digest', '–'))[:16]}`). "
                  f"Data: `{prov.get('data', {}).get('source', '–')}`. "
                  f"Items analysed: {prov.get('n_items')}; skipped: {len(report.skipped)}. Seed: {prov.get('seed')}.")
     lines += ["", HOW_TO_READ]
-    lines += ["", "## Does embedding distance follow the tree? (Mantel)", "",
-              "Correlation between cosine distance of embeddings and patristic distance on the tree "
-              f"({prov.get('tree', {}).get('kind', 'rank taxonomy')}); one-sided permutation p-value "
-              "(H1: closer on the tree → closer in embedding space). `permuted` says what each p-value permuted.", ""]
-    lines.append(_md_table(report.mantel, ["level", "scheme", "method", "statistic", "p_value", "permutations",
-                                           "n_items", "n_pairs", "estimator", "permuted"]))
-    lines += ["", "## Rank-wise clustering", "",
-              "k-means / agglomerative clustering with k = number of taxa at each rank. Every score is shown "
-              "next to its chance value (same k, permuted labels); `purity_excess` = (purity − chance)/(1 − chance). "
-              "At fine ranks with many single-image taxa raw purity is high by construction: read the excess.", ""]
-    lines.append(_md_table(report.clustering, ["rank", "method", "k", "purity", "purity_chance", "purity_excess",
-                                               "nmi", "nmi_chance", "ami", "ari", "note"]))
-    lines += ["", "## Nearest-neighbour rank agreement", "",
-              "Share of each item's k nearest neighbours (cosine) in its own taxon; items alone in their taxon are "
-              "excluded and counted. `ceiling`: the most any embedding can reach with these taxon sizes and k; "
-              "`agreement_normalised` = (agreement − chance) / (ceiling − chance), comparable across ranks. "
-              "`level_agreement`: the same among neighbours outside the item's own taxon one rank below, so a "
-              "rank is not credited with its children's agreement.", ""]
-    knn_cols = ["rank", "k", "agreement", "chance", "ceiling", "agreement_normalised", "agreement_excess",
-                "level_agreement", "level_chance", "level_ceiling", "top1", "n_evaluated",
-                "n_excluded_singletons", "n_unknown"]
-    if "estimator" in report.knn and (report.knn["estimator"] == "query-subsample").any():
-        n_q = int(report.knn["n_queries"].iloc[0])
-        lines += [f"Estimated from {n_q:,} random query items (each with its exact neighbours among all "
-                  f"items); `agreement_ci95` / `top1_ci95` are 95 % half-widths.", ""]
-        knn_cols[3:3] = ["agreement_ci95"]
-        knn_cols.insert(knn_cols.index("top1") + 1, "top1_ci95")
-    lines.append(_md_table(report.knn, knn_cols))
+    every = prov.get("analysis", "intrinsic") != "image-text"  # an intrinsic report shows every section, even empty
+    if every or len(report.mantel):
+        lines += ["", "## Does embedding distance follow the tree? (Mantel)", "",
+                  "Correlation between cosine distance of embeddings and patristic distance on the tree "
+                  f"({prov.get('tree', {}).get('kind', 'rank taxonomy')}); one-sided permutation p-value "
+                  "(H1: closer on the tree → closer in embedding space). `permuted` says what each p-value permuted.", ""]
+        lines.append(_md_table(report.mantel, ["level", "scheme", "method", "statistic", "p_value", "permutations",
+                                               "n_items", "n_pairs", "estimator", "permuted"]))
+    if every or len(report.clustering):
+        lines += ["", "## Rank-wise clustering", "",
+                  "k-means / agglomerative clustering with k = number of taxa at each rank. Every score is shown "
+                  "next to its chance value (same k, permuted labels); `purity_excess` = (purity − chance)/(1 − chance). "
+                  "At fine ranks with many single-image taxa raw purity is high by construction: read the excess.", ""]
+        lines.append(_md_table(report.clustering, ["rank", "method", "k", "purity", "purity_chance", "purity_excess",
+                                                   "nmi", "nmi_chance", "ami", "ari", "note"]))
+    if every or len(report.knn):
+        lines += ["", "## Nearest-neighbour rank agreement", "",
+                  "Share of each item's k nearest neighbours (cosine) in its own taxon; items alone in their taxon are "
+                  "excluded and counted. `ceiling`: the most any embedding can reach with these taxon sizes and k; "
+                  "`agreement_normalised` = (agreement − chance) / (ceiling − chance), comparable across ranks. "
+                  "`level_agreement`: the same among neighbours outside the item's own taxon one rank below, so a "
+                  "rank is not credited with its children's agreement.", ""]
+        knn_cols = ["rank", "k", "agreement", "chance", "ceiling", "agreement_normalised", "agreement_excess",
+                    "level_agreement", "level_chance", "level_ceiling", "top1", "n_evaluated",
+                    "n_excluded_singletons", "n_unknown"]
+        if "estimator" in report.knn and (report.knn["estimator"] == "query-subsample").any():
+            n_q = int(report.knn["n_queries"].iloc[0])
+            lines += [f"Estimated from {n_q:,} random query items (each with its exact neighbours among all "
+                      f"items); `agreement_ci95` / `top1_ci95` are 95 % half-widths.", ""]
+            knn_cols[3:3] = ["agreement_ci95"]
+            knn_cols.insert(knn_cols.index("top1") + 1, "top1_ci95")
+        lines.append(_md_table(report.knn, knn_cols))
     lines += _phylo_markdown(report.phylo)
+    lines += _phylo_markdown(report.image_text, IMAGE_TEXT_SECTIONS)
     lines += ["", "## Taxa per rank", "", _md_table(report.rank_summary, list(report.rank_summary.columns))]
     if figures:
         lines += ["", "## Figures", ""]
@@ -355,9 +405,46 @@ PHYLO_SECTIONS = [
 ]
 
 
-def _phylo_markdown(phylo: dict) -> list[str]:
+#: Text and columns of each image-text section (markdown and HTML), as :data:`PHYLO_SECTIONS`.
+IMAGE_TEXT_SECTIONS = [
+    ("Zero-shot classification per rank",
+     "Each image classified among the taxa of its data set by cosine to the text embedding of each taxon "
+     "(`text_type`: the caption type). `flat`: the best of all taxa of the rank; `top_down`: the best "
+     "kingdom, then the best phylum within it, ...; `species_summed`: species probabilities summed up the "
+     "tree (as pybioclip). Intervals (`_lo`, `_hi`) resample species with all their images; `chance_top1` is "
+     "uniform guessing among the rank's taxa, `majority` always naming the most frequent one.",
+     [("zeroshot", ["text_type", "rank", "mode", "n_items", "n_taxa", "top1", "top1_lo", "top1_hi", "topk",
+                    "topk_lo", "topk_hi", "k", "chance_top1", "chance_topk", "majority"])]),
+    ("How far wrong the mistakes are",
+     "For the top-1 species: `mean_lca_depth` (ranks shared with the truth, 7 = right species), "
+     "`mistake_severity` (mean height of the lowest common ancestor over the mistakes only; Bertinetto et al. "
+     "2020), `hdist@k` (mean LCA height of the k best species), `nlca` (LCA height / tree height, over all "
+     "images), each next to uniform guessing among the candidate species (`chance`, exact). The histogram "
+     "says at which rank prediction and truth part.",
+     [("mistakes", ["text_type", "metric", "value", "lo", "hi", "chance", "n_items"]),
+      ("mistake_depths", ["text_type", "depth", "lca_rank", "count", "fraction", "chance_fraction"])]),
+    ("Few-shot classification per rank",
+     "k support images per taxon (seeded splits, in `fewshot_splits.csv`: rerun them with "
+     "`treeprobe.fewshot.read_splits`), the rest queries; SimpleShot (nearest centred, normalised class "
+     "mean) and a logistic-regression probe on the image embeddings. Mean, sd, min and max over the seeds, "
+     "next to chance (1 / taxa evaluated); taxa with fewer than k + 1 images are excluded and counted.",
+     [("fewshot", ["rank", "k", "method", "mean", "sd", "min", "max", "n_seeds", "n_taxa", "chance",
+                   "n_excluded_taxa"])]),
+    ("The text tower's tree",
+     "The text embeddings of the species names as a data set of their own, scored against the taxonomy: "
+     "Mantel r, K_mult and the recovered tree, with permutation p-values. Then, per rank, each image's cosine "
+     "to its own taxon's text and to its sibling taxa's texts (same parent): `margin` = own − sibling and "
+     "`top1_siblings` (own text beats every sibling) next to chance, with species-bootstrap intervals.",
+     [("text_tree", ["text_type", "statistic", "value", "p_value", "chance", "n", "permuted"]),
+      ("image_text_alignment", ["text_type", "rank", "n_items", "n_no_siblings", "own_cos", "sibling_cos",
+                                "margin", "margin_lo", "margin_hi", "top1_siblings", "top1_siblings_lo",
+                                "top1_siblings_hi", "chance"])]),
+]
+
+
+def _phylo_markdown(phylo: dict, sections=None) -> list[str]:
     lines = []
-    for title, text, tables in PHYLO_SECTIONS:
+    for title, text, tables in PHYLO_SECTIONS if sections is None else sections:
         present = [(name, cols) for name, cols in tables if name in phylo and len(phylo[name])]
         if not present:
             continue
@@ -402,6 +489,12 @@ def write_report_files(report: Report, out: Path, *, figures: bool = True) -> di
     paths["items_csv"] = str(out / "items.csv")
     if report.mantel_sample is not None:
         atomic_write(out / "mantel_pairs.npz", lambda f: np.savez_compressed(f, **report.mantel_sample), fsync=False)
+    splits = report.image_text.get("fewshot_splits")
+    if splits is not None and len(splits):
+        from treeprobe.fewshot import write_splits
+
+        write_splits(splits, out / "fewshot_splits.csv")
+        paths["fewshot_splits_csv"] = str(out / "fewshot_splits.csv")
     for name, text in report.trees.items():
         (out / "trees").mkdir(exist_ok=True)
         atomic_write_text(out / "trees" / f"{name}.nwk", text + "\n", fsync=False)
@@ -448,6 +541,23 @@ def write_figures(report: Report, fig_dir: Path) -> dict[str, str]:
         png, _ = plots.save_figure(fig, str(fig_dir / "mantel_distances"))
         out["Embedding distance by tree distance"] = png
     out.update(_phylo_figures(report, fig_dir))
+    out.update(_image_text_figures(report.image_text, fig_dir))
+    return out
+
+
+def _image_text_figures(tables: dict, fig_dir: Path) -> dict[str, str]:
+    """The image-text figures, drawn from their tables (so a loaded report redraws them)."""
+    from treeprobe import image_text_plots as itp
+    from treeprobe import plots
+
+    out = {}
+    for name, fn, title in (("zeroshot", itp.plot_zeroshot, "Zero-shot accuracy per rank"),
+                            ("mistake_depths", itp.plot_mistake_depths, "Distance of mistakes"),
+                            ("fewshot", itp.plot_fewshot, "Few-shot accuracy per rank"),
+                            ("image_text_alignment", itp.plot_image_text_alignment, "Image-text alignment per rank")):
+        if name in tables and len(tables[name]):
+            png, _ = plots.save_figure(fn(tables[name]), str(fig_dir / name))
+            out[title] = png
     return out
 
 
@@ -515,8 +625,13 @@ def load_report(out_dir: str | os.PathLike) -> Report:
     frame = lambda key: pd.DataFrame(rep.get(key, []))  # noqa: E731
     phylo = {k: pd.DataFrame(v) for k, v in rep.get("phylo", {}).items()}
     trees = {p.stem: p.read_text().strip() for p in sorted((out / "trees").glob("*.nwk"))}
+    image_text = {k: pd.DataFrame(v) for k, v in rep.get("image_text", {}).items()}
+    if (out / "fewshot_splits.csv").exists():
+        from treeprobe.fewshot import read_splits
+
+        image_text["fewshot_splits"] = read_splits(out / "fewshot_splits.csv")
     return Report(mantel=frame("mantel"), clustering=frame("clustering"), knn=frame("knn"),
                   rank_summary=frame("rank_summary"), maps=maps, labels_by_rank=tax.labels_by_rank(),
                   provenance=rep.get("provenance", {}), skipped=skipped, mantel_sample=sample,
-                  phylo=phylo, trees=trees,
+                  phylo=phylo, trees=trees, image_text=image_text,
                   items=items.drop(columns=[c for c in items.columns if c[:5] in ("tsne_", "umap_")]))

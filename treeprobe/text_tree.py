@@ -55,7 +55,8 @@ def taxon_parents(taxonomy) -> dict[str, np.ndarray]:
 
 
 def align_text_embeddings(taxonomy, texts: Mapping[str, tuple[Sequence[str], np.ndarray]]) -> dict[str, np.ndarray]:
-    """Reorder text embeddings to the taxonomy's taxon codes. ``texts``: rank → (cumulative taxon labels
+    """Reorder text embeddings to the taxon codes of ``taxonomy`` (a Taxonomy, or a
+    :class:`~treeprobe.zeroshot.ClassHierarchy`: the order of its ``taxa``). ``texts``: rank → (cumulative taxon labels
     (T,), array (T, D)), labels as :meth:`~treeprobe.taxonomy.Taxonomy.taxon_labels` writes them
     (``"Plantae|Tracheophyta|..."``). Returns rank → float32 (n_taxa(rank), D); raises naming the first
     taxa that have no text."""
@@ -66,7 +67,7 @@ def align_text_embeddings(taxonomy, texts: Mapping[str, tuple[Sequence[str], np.
         if arr.ndim != 2 or arr.shape[0] != len(labels):
             raise TreeprobeError(f"rank {r}: {len(labels)} labels but text embeddings of shape {arr.shape}")
         row = {lab: i for i, lab in enumerate(labels)}
-        want = taxonomy.taxon_labels(r)
+        want = taxonomy.taxa[r] if hasattr(taxonomy, "taxa") else taxonomy.taxon_labels(r)  # a ClassHierarchy too
         missing = [w for w in want if w not in row]
         if missing:
             raise TreeprobeError(f"rank {r}: {len(missing)} taxa have no text embedding (e.g. "

@@ -51,7 +51,7 @@ from treeprobe.errors import TreeprobeError
 from treeprobe.mantel import SPEARMAN_MAX_N
 
 __all__ = ["embed", "mantel", "clustering", "knn", "physignal", "tree_recovery", "within_species_variation",
-           "covariate_alignment",
+           "covariate_alignment", "text_embeddings", "zeroshot", "fewshot", "text_tree", "image_text",
            "tsne", "umap", "intrinsic", "compare", "check_analysable", "MANTEL_LEVELS", "MANTEL_SCHEMES", "MAPS"]
 
 MANTEL_LEVELS = ("image", "species-centroid")
@@ -372,6 +372,152 @@ def covariate_alignment(data: TreeData, covariates, *, tree=None, rank_lengths=N
     return res
 
 
+# --- the image-text side ---------------------------------------------------------------------------
+
+
+def text_embeddings(data: TreeData, *, ckpt=None, model: str | None = None, pretrained: str | None = None,
+                    file=None, text_types: Sequence[str] = ("taxonomic",), templates=None, cache_dir=None,
+                    batch_size: int = 256, device: str | None = None, progress: bool = True,
+                    trust_checkpoint: bool = False) -> dict:
+    """Text embeddings of every taxon of ``data`` at every rank, in each of ``text_types`` (BioCLIP's caption
+    types: see :mod:`treeprobe.text_embed`), from an open_clip model's text tower (``ckpt`` / ``model`` /
+    ``pretrained`` as :func:`embed`; cached by checkpoint digest + text) or read from ``file`` (a parquet or
+    npz of taxon → vector). Stores ``uns["text_embeddings"]`` (text_type → rank → (taxa, float32 (T_r, D)))
+    and ``uns["text_model"]``; returns the mapping."""
+    from treeprobe import image_text, text_embed
+
+    _check_data(data)
+    ranks = tuple(data.taxonomy.ranks)
+    if file is not None:
+        text = text_embed.read_text_embeddings(file, dim=data.n_dims if data.X is not None else None)
+        info = dict(source=str(file), kind="text-embedding file")
+    else:
+        from treeprobe.models import load_model
+
+        if ckpt is None and model is None:
+            raise TreeprobeError("text embeddings need a model with a text tower (--ckpt / --model) or a "
+                                 "text-embedding file (--text-embeddings)")
+        loaded = load_model(ckpt=ckpt, model=model, pretrained=pretrained, device=device or default_device(),
+                            trust_checkpoint=trust_checkpoint)
+        text = text_embed.taxon_text_embeddings(loaded, image_text.lineage_table(data), text_types=text_types,
+                                                ranks=ranks, templates=templates, batch_size=batch_size,
+                                                cache_dir=cache_dir, progress=progress)
+        info = dict(source=loaded.source, name=loaded.model_name, digest=loaded.digest,
+                    templates="ensemble" if templates == "ensemble" else (list(templates) if templates else None))
+    data.uns["text_embeddings"] = text
+    data.uns["text_model"] = dict(info, text_types=list(text))
+    return text
+
+
+def zeroshot(data: TreeData, *, text_types: Sequence[str] | None = None, modes: Sequence[str] = ("flat", "top_down",
+             "species_summed"), k: int = 5, logit_scale: float = 100.0, n_boot: int = 1000, seed: int = 0,
+             rank_lengths=None) -> pd.DataFrame:
+    """Per-rank zero-shot accuracy of the images against the text embeddings of their taxa (run
+    :func:`text_embeddings` first): flat, top-down and species-summed, top-1 / top-k with species-bootstrap
+    intervals next to chance (:func:`treeprobe.zeroshot.zeroshot`; the candidates are the data's species),
+    and how severe the mistakes are (:func:`treeprobe.mistakes.mistake_summary` on the top-1 species), for
+    each text type (default: all embedded). Stores ``uns["zeroshot"]``, ``uns["mistakes"]`` and
+    ``uns["mistake_depths"]`` (DataFrames with a ``text_type`` column) and ``uns["zeroshot_result"]``
+    (text type → :class:`~treeprobe.zeroshot.ZeroShotResult`); returns the zero-shot table."""
+    from treeprobe import image_text
+
+    check_analysable(data)
+    text = data.uns.get("text_embeddings")
+    image_text.text_type_of(text, None)  # raises when there are none
+    types = list(text) if text_types is None else [image_text.text_type_of(text, t) for t in text_types]
+    h, truth = image_text.hierarchy_of(data)
+    X = np.asarray(data.X)
+    parts: dict[str, list] = {"zeroshot": [], "mistakes": [], "mistake_depths": []}
+    results = {}
+    for tt in types:
+        out = image_text.zeroshot_tables(X, h, truth, text=text[tt], modes=modes, k=k, logit_scale=logit_scale,
+                                         n_boot=n_boot, seed=seed, rank_lengths=rank_lengths)
+        results[tt] = out["result"]
+        for key in parts:
+            if key in out:
+                parts[key].append(out[key].assign(text_type=tt)[["text_type", *out[key].columns]])
+    for key, frames in parts.items():
+        if frames:
+            data.uns[key] = pd.concat(frames, ignore_index=True)
+    data.uns["zeroshot_result"] = results
+    data.uns["zeroshot_params"] = dict(modes=list(modes), k=k, logit_scale=logit_scale, n_boot=n_boot, seed=seed,
+                                       n_candidate_species=h.n_species,
+                                       n_unknown_species=int((truth < 0).sum()))
+    return data.uns["zeroshot"]
+
+
+def fewshot(data: TreeData, *, ks: Sequence[int] = (1, 5), ranks: Sequence[str] | None = None, seeds=5,
+            methods: Sequence[str] = ("simpleshot", "logistic"), support_species: str = "any", splits=None):
+    """1-shot and 5-shot accuracy per rank (SimpleShot nearest centroid and a logistic probe on the image
+    embeddings; seeded splits, or ``splits`` read back with :func:`treeprobe.fewshot.read_splits`), mean and
+    spread over seeds next to chance (:func:`treeprobe.fewshot.fewshot_eval`). Stores ``uns["fewshot"]``
+    (summary), ``uns["fewshot_per_seed"]`` and ``uns["fewshot_splits"]`` (item ids = row numbers, or the
+    ``path`` column when the items have one); returns the :class:`~treeprobe.fewshot.FewShotResult`."""
+    from treeprobe.fewshot import fewshot_eval
+
+    check_analysable(data)
+    items = data.items["path"].astype(str).to_numpy() if "path" in data.items.columns and \
+        data.items["path"].astype(str).is_unique else None
+    res = fewshot_eval(data.X, data.taxonomy, ks=ks, ranks=ranks if ranks is not None else data.taxonomy.ranks,
+                       seeds=seeds, methods=methods, support_species=support_species, splits=splits, items=items)
+    data.uns["fewshot"] = res.summary
+    data.uns["fewshot_per_seed"] = res.per_seed
+    data.uns["fewshot_splits"] = res.splits
+    return res
+
+
+def text_tree(data: TreeData, *, text_type: str | None = None, permutations: int = 999, seed: int = 0,
+              bootstrap: int = 200, tree_method: str = "upgma") -> pd.DataFrame:
+    """Does the text tower follow the tree? The species-name embeddings of ``text_type`` scored against the
+    taxonomy (Mantel r, K_mult, recovered-tree cophenetic r and nRF, with permutation p-values), and
+    image-text alignment per rank (cosine of each image to its own taxon's text vs its sibling taxa's, with
+    species-bootstrap intervals: :func:`treeprobe.text_tree.image_text_alignment`). Stores
+    ``uns["text_tree"]`` and ``uns["image_text_alignment"]`` (with a ``text_type`` column); returns the
+    first."""
+    from treeprobe import image_text
+
+    check_analysable(data)
+    text = data.uns.get("text_embeddings")
+    tt = image_text.text_type_of(text, text_type)
+    h, truth = image_text.hierarchy_of(data)
+    out = image_text.text_tree_tables(data, h, truth, text=text[tt], permutations=permutations, seed=seed,
+                                      bootstrap=bootstrap, tree_method=tree_method)
+    data.uns["text_tree"] = out["text_tree"].assign(text_type=tt)
+    data.uns["image_text_alignment"] = out["alignment"].assign(text_type=tt)
+    return data.uns["text_tree"]
+
+
+def image_text(data: TreeData, *, text_types: Sequence[str] | None = None, seed: int = 0, permutations: int = 999,
+               n_boot: int = 1000, k: int = 5, fewshot_ks: Sequence[int] = (1, 5), fewshot_seeds=5,
+               rank_lengths=None, progress: bool = False) -> dict:
+    """The whole image-text side in one call: :func:`zeroshot` and :func:`text_tree` (for each text type
+    embedded by :func:`text_embeddings`; skipped, with a note, when none is) and :func:`fewshot` (image
+    embeddings only), seeded by ``seed``. Returns the seconds each took (also in ``uns["timings"]``)."""
+    check_analysable(data)
+    timings: dict[str, float] = {}
+    text = data.uns.get("text_embeddings") or {}
+    if text:
+        t = time.perf_counter()
+        zeroshot(data, text_types=text_types, k=k, n_boot=n_boot, seed=seed, rank_lengths=rank_lengths)
+        timings["zeroshot_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tables = []
+        for tt in (list(text) if text_types is None else text_types):
+            text_tree(data, text_type=tt, permutations=permutations, seed=seed, bootstrap=min(n_boot, 200))
+            tables.append((data.uns["text_tree"], data.uns["image_text_alignment"]))
+        data.uns["text_tree"] = pd.concat([a for a, _ in tables], ignore_index=True)
+        data.uns["image_text_alignment"] = pd.concat([b for _, b in tables], ignore_index=True)
+        timings["text_tree_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    fewshot(data, ks=fewshot_ks, seeds=fewshot_seeds)
+    timings["fewshot_s"] = time.perf_counter() - t
+    data.uns.setdefault("timings", {}).update(timings)
+    return timings
+
+
+_image_text_tool = image_text  # for intrinsic(), whose flag of the same name hides it
+
+
 # --- 2-D maps ------------------------------------------------------------------------------------
 
 
@@ -453,7 +599,7 @@ def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, pe
               max_map_points: int | None = DEFAULT_MAX_MAP_POINTS, spearman_max_n: int = SPEARMAN_MAX_N,
               phylo: bool = False, tree_method: str = "upgma", tree_levels: Sequence[str] = ("species", "genus"),
               covariate: str | None = None, covariate_levels=None, species_covariates=None,
-              progress: bool = True, provenance: dict | None = None):
+              image_text: bool = False, progress: bool = True, provenance: dict | None = None):
     """The whole intrinsic analysis: :func:`mantel`, :func:`clustering`, :func:`knn` and the maps,
     all seeded by ``seed``; returns the :class:`~treeprobe.report.Report` (nothing is written).
 
@@ -463,6 +609,9 @@ def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, pe
     ``covariate_levels=(a, b)``) when given, and :func:`covariate_alignment` of ``species_covariates`` (item
     column name(s), constant within species) when given; either turns ``phylo`` on. Same ``seed`` and
     ``permutations`` as the Mantel tests.
+
+    ``image_text``: also :func:`image_text` (zero-shot, mistakes and the text tower's tree for the text
+    types :func:`text_embeddings` stored, and few-shot).
     """
     from treeprobe.report import Report
 
@@ -508,6 +657,8 @@ def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, pe
         if species_covariates is not None:
             timed("covariate_alignment_s", covariate_alignment, covariates=species_covariates, tree=tree,
                   rank_lengths=rank_lengths, permutations=permutations, seed=seed, progress=progress)
+    if image_text:
+        timings.update(_image_text_tool(data, seed=seed, permutations=permutations, rank_lengths=rank_lengths))
     timings["total_analysis_s"] = time.perf_counter() - t0
     data.uns["timings"] = timings
     tax = data.taxonomy
@@ -518,6 +669,8 @@ def intrinsic(data: TreeData, *, tree=None, rank_lengths=None, seed: int = 0, pe
         taxonomy=dict(unknown=data.unknown, missing=list(data.missing)),
         tree=data.uns["mantel_tree"], timings=timings, versions=package_versions(), command=" ".join(sys.argv),
     )
+    if "text_model" in data.uns:
+        prov["text_model"] = data.uns["text_model"]
     data.uns["provenance"] = prov
     return Report.from_data(data)
 
