@@ -22,6 +22,7 @@ noise: power). Prints per test the rejections at α = 0.05 with an exact 95 % in
 """
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -36,6 +37,164 @@ from treeprobe import compare as cmp  # noqa: E402
 from treeprobe.core import TreeData  # noqa: E402
 
 SCHEMES = ("kmeans-warm", "ward-jackknife", "ward-bootstrap")
+
+
+# --- k-means scores: warm-started jackknife plus the seed variance -------------------------------
+
+#: k-means seeds whose scores are averaged in the warm-started scheme.
+CLUSTER_SEEDS = 4
+_KMEANS_SCORES = ("purity", "nmi", "ari")
+
+
+def _kmeans_score_values(codes: np.ndarray, labels: np.ndarray) -> dict:
+    """Purity, NMI and ARI of a clustering (label arrays (n,)): the values of
+    :func:`treeprobe.clustering.clustering_scores` (to rounding), from one contingency matrix."""
+    from treeprobe.clustering import _PermutationScorer
+
+    return _PermutationScorer(codes, labels).scores(None, _KMEANS_SCORES)
+
+
+def warm_start_centres(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Starting centres (k, D) for k-means on the rows ``X`` (n, D) that a full-data clustering had put in
+    clusters ``labels`` (int (n,)): the means of the ``k`` clusters that keep the most rows (ties: lower
+    label first); when fewer than ``k`` clusters keep a row, the rows farthest from their cluster's mean
+    fill the rest (as scikit-learn relocates an empty cluster).
+
+    >>> warm_start_centres(np.array([[0., 0.], [0., 2.], [5., 5.], [9., 9.]]), np.array([3, 3, 1, 0]), 2)
+    array([[0., 1.],
+           [9., 9.]])
+    """
+    from scipy import sparse
+
+    X = np.asarray(X)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = X.shape[0]
+    if not 1 <= k <= n:
+        raise cmp.TreeprobeError(f"warm start needs 1 <= k <= {n} rows; got k={k}")
+    _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    inv = inv.ravel()
+    member = sparse.csr_matrix((np.ones(n), (inv, np.arange(n))), shape=(counts.size, n))
+    means = np.asarray(member @ X.astype(np.float64)) / counts[:, None]
+    order = np.argsort(-counts, kind="stable")[:k]
+    centres = means[order]
+    if centres.shape[0] < k:
+        d2 = np.einsum("ij,ij->i", X - means[inv], X - means[inv])
+        far = np.argsort(-d2, kind="stable")[: k - centres.shape[0]]
+        centres = np.vstack([centres, X[far].astype(np.float64)])
+    return centres
+
+
+def _kmeans_warm(Xn: np.ndarray, centres: np.ndarray, seed: int, minibatch_threshold: int) -> np.ndarray:
+    """k-means labels (n,) of the normalised rows ``Xn`` started from ``centres`` (k, D) with one run
+    (n_init=1): full ``KMeans`` up to ``minibatch_threshold`` rows, mini-batch k-means (float32, the
+    batch size and epochs of :func:`treeprobe.clustering.cluster_labels`) above."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    from treeprobe.clustering import _MAX_EPOCHS, _MIN_BATCH
+
+    k = centres.shape[0]
+    if Xn.shape[0] > minibatch_threshold:
+        X32 = np.ascontiguousarray(Xn, dtype=np.float32)
+        km = MiniBatchKMeans(n_clusters=k, init=centres.astype(np.float32), n_init=1,
+                             batch_size=min(X32.shape[0], max(_MIN_BATCH, 4 * k)), max_iter=_MAX_EPOCHS,
+                             random_state=seed)
+        return km.fit(X32).labels_.astype(np.int64)
+    return KMeans(n_clusters=k, init=centres.astype(Xn.dtype), n_init=1, random_state=seed).fit_predict(Xn).astype(
+        np.int64)
+
+
+def cluster_seed_list(seed: int, n_seeds: int) -> list:
+    """The ``n_seeds`` k-means seeds of the clustering paired test: ``seed`` itself (the seed of the
+    models' own clustering tables) first, then seeded sub-seeds in [0, 2**31)."""
+    cmp.check_int(n_seeds, "cluster_seeds", minimum=1)
+    return [int(seed)] + [cmp._sub_seed(seed, f"kmeans-seed-{r}") % cmp.SEED_BOUND for r in range(1, n_seeds)]
+
+
+def _kmeans_warm_jackknife(aligned: dict, names: list, units: np.ndarray, *, groups: int, seed: int,
+                           n_seeds: int) -> dict:
+    """{(\"kmeans <score>\", rank): (values (R, M), replicates (G, M))} for purity, NMI and ARI.
+
+    values: each model's k-means scores at each of the R seeds of :func:`cluster_seed_list` on all items
+    (the first seed's equal the models' clustering tables). replicates: with one of ``groups`` random
+    groups of species left out in turn (the groups of :func:`_jackknife`), k-means re-run once on the
+    rest, started from the first seed's full-data clustering (:func:`warm_start_centres`, k = the taxa
+    left at the rank). Ranks with a skip note of :func:`treeprobe.clustering.rankwise_clustering`
+    (one taxon, k >= items) get NaN."""
+    from threadpoolctl import threadpool_limits
+
+    from treeprobe._utils import SINGLE_THREAD_MAX_ITEMS, l2_normalise
+    from treeprobe.clustering import MINIBATCH_THRESHOLD, N_INIT, _kmeans, _skip_note
+    from treeprobe.neighbors import _unknown_mask
+
+    S = int(units.max()) + 1
+    if groups > S:
+        raise cmp.TreeprobeError(f"{groups} jackknife groups need at least as many species units; got {S}")
+    group = np.random.default_rng(cmp._sub_seed(seed, "jackknife")).permutation(S) % groups
+    seeds = cluster_seed_list(seed, n_seeds)
+    codes_by_rank = aligned[names[0]].taxonomy.codes_by_rank()
+    n = len(units)
+    out: dict = {}
+    with threadpool_limits(1 if n <= SINGLE_THREAD_MAX_ITEMS else None):
+        for k_m, m in enumerate(names):
+            Xn = l2_normalise(aligned[m].unit)
+            Xk = np.ascontiguousarray(Xn, dtype=np.float32) if n > MINIBATCH_THRESHOLD else Xn
+            for rank, codes in codes_by_rank.items():
+                codes = np.asarray(codes)
+                known = ~_unknown_mask(codes)
+                c_known = codes[known]
+                k = int(np.unique(c_known).size)
+                keys = [(f"kmeans {s}", rank) for s in _KMEANS_SCORES]
+                for key in keys:
+                    out.setdefault(key, (np.full((len(seeds), len(names)), np.nan),
+                                         np.full((groups, len(names)), np.nan)))
+                if _skip_note(k, int(known.sum())):
+                    continue
+                Xr = Xk if known.all() else Xk[known]
+                first = None
+                for r, s in enumerate(seeds):
+                    labels = _kmeans(Xr, k, s, N_INIT, MINIBATCH_THRESHOLD)
+                    first = labels if r == 0 else first
+                    for sc, v in _kmeans_score_values(c_known, labels).items():
+                        out[(f"kmeans {sc}", rank)][0][r, k_m] = v
+                u_known = units[known]
+                for g in range(groups):
+                    keep = group[u_known] != g
+                    sub_codes = c_known[keep]
+                    k_sub = int(np.unique(sub_codes).size)
+                    if _skip_note(k_sub, int(keep.sum())):
+                        continue
+                    centres = warm_start_centres(Xr[keep], first[keep], k_sub)
+                    labels = _kmeans_warm(Xr[keep], centres, seeds[0], MINIBATCH_THRESHOLD)
+                    for sc, v in _kmeans_score_values(sub_codes, labels).items():
+                        out[(f"kmeans {sc}", rank)][1][g, k_m] = v
+    return out
+
+
+def _seeded_jackknife_rows(exact: dict, warm: dict, names: list, per_model: list, diffs: list, n_units: int,
+                           scheme: str) -> None:
+    """Per-model and paired-difference rows of the warm-started k-means jackknife: estimate = mean over
+    the R seeds; variance = jackknife variance of the warm replicates + seed variance / R."""
+    z = 1.959963984540054
+    for key, (values, reps) in warm.items():
+        if key not in exact or not np.all(np.isfinite(values)):
+            continue
+        _, chance, n = exact[key]
+        R = values.shape[0]
+        est = values.mean(axis=0)
+
+        def se(v_seeds, v_reps):
+            seed_var = float(np.var(v_seeds, ddof=1)) / R if R >= 2 else 0.0
+            return float(np.sqrt(cmp._jackknife_se(v_reps) ** 2 + seed_var))
+
+        for k, m in enumerate(names):
+            s = se(values[:, k], reps[:, k])
+            per_model.append(cmp._model_row(m, key[0], key[1], est[k], (est[k] - z * s, est[k] + z * s), chance, n=n))
+        for a, b in itertools.combinations(range(len(names)), 2):
+            d = est[a] - est[b]
+            s = se(values[:, a] - values[:, b], reps[:, a] - reps[:, b])
+            diffs.append(cmp._diff_row(key[0], key[1], names[a], names[b], est[a], est[b], (d - z * s, d + z * s),
+                                   cmp._normal_p(d, s), n_units, scheme))
+
 
 
 def world_pair(name: str, i: int):
@@ -55,25 +214,21 @@ def world_pair(name: str, i: int):
 
 
 def noise(args) -> None:
+    """Run 7's check: seed-to-seed sd of the k-means purity difference (data fixed) vs the jackknife se."""
     for world in args.world_ids:
         a, b = world_pair("same-model-small", world)
-        out = {}
-        for scheme in ("jackknife", "warm-jackknife"):
-            diffs, ses = [], []
-            for seed in range(args.seeds):
-                comp = cmp.compare({"a": a, "b": b}, on="row", seed=seed, permutations=19, bootstrap=99,
-                                   similarity=False, distance_profiles=False, cluster_methods=("kmeans",),
-                                   chance_permutations=2, cluster_scheme=scheme)
-                d = comp.differences
-                d = d[d.metric == "kmeans purity"].set_index("rank")
-                diffs.append(d["difference"].to_numpy())
-                ses.append(((d["ci_high"] - d["ci_low"]) / 3.919927969080108).to_numpy())
-            out[scheme] = (np.std(diffs, axis=0, ddof=1), np.mean(ses, axis=0))
+        diffs, ses = [], []
+        for seed in range(args.seeds):
+            comp = cmp.compare({"a": a, "b": b}, on="row", seed=seed, permutations=19, bootstrap=99,
+                               similarity=False, distance_profiles=False, cluster_methods=("kmeans",),
+                               chance_permutations=2)
+            d = comp.differences
+            d = d[d.metric == "kmeans purity"].set_index("rank")
+            diffs.append(d["difference"].to_numpy())
+            ses.append(((d["ci_high"] - d["ci_low"]) / 3.919927969080108).to_numpy())
         print(f"world {world}, ranks {list(d.index)}")
-        print("  seed sd of one-seed difference (old):", np.round(out["jackknife"][0], 4))
-        print("  mean se, old cold jackknife:         ", np.round(out["jackknife"][1], 4))
-        print("  seed sd of the 4-seed mean (new):    ", np.round(out["warm-jackknife"][0], 4))
-        print("  mean se, warm jackknife + seed var:  ", np.round(out["warm-jackknife"][1], 4))
+        print("  seed sd of the difference:", np.round(np.std(diffs, axis=0, ddof=1), 4))
+        print("  mean jackknife se:        ", np.round(np.mean(ses, axis=0), 4))
 
 
 def _ward_rows(a, b, names, units, seed, groups, per_model, diffs):
@@ -111,7 +266,7 @@ def ward_bootstrap(a, b, units, exact, *, B: int, seed: int) -> dict:
         for k_m, X in enumerate(Xs):
             cuts = _ward_cuts(X[idx], [ks[rank] for rank in ok])
             for rank in ok:
-                v = cmp._kmeans_score_values(codes[rank][idx], cuts[ks[rank]])
+                v = _kmeans_score_values(codes[rank][idx], cuts[ks[rank]])
                 for s, val in v.items():
                     star[(f"agglomerative {s}", rank)][r, k_m] = val
     out = {}
@@ -130,9 +285,9 @@ def one_world(world: str, i: int, *, seed: int, groups: int, n_seeds: int, B: in
     rec = {}
     if "kmeans-warm" in schemes:
         per_model, diffs = [], []
-        warm = cmp._kmeans_warm_jackknife({"a": a, "b": b}, names, units, groups=groups, seed=seed, n_seeds=n_seeds)
+        warm = _kmeans_warm_jackknife({"a": a, "b": b}, names, units, groups=groups, seed=seed, n_seeds=n_seeds)
         exact = {key: (None, np.nan, 0) for key in warm}
-        cmp._seeded_jackknife_rows(exact, warm, names, per_model, diffs, int(units.max()) + 1, "warm")
+        _seeded_jackknife_rows(exact, warm, names, per_model, diffs, int(units.max()) + 1, "warm")
         for d in diffs:
             rec[f"kmeans-warm/{d['metric']}/{d['rank']}"] = (d["difference"], (d["ci_high"] - d["ci_low"]) / 3.92,
                                                              d["p_value"])
@@ -208,7 +363,7 @@ def main() -> None:
     c.add_argument("--replicates", type=int, default=200)
     c.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     c.add_argument("--groups", type=int, default=10)
-    c.add_argument("--cluster-seeds", type=int, default=cmp.CLUSTER_SEEDS)
+    c.add_argument("--cluster-seeds", type=int, default=CLUSTER_SEEDS)
     c.add_argument("--bootstrap", type=int, default=199)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=None, help="results JSON (resumed)")

@@ -52,13 +52,12 @@ import numpy as np
 import pandas as pd
 
 from treeprobe._utils import RANKS, SEED_BOUND
-from treeprobe._validation import check_choice, check_int
+from treeprobe._validation import check_int
 from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 
 __all__ = ["align", "compare", "Comparison", "holm", "species_units", "species_bootstrap_weights",
-           "pair_bootstrap_pearson", "warm_start_centres", "cluster_seed_list", "ALIGN_KEYS", "DIFF_COLUMNS",
-           "CLUSTER_SCHEMES", "CLUSTER_SEEDS"]
+           "pair_bootstrap_pearson", "ALIGN_KEYS", "DIFF_COLUMNS"]
 
 #: Id columns tried, in order, to match items across models.
 ALIGN_KEYS = ("path", "uuid", "id", "item")
@@ -70,9 +69,6 @@ MODEL_COLUMNS = ["model", "metric", "rank", "estimate", "ci_low", "ci_high", "ch
 BOOTSTRAP_SCHEME = "species bootstrap (species resampled with all their images; same draws for both models)"
 JACKKNIFE_SCHEME = ("delete-a-group jackknife over species (random groups of species left out in turn, every kNN "
                     "search or clustering redone on the rest), normal approximation")
-WARM_SCHEME = ("k-means: mean over the k-means seeds; variance = delete-a-group jackknife over species with warm "
-               "starts (each group's re-clustering starts from the full-data centres, one run) + seed variance / "
-               "seeds, normal approximation")
 _CHUNK = 1 << 15
 
 
@@ -354,165 +350,6 @@ def _clustering_scores(methods, seed: int):
     return score
 
 
-# --- k-means scores: warm-started jackknife plus the seed variance -------------------------------
-
-#: Clustering paired-test schemes of :func:`compare` (``cluster_scheme``).
-CLUSTER_SCHEMES = ("warm-jackknife", "jackknife")
-#: Default k-means seeds whose scores are averaged (``cluster_seeds``).
-CLUSTER_SEEDS = 4
-_KMEANS_SCORES = ("purity", "nmi", "ari")
-
-
-def _kmeans_score_values(codes: np.ndarray, labels: np.ndarray) -> dict:
-    """Purity, NMI and ARI of a clustering (label arrays (n,)): the values of
-    :func:`treeprobe.clustering.clustering_scores` (to rounding), from one contingency matrix."""
-    from treeprobe.clustering import _PermutationScorer
-
-    return _PermutationScorer(codes, labels).scores(None, _KMEANS_SCORES)
-
-
-def warm_start_centres(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Starting centres (k, D) for k-means on the rows ``X`` (n, D) that a full-data clustering had put in
-    clusters ``labels`` (int (n,)): the means of the ``k`` clusters that keep the most rows (ties: lower
-    label first); when fewer than ``k`` clusters keep a row, the rows farthest from their cluster's mean
-    fill the rest (as scikit-learn relocates an empty cluster).
-
-    >>> warm_start_centres(np.array([[0., 0.], [0., 2.], [5., 5.], [9., 9.]]), np.array([3, 3, 1, 0]), 2)
-    array([[0., 1.],
-           [9., 9.]])
-    """
-    from scipy import sparse
-
-    X = np.asarray(X)
-    labels = np.asarray(labels, dtype=np.int64)
-    n = X.shape[0]
-    if not 1 <= k <= n:
-        raise TreeprobeError(f"warm start needs 1 <= k <= {n} rows; got k={k}")
-    _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    inv = inv.ravel()
-    member = sparse.csr_matrix((np.ones(n), (inv, np.arange(n))), shape=(counts.size, n))
-    means = np.asarray(member @ X.astype(np.float64)) / counts[:, None]
-    order = np.argsort(-counts, kind="stable")[:k]
-    centres = means[order]
-    if centres.shape[0] < k:
-        d2 = np.einsum("ij,ij->i", X - means[inv], X - means[inv])
-        far = np.argsort(-d2, kind="stable")[: k - centres.shape[0]]
-        centres = np.vstack([centres, X[far].astype(np.float64)])
-    return centres
-
-
-def _kmeans_warm(Xn: np.ndarray, centres: np.ndarray, seed: int, minibatch_threshold: int) -> np.ndarray:
-    """k-means labels (n,) of the normalised rows ``Xn`` started from ``centres`` (k, D) with one run
-    (n_init=1): full ``KMeans`` up to ``minibatch_threshold`` rows, mini-batch k-means (float32, the
-    batch size and epochs of :func:`treeprobe.clustering.cluster_labels`) above."""
-    from sklearn.cluster import KMeans, MiniBatchKMeans
-
-    from treeprobe.clustering import _MAX_EPOCHS, _MIN_BATCH
-
-    k = centres.shape[0]
-    if Xn.shape[0] > minibatch_threshold:
-        X32 = np.ascontiguousarray(Xn, dtype=np.float32)
-        km = MiniBatchKMeans(n_clusters=k, init=centres.astype(np.float32), n_init=1,
-                             batch_size=min(X32.shape[0], max(_MIN_BATCH, 4 * k)), max_iter=_MAX_EPOCHS,
-                             random_state=seed)
-        return km.fit(X32).labels_.astype(np.int64)
-    return KMeans(n_clusters=k, init=centres.astype(Xn.dtype), n_init=1, random_state=seed).fit_predict(Xn).astype(
-        np.int64)
-
-
-def cluster_seed_list(seed: int, n_seeds: int) -> list:
-    """The ``n_seeds`` k-means seeds of the clustering paired test: ``seed`` itself (the seed of the
-    models' own clustering tables) first, then seeded sub-seeds in [0, 2**31)."""
-    check_int(n_seeds, "cluster_seeds", minimum=1)
-    return [int(seed)] + [_sub_seed(seed, f"kmeans-seed-{r}") % SEED_BOUND for r in range(1, n_seeds)]
-
-
-def _kmeans_warm_jackknife(aligned: dict, names: list, units: np.ndarray, *, groups: int, seed: int,
-                           n_seeds: int) -> dict:
-    """{(\"kmeans <score>\", rank): (values (R, M), replicates (G, M))} for purity, NMI and ARI.
-
-    values: each model's k-means scores at each of the R seeds of :func:`cluster_seed_list` on all items
-    (the first seed's equal the models' clustering tables). replicates: with one of ``groups`` random
-    groups of species left out in turn (the groups of :func:`_jackknife`), k-means re-run once on the
-    rest, started from the first seed's full-data clustering (:func:`warm_start_centres`, k = the taxa
-    left at the rank). Ranks with a skip note of :func:`treeprobe.clustering.rankwise_clustering`
-    (one taxon, k >= items) get NaN."""
-    from threadpoolctl import threadpool_limits
-
-    from treeprobe._utils import SINGLE_THREAD_MAX_ITEMS, l2_normalise
-    from treeprobe.clustering import MINIBATCH_THRESHOLD, N_INIT, _kmeans, _skip_note
-    from treeprobe.neighbors import _unknown_mask
-
-    S = int(units.max()) + 1
-    if groups > S:
-        raise TreeprobeError(f"{groups} jackknife groups need at least as many species units; got {S}")
-    group = np.random.default_rng(_sub_seed(seed, "jackknife")).permutation(S) % groups
-    seeds = cluster_seed_list(seed, n_seeds)
-    codes_by_rank = aligned[names[0]].taxonomy.codes_by_rank()
-    n = len(units)
-    out: dict = {}
-    with threadpool_limits(1 if n <= SINGLE_THREAD_MAX_ITEMS else None):
-        for k_m, m in enumerate(names):
-            Xn = l2_normalise(aligned[m].unit)
-            Xk = np.ascontiguousarray(Xn, dtype=np.float32) if n > MINIBATCH_THRESHOLD else Xn
-            for rank, codes in codes_by_rank.items():
-                codes = np.asarray(codes)
-                known = ~_unknown_mask(codes)
-                c_known = codes[known]
-                k = int(np.unique(c_known).size)
-                keys = [(f"kmeans {s}", rank) for s in _KMEANS_SCORES]
-                for key in keys:
-                    out.setdefault(key, (np.full((len(seeds), len(names)), np.nan),
-                                         np.full((groups, len(names)), np.nan)))
-                if _skip_note(k, int(known.sum())):
-                    continue
-                Xr = Xk if known.all() else Xk[known]
-                first = None
-                for r, s in enumerate(seeds):
-                    labels = _kmeans(Xr, k, s, N_INIT, MINIBATCH_THRESHOLD)
-                    first = labels if r == 0 else first
-                    for sc, v in _kmeans_score_values(c_known, labels).items():
-                        out[(f"kmeans {sc}", rank)][0][r, k_m] = v
-                u_known = units[known]
-                for g in range(groups):
-                    keep = group[u_known] != g
-                    sub_codes = c_known[keep]
-                    k_sub = int(np.unique(sub_codes).size)
-                    if _skip_note(k_sub, int(keep.sum())):
-                        continue
-                    centres = warm_start_centres(Xr[keep], first[keep], k_sub)
-                    labels = _kmeans_warm(Xr[keep], centres, seeds[0], MINIBATCH_THRESHOLD)
-                    for sc, v in _kmeans_score_values(sub_codes, labels).items():
-                        out[(f"kmeans {sc}", rank)][1][g, k_m] = v
-    return out
-
-
-def _seeded_jackknife_rows(exact: dict, warm: dict, names: list, per_model: list, diffs: list, n_units: int,
-                           scheme: str) -> None:
-    """Per-model and paired-difference rows of the warm-started k-means jackknife: estimate = mean over
-    the R seeds; variance = jackknife variance of the warm replicates + seed variance / R."""
-    z = 1.959963984540054
-    for key, (values, reps) in warm.items():
-        if key not in exact or not np.all(np.isfinite(values)):
-            continue
-        _, chance, n = exact[key]
-        R = values.shape[0]
-        est = values.mean(axis=0)
-
-        def se(v_seeds, v_reps):
-            seed_var = float(np.var(v_seeds, ddof=1)) / R if R >= 2 else 0.0
-            return float(np.sqrt(_jackknife_se(v_reps) ** 2 + seed_var))
-
-        for k, m in enumerate(names):
-            s = se(values[:, k], reps[:, k])
-            per_model.append(_model_row(m, key[0], key[1], est[k], (est[k] - z * s, est[k] + z * s), chance, n=n))
-        for a, b in combinations(range(len(names)), 2):
-            d = est[a] - est[b]
-            s = se(values[:, a] - values[:, b], reps[:, a] - reps[:, b])
-            diffs.append(_diff_row(key[0], key[1], names[a], names[b], est[a], est[b], (d - z * s, d + z * s),
-                                   _normal_p(d, s), n_units, scheme))
-
-
 ZEROSHOT_SCHEME = ("species bootstrap of the images' hits (species resampled with all their images; same draws "
                    "for both models)")
 
@@ -686,8 +523,7 @@ def _mantel_exact(report, metric: str, level: str) -> tuple[float, float]:
 
 
 def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: int = 999, bootstrap: int = 1000,
-            max_pairs: int = 500_000, jackknife: int = 10, cluster_scheme: str = "warm-jackknife",
-            cluster_seeds: int = CLUSTER_SEEDS, control: str | None = None, on: str | None = None,
+            max_pairs: int = 500_000, jackknife: int = 10, control: str | None = None, on: str | None = None,
             mismatch: str = "error", similarity: bool = True, drilldown: bool = False,
             distance_profiles: bool = True, zeroshot: bool | None = None, progress: bool = False,
             **intrinsic_kwargs) -> Comparison:
@@ -708,8 +544,6 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
 
     check_int(bootstrap, "bootstrap", minimum=19)
     check_int(max_pairs, "max_pairs", minimum=100)
-    check_choice(cluster_scheme, "cluster_scheme", CLUSTER_SCHEMES)
-    check_int(cluster_seeds, "cluster_seeds", minimum=2)
     provenance = {m: dict(ds.uns.get("provenance", {})) for m, ds in datasets.items()}
     texts = {m: ds.uns.get("text_embeddings") for m, ds in datasets.items()}
     if zeroshot is None:
@@ -781,15 +615,9 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
                 key = (f"{row.method} {s_}", row.rank)
                 exact[key] = ([float(reports[m].clustering.set_index(["rank", "method"]).loc[(row.rank, row.method), s_])
                                for m in names], float(getattr(row, f"{s_}_chance", np.nan)), int(row.n_items))
-        methods = tuple(clus0["method"].unique())
-        if cluster_scheme == "warm-jackknife" and "kmeans" in methods:
-            warm = _kmeans_warm_jackknife(aligned, names, units, groups=jackknife, seed=seed, n_seeds=cluster_seeds)
-            _seeded_jackknife_rows(exact, warm, names, per_model, diffs, S, WARM_SCHEME)
-            methods = tuple(x for x in methods if x != "kmeans")
-        if methods:
-            jack = _jackknife(aligned, names, units, groups=jackknife, seed=seed,
-                              score=_clustering_scores(methods, seed))
-            _jackknife_rows(exact, jack, names, per_model, diffs, S, JACKKNIFE_SCHEME)
+        jack = _jackknife(aligned, names, units, groups=jackknife, seed=seed,
+                          score=_clustering_scores(tuple(clus0["method"].unique()), seed))
+        _jackknife_rows(exact, jack, names, per_model, diffs, S, JACKKNIFE_SCHEME)
     lap("clustering_jackknife_s")
 
     per_model = pd.DataFrame(per_model, columns=MODEL_COLUMNS)
@@ -800,8 +628,7 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
             differences.loc[differences.index[idx], "p_holm"] = holm(differences["p_value"].to_numpy()[idx])
     comp = Comparison(models=names, per_model=per_model, differences=differences, reports=reports,
                       params=dict(seed=seed, permutations=permutations, bootstrap=bootstrap,
-                                  jackknife=jackknife, cluster_scheme=cluster_scheme, cluster_seeds=cluster_seeds,
-                                  max_pairs=max_pairs, control=control, n_items=len(first),
+                                  jackknife=jackknife, max_pairs=max_pairs, control=control, n_items=len(first),
                                   n_species_units=S, timings=timings))
     if similarity:
         comp.similarity = _similarity(aligned, names, seed)

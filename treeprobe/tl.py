@@ -24,7 +24,14 @@ tool                     stores
                          ``uns["within_species_variation_ranks"]`` (DataFrame, one row per rank)
 :func:`covariate_alignment`  ``uns["covariate_alignment"]`` (dict), ``uns["covariate_alignment_table"]``
                          (one row per statistic), ``uns["covariate_alignment_result"]``
-:func:`intrinsic`        all of the above (the last four with ``phylo=True``) + ``uns["timings"]``;
+:func:`text_embeddings`  ``uns["text_embeddings"]`` (text type → rank → (taxa, (T_r, D))), ``uns["text_model"]``
+:func:`zeroshot`         ``uns["zeroshot"]`` (text type × rank × mode), ``uns["mistakes"]``,
+                         ``uns["mistake_depths"]``, ``uns["zeroshot_result"]``, ``uns["zeroshot_params"]``
+:func:`fewshot`          ``uns["fewshot"]`` (summary), ``uns["fewshot_per_seed"]``, ``uns["fewshot_splits"]``
+:func:`text_tree`        ``uns["text_tree"]`` (the text tower's tree), ``uns["image_text_alignment"]``
+:func:`image_text`       the three above in one call (after :func:`text_embeddings`)
+:func:`intrinsic`        all of the above (the tree-level four with ``phylo=True``, the image-text ones
+                         with ``image_text=True``) + ``uns["timings"]``;
                          returns the :class:`~treeprobe.report.Report`
 :func:`compare`          several TreeData (one per model, same items): every tool on each, paired tests;
                          returns a :class:`~treeprobe.compare.Comparison`
