@@ -86,8 +86,10 @@ def test_zeroshot_flat_top1_equals_a_brute_force_argmax():
     assert set(data.uns["zeroshot"]["text_type"]) == {"taxonomic"}
 
 
-def test_signal_is_recovered_and_unknown_species_are_left_out():
+@pytest.mark.parametrize("unknown", ["separate", "placeholder"])
+def test_signal_is_recovered_and_unknown_species_are_left_out(unknown):
     data, centres, species = _world(noise=0.3, unknown_species=5)
+    data = tp.TreeData(data.X, data.items, unknown=unknown)  # a placeholder is never a candidate species
     data.uns["text_embeddings"] = _text_from(_centroid_text(species, centres), species)
     table = tp.tl.zeroshot(data, n_boot=50)
     assert data.uns["zeroshot_params"]["n_unknown_species"] == 5

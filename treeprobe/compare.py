@@ -31,9 +31,13 @@ an item whose species is unknown is a leaf of its own), never images:
   clusterings fixed while resampling species rejected in 29-43 %, because which local optimum
   k-means finds changes with small changes of the data. The jackknife costs ``jackknife`` more kNN
   searches and clusterings per model (0 turns these comparisons off). For clustering scores it is
-  valid but very conservative (at most 2 of 200 null worlds rejected per test at α = 0.05: each
-  re-clustering's own optimiser noise enters the jackknife variance ~G − 1 times), so a clustering
+  valid but very conservative (at most 3 of 200 null worlds rejected per test at α = 0.05; the variance
+  is 2-7 × too large, for Ward as for k-means, and a species bootstrap is no better: clustering scores
+  are not smooth in the species sample; analyses/NULL_CALIBRATION.md runs 7 and 10), so a clustering
   difference's p-value is an upper bound and its interval wide.
+
+Zero-shot top-1 per rank (when every model carries text embeddings): species bootstrap of the images'
+hits, the same draws for both models (:func:`_zeroshot_rows`; calibrated to slightly conservative, run 11).
 
 Holm's correction is applied across ranks within each (metric, model pair) family
 (``p_holm``). The calibration of these tests on null worlds (two models that are the same model

@@ -40,11 +40,14 @@ def hierarchy_of(data):
 
     lin = lineage_table(data)
     ranks = tuple(data.taxonomy.ranks)
-    known = data.taxonomy.known(ranks[-1]) & data.taxonomy.known(ranks[0])
+    from treeprobe.taxonomy import Taxonomy
+
+    tax = Taxonomy.from_frame(lin, ranks, unknown="separate", missing=data.missing)  # placeholders never name a taxon
+    known = tax.known(ranks[-1]) & tax.known(ranks[0])
     if known.sum() == 0:
         raise TreeprobeError(f"no item has a known {ranks[-1]}: zero-shot needs named species")
-    h = ClassHierarchy.from_lineages(lin[known], ranks=ranks)
-    truth = h.species_index(lin)
+    h = ClassHierarchy.from_lineages(lin[known], ranks=ranks, missing=data.missing)
+    truth = h.species_index(lin, missing=data.missing)
     return h, truth
 
 
