@@ -911,13 +911,21 @@ def _unit_details(units: _Units, n_within: float, mean_within: float) -> dict:
 def _species_pearson(X, clades, units: _Units, permutations, alternative, rng, perm_dtype, n_jobs,
                      progress) -> MantelResult:
     """Exact Pearson r over between-unit pairs, p-value from size-stratified unit permutations."""
-    N = len(units.codes)
-    U = len(units.sizes)
     if X.dtype not in (np.float32, np.float64):
         X = X.astype(np.float64)
     X = np.ascontiguousarray(X)
     scale, S, sq, _sq4, g2, _q = _observed_sums(X)
     Su, g2w = _unit_sums(X, scale, units)
+    return _species_pearson_from_sums(clades, units, Su, S, sq, g2, g2w, N=len(units.codes),
+                                      permutations=permutations, alternative=alternative, rng=rng,
+                                      perm_dtype=perm_dtype, n_jobs=n_jobs, progress=progress)
+
+
+def _species_pearson_from_sums(clades, units: _Units, Su, S, sq, g2, g2w, *, N, permutations, alternative, rng,
+                               perm_dtype, n_jobs, progress) -> MantelResult:
+    """:func:`_species_pearson` from sufficient statistics (also fed by :mod:`treeprobe.stream`): unit sums
+    Su (U, D) of the unit vectors, their total S (D,), sq = Σ‖x̂‖², g2 = ‖Σ x̂x̂ᵀ‖²_F, g2w = Σ_u ‖G_u‖²_F; N items."""
+    U = len(units.sizes)
     comp = _compress(_unit_tree(clades, units))
     m = len(comp.parent)
     # the tree sums count image pairs: a compressed node holds the images of its units
