@@ -77,6 +77,18 @@ def test_zeroshot_flat_top1_equals_a_brute_force_argmax():
         assert row["top1"] == pytest.approx(expected, abs=1e-12), r
         assert row["chance_top1"] == pytest.approx(1 / len(uniq))
         assert row["top1_lo"] <= row["top1"] <= row["top1_hi"]
+    # species_summed above species: chance = the mean share of candidate species in the image's taxon (an
+    # unbalanced tree: the first 3 species left out, so kingdom 0 keeps 5 species and kingdom 1 has 8)
+    part = data[~data.items["species"].isin(species["species"][:3]).to_numpy()]
+    part.uns["text_embeddings"] = data.uns["text_embeddings"]
+    t2 = tp.tl.zeroshot(part, n_boot=10, modes=("species_summed",))
+    kept = species.iloc[3:]
+    for r in RANKS[:-1]:
+        labs = np.array(_labels(kept, r))
+        share = np.array([np.mean(labs == lab) for lab in _labels(part.items, r)])
+        row = t2[t2["rank"] == r].iloc[0]
+        assert row["chance_top1"] == pytest.approx(share.mean()), r
+    assert t2[t2["rank"] == "kingdom"]["chance_top1"].iloc[0] != pytest.approx(0.5)
     # species_summed at species = flat at species (same arg-max); mistakes scored on it
     sp = table[table["rank"] == "species"].set_index("mode")["top1"]
     assert sp["species_summed"] == pytest.approx(sp["flat"])

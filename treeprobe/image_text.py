@@ -133,6 +133,7 @@ def text_tree_tables(data, hierarchy, truth: np.ndarray, *, text: Mapping, permu
     present = [r for r in ranks if r in aligned]
     alignment = image_text_alignment(
         np.asarray(data.X)[keep], {r: codes[:, ranks.index(r)] for r in present}, {r: aligned[r] for r in present},
-        parents={r: hierarchy.parent[r] for r in present}, species=truth[keep], bootstrap=bootstrap, seed=seed)
+        parents={r: hierarchy.parent[r] for r in present}, species=truth[keep], bootstrap=bootstrap,
+        permutations=permutations, seed=seed)
     return {"text_tree": pd.DataFrame(rows, columns=["statistic", "value", "p_value", "chance", "n", "permuted"]),
             "alignment": alignment}

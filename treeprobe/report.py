@@ -434,11 +434,14 @@ IMAGE_TEXT_SECTIONS = [
      "The text embeddings of the species names as a data set of their own, scored against the taxonomy: "
      "Mantel r, K_mult and the recovered tree, with permutation p-values. Then, per rank, each image's cosine "
      "to its own taxon's text and to its sibling taxa's texts (same parent): `margin` = own − sibling and "
-     "`top1_siblings` (own text beats every sibling) next to chance, with species-bootstrap intervals.",
+     "`top1_siblings` (own text beats every sibling) next to chance, with species-bootstrap intervals (how "
+     "precisely the margin of these taxa is measured). `margin_p` is the test: the texts permuted among "
+     "siblings (same parent), so it asks whether each taxon's own text fits its images better than a sibling's; "
+     "with few sibling sets (`n_sibling_sets`) it cannot reach small values.",
      [("text_tree", ["text_type", "statistic", "value", "p_value", "chance", "n", "permuted"]),
       ("image_text_alignment", ["text_type", "rank", "n_items", "n_no_siblings", "own_cos", "sibling_cos",
-                                "margin", "margin_lo", "margin_hi", "top1_siblings", "top1_siblings_lo",
-                                "top1_siblings_hi", "chance"])]),
+                                "margin", "margin_lo", "margin_hi", "margin_p", "n_sibling_sets", "top1_siblings",
+                                "top1_siblings_lo", "top1_siblings_hi", "chance"])]),
 ]
 
 

@@ -28,7 +28,8 @@ from treeprobe._utils import l2_normalise
 from treeprobe._validation import check_int
 from treeprobe.errors import TreeprobeError
 
-__all__ = ["taxon_parents", "align_text_embeddings", "image_text_alignment", "text_tree_data"]
+__all__ = ["taxon_parents", "align_text_embeddings", "image_text_alignment", "margin_permutation_p",
+           "within_parent_permutations", "text_tree_data"]
 
 
 def taxon_parents(taxonomy) -> dict[str, np.ndarray]:
@@ -83,9 +84,55 @@ def _species_groups(species: np.ndarray) -> list[np.ndarray]:
     return np.split(order, cuts)
 
 
+def within_parent_permutations(parents: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """int64 (n, T): ``n`` random permutations of the T taxa, each moving a taxon only to a taxon with the
+    same parent (``parents`` (T,), −1 = the top rank)."""
+    parents = np.asarray(parents)
+    T = len(parents)
+    order0 = np.argsort(parents, kind="stable")
+    keys = rng.random((n, T)) + 2.0 * (parents + 1)[None, :]  # sorted by parent, random within it
+    pi = np.empty((n, T), dtype=np.int64)
+    pi[:, order0] = np.argsort(keys, axis=1)
+    return pi
+
+
+def margin_permutation_p(Xn_scored: np.ndarray, codes: np.ndarray, weights: np.ndarray, Tn: np.ndarray,
+                         parents: np.ndarray, *, permutations: int, rng: np.random.Generator) -> float:
+    """One-sided p of the alignment margin when the texts are permuted among siblings (taxa with the same
+    parent): the margin is Σ_c Xw_c · t_c − (a term every within-parent permutation keeps), with Xw_c the
+    weighted sum of the scored images of taxon c, so each permutation costs O(Σ children²) from the
+    precomputed sibling-pair products. ``weights`` (n,) = (1 + 1/n_siblings) / n of each scored image.
+    p = (1 + #{stat(π) ≥ stat(id)}) / (permutations + 1); below (Σ log children!) ≈ log 20 permutations
+    exist, so p cannot reach 0.05 with a single pair of siblings."""
+    T = len(Tn)
+    Xw = np.zeros((T, Xn_scored.shape[1]))
+    np.add.at(Xw, codes, weights[:, None] * Xn_scored)
+    order = np.argsort(parents, kind="stable")
+    par_sorted = parents[order]
+    starts = np.flatnonzero(np.r_[True, par_sorted[1:] != par_sorted[:-1]])
+    sizes = np.diff(np.r_[starts, T])
+    size_of = np.empty(T, dtype=np.int64)
+    pos = np.empty(T, dtype=np.int64)
+    base = np.empty(T, dtype=np.int64)
+    pair_base = np.r_[0, np.cumsum(sizes ** 2)[:-1]].astype(np.int64)
+    vals = np.zeros(int((sizes ** 2).sum()))
+    for g, (a, n_g) in enumerate(zip(starts, sizes)):
+        members = order[a:a + n_g]
+        size_of[members], pos[members], base[members] = n_g, np.arange(n_g), pair_base[g]
+        # vals[base + pos(c)·n + pos(j)] = Xw_c · t_j for c, j siblings (j = c included)
+        vals[pair_base[g]:pair_base[g] + n_g * n_g] = (Xw[members] @ Tn[members].T).ravel()
+    lookup = lambda pi: vals[base + pos * size_of + pos[pi]].sum(axis=-1)  # noqa: E731
+    observed = lookup(np.arange(T))
+    hits = 0
+    for a in range(0, permutations, 256):
+        pis = within_parent_permutations(parents, min(256, permutations - a), rng)
+        hits += int(np.count_nonzero(lookup(pis) >= observed - 1e-12 * max(abs(observed), 1.0)))
+    return float((1 + hits) / (permutations + 1))
+
+
 def image_text_alignment(X, codes_by_rank: Mapping[str, np.ndarray], text_by_rank: Mapping[str, np.ndarray], *,
                          parents: Mapping[str, np.ndarray], species: np.ndarray | None = None,
-                         bootstrap: int = 200, seed: int = 0) -> pd.DataFrame:
+                         bootstrap: int = 200, permutations: int = 0, seed: int = 0) -> pd.DataFrame:
     """Per rank: mean cosine of each image to its own taxon's text and to its siblings' texts, the margin,
     the share whose own text beats every sibling, and chance (module docstring).
 
@@ -93,7 +140,11 @@ def image_text_alignment(X, codes_by_rank: Mapping[str, np.ndarray], text_by_ran
     order; parents: rank → (T_r,) parent codes (:func:`taxon_parents`); species: (N,) codes of the
     resampled units (default: the last rank's codes; unknown species are their own units). Returns one
     row per rank: ``n_items``, ``n_no_siblings``, ``own_cos``, ``sibling_cos``, ``margin`` (with
-    ``margin_lo`` / ``margin_hi``), ``top1_siblings`` (with ``_lo`` / ``_hi``), ``chance``.
+    ``margin_lo`` / ``margin_hi``), ``top1_siblings`` (with ``_lo`` / ``_hi``), ``chance``, ``n_sibling_sets``
+    (parents with two or more scored children) and, with ``permutations``, ``margin_p``: the test of the margin
+    with the texts permuted among siblings (:func:`margin_permutation_p`). The species-bootstrap intervals say
+    how precisely the margin of *these* taxa is measured; they are not a test (images of one clade share its
+    position, so a text unrelated to the images has a margin of its own: analyses/NULL_CALIBRATION.md run 12).
 
     >>> X = np.eye(3, dtype=np.float32)
     >>> t = {"genus": np.eye(3, dtype=np.float32)}
@@ -104,6 +155,8 @@ def image_text_alignment(X, codes_by_rank: Mapping[str, np.ndarray], text_by_ran
     Xn = l2_normalise(np.asarray(X, dtype=np.float32))
     N = Xn.shape[0]
     B = check_int(bootstrap, "bootstrap", minimum=0)
+    P = check_int(permutations, "permutations", minimum=0)
+    perm_rng = np.random.default_rng([seed, 1])
     ranks = list(codes_by_rank)
     if species is None:
         species = np.asarray(codes_by_rank[ranks[-1]])
@@ -160,6 +213,12 @@ def image_text_alignment(X, codes_by_rank: Mapping[str, np.ndarray], text_by_ran
             boot = np.array([stats(np.concatenate([groups[g] for g in d]))[2:4] for d in draws])
             lo_, hi_ = np.nanpercentile(boot, [2.5, 97.5], axis=0)
             row.update(margin_lo=lo_[0], margin_hi=hi_[0], top1_siblings_lo=lo_[1], top1_siblings_hi=hi_[1])
+        has = np.unique(codes[idx])
+        row["n_sibling_sets"] = int(np.sum(np.bincount(par[has] + 1) >= 2)) if len(has) else 0
+        if P and row["n_items"]:
+            w = (1.0 + 1.0 / sib_count[codes[idx]]) / len(idx)
+            row["margin_p"] = margin_permutation_p(Xn[idx].astype(np.float64), codes[idx], w, Tn.astype(np.float64),
+                                                   par, permutations=P, rng=perm_rng)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -386,8 +386,11 @@ def zeroshot(images, text_embeddings: Mapping[str, np.ndarray], hierarchy: Class
     ``truth``: int (N,) true species (index into ``hierarchy.taxa[last rank]``). ``logit_scale``
     multiplies the cosines before the softmax. ``block_size``: images per block (default: blocks of
     at most :data:`DEFAULT_BLOCK_ELEMENTS` logits). Chance: ``chance_top1`` = 1/T_r and
-    ``chance_topk`` = min(k, T_r)/T_r (uniform guessing among the rank's candidates), ``majority``
-    = share of the most frequent true taxon. Returns a :class:`ZeroShotResult`.
+    ``chance_topk`` = min(k, T_r)/T_r (uniform guessing among the rank's candidates); for
+    ``species_summed`` above the species rank, where random species scores sum to more for taxa of many
+    species, ``chance_top1`` = the mean share S_c/S of the candidate species in the image's true taxon
+    (measured against random text in analyses/NULL_CALIBRATION.md run 12) and ``chance_topk`` is not
+    given (NaN). ``majority`` = share of the most frequent true taxon. Returns a :class:`ZeroShotResult`.
 
     >>> df = pd.DataFrame({"kingdom": ["A", "A", "B"], "species": ["x", "y", "z"]})
     >>> h = ClassHierarchy.from_lineages(df, ranks=("kingdom", "species"))
@@ -489,6 +492,10 @@ def zeroshot(images, text_embeddings: Mapping[str, np.ndarray], hierarchy: Class
         T = hierarchy.n_taxa(r)
         codes = true_codes[known[:, j], j]
         majority = float(np.bincount(codes).max() / n_known) if n_known else np.nan
+        chance1, chancek = 1.0 / T, (min(k, T) / T) if m != "top_down" else np.nan
+        if m == "species_summed" and j < R - 1:  # random species scores favour taxa with many species
+            chance1 = float(np.mean(hierarchy.species_per_taxon(r)[codes])) / S if n_known else np.nan
+            chancek = np.nan
         with np.errstate(invalid="ignore", divide="ignore"):
             top1 = num[:, 2 * e].sum() / n_known if n_known else np.nan
             topk = num[:, 2 * e + 1].sum() / n_known if (n_known and m != "top_down") else np.nan
@@ -496,8 +503,7 @@ def zeroshot(images, text_embeddings: Mapping[str, np.ndarray], hierarchy: Class
                              top1_hi=hi[2 * e], topk=float(topk),
                              topk_lo=lo[2 * e + 1] if m != "top_down" else np.nan,
                              topk_hi=hi[2 * e + 1] if m != "top_down" else np.nan, k=min(k, T),
-                             chance_top1=1.0 / T, chance_topk=(min(k, T) / T) if m != "top_down" else np.nan,
-                             majority=majority))
+                             chance_top1=chance1, chance_topk=chancek, majority=majority))
     table = pd.DataFrame(rows_out, columns=list(RESULT_COLUMNS))
     return ZeroShotResult(table=table, predictions=pred, species_topk=species_topk, true_codes=true_codes,
                           ranks=ranks)
