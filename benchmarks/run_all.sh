@@ -23,6 +23,9 @@ if [[ "${1:-}" != "--quick" ]]; then
     | tee "$OUT/mantel_1m.txt"
 fi
 # Other benchmark scripts: add them here (each times treeprobe against its anchor in the same run).
+# Image-text side: text embeddings of 10K iNat21 species x 7 ranks x 3 text types vs the bare text-tower forward;
+# zero-shot of 100K images at all ranks vs one blocked matrix-product pass (RESULTS_image_text.md)
+"${BENCH_ENV[@]}" "$PY" benchmarks/bench_image_text.py --json-out "$OUT/image_text.json" | tee "$OUT/image_text.txt"
 # Extraction end to end vs the bare forward pass (CPU, ViT-B-32 random init, 256 real photos)
 "$PY" benchmarks/bench_extract.py --repeats 3 --json-out "$OUT/extract.json" | tee "$OUT/extract.txt"
 # t-SNE / UMAP vs sklearn, openTSNE and umap-learn (RESULTS_intrinsic.md numbers were taken with OPENBLAS_* set)

@@ -96,8 +96,8 @@ def within_parent_permutations(parents: np.ndarray, n: int, rng: np.random.Gener
     return pi
 
 
-def margin_permutation_p(Xn_scored: np.ndarray, codes: np.ndarray, weights: np.ndarray, Tn: np.ndarray,
-                         parents: np.ndarray, *, permutations: int, rng: np.random.Generator) -> float:
+def margin_permutation_p(Xn_scored: np.ndarray, codes: np.ndarray, weights: np.ndarray, *, Tn: np.ndarray,
+                         parents: np.ndarray, permutations: int, rng: np.random.Generator) -> float:
     """One-sided p of the alignment margin when the texts are permuted among siblings (taxa with the same
     parent): the margin is Σ_c Xw_c · t_c − (a term every within-parent permutation keeps), with Xw_c the
     weighted sum of the scored images of taxon c, so each permutation costs O(Σ children²) from the
@@ -217,8 +217,9 @@ def image_text_alignment(X, codes_by_rank: Mapping[str, np.ndarray], text_by_ran
         row["n_sibling_sets"] = int(np.sum(np.bincount(par[has] + 1) >= 2)) if len(has) else 0
         if P and row["n_items"]:
             w = (1.0 + 1.0 / sib_count[codes[idx]]) / len(idx)
-            row["margin_p"] = margin_permutation_p(Xn[idx].astype(np.float64), codes[idx], w, Tn.astype(np.float64),
-                                                   par, permutations=P, rng=perm_rng)
+            row["margin_p"] = margin_permutation_p(Xn[idx].astype(np.float64), codes[idx], w,
+                                                   Tn=Tn.astype(np.float64), parents=par, permutations=P,
+                                                   rng=perm_rng)
         rows.append(row)
     return pd.DataFrame(rows)
 
