@@ -159,16 +159,7 @@ def make_texts(world: World, condition: str, rng: np.random.Generator) -> dict:
 # The proposed test: texts permuted among the children of each parent
 # ============================================================================================
 
-def within_parent_permutations(parents: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """int64 (n, T): ``n`` random permutations of 0..T−1, each moving every taxon only to a taxon with the same
-    parent (``parents`` (T,), −1 = the root)."""
-    parents = np.asarray(parents)
-    T = len(parents)
-    order0 = np.argsort(parents, kind="stable")
-    keys = rng.random((n, T)) + 2.0 * (parents + 1)[None, :]  # sorted by parent, random within it
-    pi = np.empty((n, T), dtype=np.int64)
-    pi[:, order0] = np.argsort(keys, axis=1)
-    return pi
+from treeprobe.text_tree import within_parent_permutations  # noqa: E402  (the package's own sampler)
 
 
 def log_permutations(parents: np.ndarray) -> float:
