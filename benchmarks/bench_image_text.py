@@ -26,19 +26,21 @@ species text vectors random unit (S, D); the text vector of a higher-rank taxon 
 its species' vectors; ``--n-images`` images with uniform random true species, image = unit(text of its
 species + noise of norm ``--noise``) (so accuracies are neither 0 nor 1). Timed, interleaved:
 
-* ``ref species``: for each block of ``block_size`` images (the block size ``zeroshot`` picks itself,
-  ``DEFAULT_BLOCK_ELEMENTS // S``), ``X[block] @ T_species.T`` (float32, a new (b, S) array per block);
-  nothing else. This is the reference of the target;
+* ``ref species``: for each block of ``DEFAULT_BLOCK_ELEMENTS // S`` images (419 at S = 10,000: the largest
+  16 MiB block of species logits), ``X[block] @ T_species.T`` (float32, a new (b, S) array per block);
+  nothing else. This is the reference of the target (``zeroshot`` picks its own blocks: 16 MiB of the
+  stacked logits of every rank it needs, 256 images when all 7 ranks are needed);
 * ``ref species + argmax``: the same + ``argmax(axis=1)`` of each block;
 * ``ref all ranks``: the products with all 7 ranks' text matrices (what flat / top-down need at least);
 * ``zeroshot`` with ``modes=(m,)`` for each mode and with all three, ``k=5``, ``n_boot=--n-boot`` (1 by
-  default, the smallest allowed: one bootstrap replicate costs ~nothing), default block size;
+  default, the smallest allowed: one bootstrap replicate costs ~nothing), default block size; one untimed
+  call on 2,000 images first compiles its numba kernels;
 * the bootstrap alone: ``species_bootstrap_ratio`` on the (N, 42) 0/1 hit columns of an all-modes run,
   ``n_boot=1000`` (``zeroshot``'s default) minus ``n_boot=1``: what ``n_boot=1000`` adds to a call;
 * ``mistake_summary(truth, species_summed species prediction, h, topk=species_topk, k=5)`` with
   ``n_boot=1`` and ``n_boot=1000``.
 
-Threads: ``--threads`` (default 1) limits BLAS / OpenMP (threadpoolctl) and torch. Prints each repetition,
+Threads: ``--threads`` (default 1) limits BLAS / OpenMP (threadpoolctl), numba and torch. Prints each repetition,
 the medians, and ``RATIO ...`` lines (median of the per-repetition ratios; target <= 2). ``--json-out``
 writes everything.
 """
@@ -282,6 +284,7 @@ def zeroshot_part(args, lineages) -> dict:
         cases[f"zeroshot {m}"] = zs((m,), args.n_boot)
     cases["zeroshot all modes"] = zs(MODES, args.n_boot)
     ref_argmax()  # warm-up (first-touch of the BLAS buffers), untimed
+    zeroshot(X[:2000], text, h, truth=truth[:2000], modes=MODES, k=5, n_boot=1)  # compiles the kernels, untimed
     times = _run_interleaved(cases, args.repeats, "zero-shot")
 
     res = results[(MODES, args.n_boot)]
@@ -354,6 +357,9 @@ def main(argv=None) -> int:
     from threadpoolctl import threadpool_info, threadpool_limits
 
     torch.set_num_threads(args.threads)
+    import numba
+
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))  # the zero-shot kernels
     with threadpool_limits(limits=args.threads):
         blas = "; ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture', '')} "
                          f"{i.get('num_threads')} thr" for i in threadpool_info())

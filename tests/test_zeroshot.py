@@ -159,6 +159,30 @@ def test_matches_brute_force_on_random_data(gapped):
         assert tab.loc[("flat", r), "n_items"] == known.sum()
 
 
+def test_exact_ties_go_to_the_first_candidate():
+    """Axis-aligned unit vectors at logit scale 1 give exactly tied logits (the same in float32 and float64):
+    flat and top-down pick the first of the tied candidates and count top-k by strictly-higher scores,
+    as the brute force does; blocks wider than a compiled chunk (128 images) included."""
+    rng = np.random.default_rng(5)
+    w, h, truth = _world(seed=3, images_per_species=(8, 12))
+    D = 6  # unit vectors with one nonzero entry: every logit is exactly 0 or ±1
+    X = np.eye(D, dtype=np.float32)[rng.integers(0, D, len(truth))] * rng.choice([-1, 1], (len(truth), 1))
+    text = {r: np.eye(D, dtype=np.float32)[rng.integers(0, D, h.n_taxa(r))] for r in h.ranks}
+    flat, _, td, _, _ = _brute(X, text, h, truth, scale=1.0)
+    A = h.species_ancestors[truth]
+    above = np.stack([((X @ text[r].T) > (X @ text[r].T)[np.arange(len(X)), A[:, j], None]).sum(axis=1)
+                      for j, r in enumerate(h.ranks)], axis=1)  # candidates strictly above the truth
+    assert len(truth) > 300 and (above < 5).mean() > (flat == A).mean() + 0.1  # ties matter here
+    for block in (None, 300, 7):
+        res = zeroshot(X, text, h, truth=truth, logit_scale=1.0, block_size=block, n_boot=5,
+                       modes=("flat", "top_down"))
+        np.testing.assert_array_equal(res.predictions["flat"], flat)
+        np.testing.assert_array_equal(res.predictions["top_down"], td)
+        tab = res.table.set_index(["mode", "rank"])
+        for j, r in enumerate(h.ranks[:-1]):  # ties favour the truth in top-k (the species rank: its top-5 list)
+            assert tab.loc[("flat", r), "topk"] == pytest.approx((above[:, j] < 5).mean())
+
+
 def test_blocked_equals_unblocked_and_chance_columns():
     rng = np.random.default_rng(0)
     w, h, truth = _world(seed=2)
@@ -346,13 +370,17 @@ def test_bad_inputs():
 
 
 def test_topk_kernels_match_a_full_sort():
-    """The two-stage top-k of long rows, the masked-argmax one of short rows, the partition one of large k."""
+    """The compiled top-k (column chunks of 32 images, a vectorised test before any insertion) against a
+    stable full sort: best first, exact ties in column order (integer-valued scores tie often), k = T,
+    partial chunks; the scores are not modified."""
     from treeprobe.zeroshot import _topk
 
     rng = np.random.default_rng(11)
-    for T in (7, 300, 1023, 1024, 3001):
-        L = rng.standard_normal((40, T)).astype(np.float32)
-        before = L.copy()
-        for k in (1, 5, 12):
-            np.testing.assert_array_equal(_topk(L, k), np.argsort(-L, axis=1, kind="stable")[:, :min(k, T)])
-        np.testing.assert_array_equal(L, before)  # the scores are restored
+    for T in (1, 7, 300, 1024, 3001):
+        for b in (1, 40, 301):
+            for L in (rng.standard_normal((b, T)).astype(np.float32),
+                      rng.integers(0, 4, (b, T)).astype(np.float32)):
+                before = L.copy()
+                for k in (1, 5, 12):
+                    np.testing.assert_array_equal(_topk(L, k), np.argsort(-L, axis=1, kind="stable")[:, :min(k, T)])
+                np.testing.assert_array_equal(L, before)

@@ -30,8 +30,12 @@ higher than its true taxon (exact ties favour the truth); the top-1 prediction i
 **Intervals** resample species, each with all its images (the images of one species are not
 independent draws): ``n_boot`` seeded replicates, percentile interval (:func:`species_bootstrap_ratio`).
 
-**Cost.** Images are processed in blocks of ``block_size`` rows: no (block, T) matrix is larger than
-one block, so 100K images × 10K species stream in bounded memory; the products are float32.
+**Cost.** Images are processed in blocks of ``block_size`` rows: one float32 product per block with the
+text rows of every rank the modes need stacked (``T_all @ X_b.T``, (W, b): a row per candidate, a column
+per image), then compiled passes over it (:mod:`treeprobe._zeroshot_kernels`: arg-max / in-top-k per rank,
+species top-k, top-down choice, the species-summed sums rank by rank), vectorised across the block's
+images; no other (W, b) array than the logits and, for ``species_summed``, the species probabilities.
+100K images × 10K species stream in bounded memory.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
 
+from treeprobe import _zeroshot_kernels as _kern
 from treeprobe._utils import RANKS, row_norms
 from treeprobe._validation import check_choice, check_embeddings, check_int
 from treeprobe.errors import TreeprobeError
@@ -171,22 +175,43 @@ class ClassHierarchy:
             self._cache[key] = out
         return self._cache[key]
 
+    def _top_down_plan(self) -> tuple:
+        """The candidate tables of :meth:`_children` as flat arrays for
+        :func:`~treeprobe._zeroshot_kernels.top_down_rows`: (first_group (R+1,), group_rank, group_ptr0,
+        ptr, child), all int64."""
+        if "top_down" not in self._cache:
+            first, g_rank, g_ptr0, ptrs, childs = [0, 0], [], [], [], []
+            n_ptr = n_child = 0
+            for r in self.ranks[1:]:
+                for a, table in self._children(r):
+                    rows = table[:-1]
+                    ok = rows >= 0
+                    g_rank.append(a)
+                    g_ptr0.append(n_ptr)
+                    ptrs.append(n_child + np.concatenate([[0], np.cumsum(ok.sum(axis=1))]))
+                    childs.append(rows[ok])  # row-major: each anchor's children in increasing code
+                    n_ptr += len(rows) + 1
+                    n_child += int(ok.sum())
+                first.append(len(g_rank))
+            as64 = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+            self._cache["top_down"] = (np.asarray(first, np.int64), np.asarray(g_rank, np.int64),
+                                       np.asarray(g_ptr0, np.int64), as64(ptrs), as64(childs))
+        return self._cache["top_down"]
+
     def _summing_plan(self) -> list:
-        """For species-summed probabilities, rank by rank upwards: (j, M_child, unknown species, M_unk)
-        with P_j = P_{j+1} @ M_child + P_species[:, unknown] @ M_unk (float32 CSR 0/1 matrices):
-        every species known at rank j is in a taxon of rank j+1 or unknown there."""
+        """Species-summed probabilities, rank by rank upwards: a list of (j, child_runs, unknown_runs) for
+        j = R−2 … 0, each runs triple (run_ptr, run_start, run_stop) as
+        :func:`~treeprobe._zeroshot_kernels.sum_runs` takes it: P_j[u] = Σ of P_{j+1} over the children of
+        u (taxa of rank j+1 whose parent is u) + Σ of the species probabilities over the species known at
+        j as u but unknown at j+1 (so every species known at j counts once at j; ``unknown_runs`` is None
+        when there is no such species)."""
         if "plan" not in self._cache:
             A, plan = self.species_ancestors, []
             for j in range(len(self.ranks) - 2, -1, -1):
-                child = self.ranks[j + 1]
-                par = self.parent[child]
-                ok = np.flatnonzero(par >= 0)
                 n_j = self.n_taxa(self.ranks[j])
-                m_child = sparse.csr_matrix((np.ones(len(ok), np.float32), (ok, par[ok])), shape=(len(par), n_j))
-                unk = np.flatnonzero((A[:, j] >= 0) & (A[:, j + 1] < 0))
-                m_unk = sparse.csr_matrix((np.ones(len(unk), np.float32), (np.arange(len(unk)), A[unk, j])),
-                                          shape=(len(unk), n_j))
-                plan.append((j, m_child, unk, m_unk))
+                unk_code = np.where((A[:, j] >= 0) & (A[:, j + 1] < 0), A[:, j], -1)
+                plan.append((j, _runs(self.parent[self.ranks[j + 1]], n_j),
+                             _runs(unk_code, n_j) if (unk_code >= 0).any() else None))
             self._cache["plan"] = plan
         return self._cache["plan"]
 
@@ -194,6 +219,27 @@ class ClassHierarchy:
         if rank not in self.taxa:
             raise TreeprobeError(f"unknown rank {rank!r}; ranks are {', '.join(self.ranks)}")
         return rank
+
+
+def _runs(group: np.ndarray, n_groups: int) -> tuple:
+    """Items 0..n−1 of each group as runs of consecutive indices: (run_ptr (n_groups+1,), run_start, run_stop),
+    int64; ``group`` int (n,), −1 = in no group. Group u's runs are run_ptr[u] … run_ptr[u+1]−1, in
+    increasing index order.
+
+    >>> [a.tolist() for a in _runs(np.array([1, 1, -1, 0, 1]), 2)]
+    [[0, 1, 3], [3, 0, 4], [4, 2, 5]]
+    """
+    group = np.asarray(group, dtype=np.int64)
+    items = np.flatnonzero(group >= 0)
+    items = items[np.argsort(group[items], kind="stable")]
+    g = group[items]
+    new = np.ones(len(items), dtype=bool)
+    new[1:] = (g[1:] != g[:-1]) | (items[1:] != items[:-1] + 1)
+    first = np.flatnonzero(new)
+    run_start = items[first]
+    run_stop = np.append(items[first[1:] - 1], items[-1:]) + 1 if len(items) else np.zeros(0, np.int64)
+    run_ptr = np.searchsorted(g[first], np.arange(n_groups + 1), side="left").astype(np.int64)
+    return run_ptr, run_start.astype(np.int64), run_stop.astype(np.int64)
 
 
 @dataclass
@@ -262,65 +308,29 @@ def species_bootstrap_ratio(groups, numerators, denominators, *, n_boot: int = 1
     return (float(lo[0]), float(hi[0])) if one else (lo, hi)
 
 
-_CHUNK = 16  # columns per group in the two-stage top-k of long rows
-
-
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:
-    """int64 (b, k): column indices of the k largest scores per row, best first (exact ties: broken
-    deterministically, by position in the row).
-
-    k <= 8: k masked argmax passes (vectorised; faster than a partition for small k; the scores are
-    restored afterwards), over the best groups of :data:`_CHUNK` columns first when the row is long;
-    larger k: ``np.argpartition``.
-    """
-    b, T = scores.shape
-    k = min(k, T)
-    if k <= 8 and T >= 64 * _CHUNK:
-        # the k best lie in the k groups with the best maxima (groups: columns q, q + n, q + 2n, ...)
-        n = T // _CHUNK
-        group_max = scores[:, :n].copy()
-        for i in range(1, _CHUNK):
-            np.maximum(group_max, scores[:, i * n:(i + 1) * n], out=group_max)
-        groups = _topk(group_max, k)
-        cand = (groups[:, :, None] + n * np.arange(_CHUNK)).reshape(b, -1)
-        if n * _CHUNK < T:
-            cand = np.concatenate([cand, np.broadcast_to(np.arange(n * _CHUNK, T), (b, T - n * _CHUNK))], axis=1)
-        cand.sort(axis=1)
-        best = _topk(np.take_along_axis(scores, cand, axis=1), k)
-        return np.take_along_axis(cand, best, axis=1)
-    if k <= 8:
-        rows = np.arange(b)
-        out = np.empty((b, k), dtype=np.int64)
-        saved = np.empty((b, k), dtype=scores.dtype)
-        for j in range(k):
-            out[:, j] = scores.argmax(axis=1)
-            saved[:, j] = scores[rows, out[:, j]]
-            scores[rows, out[:, j]] = -np.inf
-        for j in range(k):
-            scores[rows, out[:, j]] = saved[:, j]
-        return out
-    part = np.sort(np.argpartition(scores, T - k, axis=1)[:, T - k:], axis=1)
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1).astype(np.int64)
+    """int64 (b, k): column indices of the k largest scores per row, best first, exact ties in column
+    order (k is capped at the number of columns)."""
+    scores = np.asarray(scores)
+    k = min(k, scores.shape[1])
+    out = np.empty((scores.shape[0], k), dtype=np.int64)
+    _kern.topk_cols(np.ascontiguousarray(scores.T), k, out, np.empty(scores.shape[0], dtype=scores.dtype))
+    return out
 
 
-def _in_topk(scores: np.ndarray, true: np.ndarray, k: int) -> np.ndarray:
-    """bool (b,): fewer than k candidates score strictly higher than the true one (False where true = −1)."""
-    rows = np.arange(len(true))
-    t = scores[rows, np.maximum(true, 0)]
-    return ((scores > t[:, None]).sum(axis=1) < k) & (true >= 0)
-
-
-def _softmax_rows(L: np.ndarray) -> np.ndarray:
-    """Row softmax of float32 logits (b, T) *up to a positive factor per row* (a new array; the ranking
-    of summed probabilities needs no normalisation). Logits more than 80 below the row's best are
-    raised to best − 80 (probability ratio e^-80 ≈ 2e-35): that keeps exp out of the float32
-    subnormals, which are ~10x slower, and changes no normalised probability by more than 2e-35."""
-    P = np.subtract(L, L.max(axis=1, keepdims=True))
-    np.maximum(P, np.float32(-80.0), out=P)
+def _softmax_cols(LT: np.ndarray, col_max: np.ndarray) -> np.ndarray:
+    """Softmax over the rows of float32 logits (T, b), per column, *up to a positive factor per column*
+    (a new array; the ranking of summed probabilities needs no normalisation); ``col_max`` (b,) the
+    column maxima. Logits more than 80 below the column's best are raised to best − 80 (probability ratio
+    e^-80 ≈ 2e-35): that keeps exp out of the float32 subnormals, which are ~10x slower, and changes no
+    normalised probability by more than 2e-35."""
+    P = np.empty_like(LT)
+    _kern.shifted_clipped(LT, col_max, np.float32(-80.0), P)
     np.exp(P, out=P)
     return P
+
+
+_ZERO = np.zeros(1, dtype=np.int64)
 
 
 def _check_inputs(images, text_embeddings, hierarchy, truth, modes):
@@ -368,7 +378,9 @@ def _check_inputs(images, text_embeddings, hierarchy, truth, modes):
     if ((truth < 0) | (truth >= hierarchy.n_species)).any():
         raise TreeprobeError(f"truth has species indices outside 0..{hierarchy.n_species - 1} (drop images whose "
                              "species is not a candidate)")
-    finite, norms = row_norms(X)
+    norms = np.empty(X.shape[0], dtype=np.float64)
+    finite = np.empty(X.shape[0], dtype=np.bool_)
+    _kern.row_norms_finite(X if X.flags.c_contiguous else np.ascontiguousarray(X), norms, finite)
     if not finite.all():
         raise TreeprobeError(f"image embeddings contain NaN or infinite values ({int((~finite).sum())} rows)")
     if (norms == 0).any():
@@ -409,67 +421,75 @@ def zeroshot(images, text_embeddings: Mapping[str, np.ndarray], hierarchy: Class
     X, text, truth, norms = _check_inputs(images, text_embeddings, hierarchy, truth, modes)
     ranks = hierarchy.ranks
     R, N, S = len(ranks), X.shape[0], hierarchy.n_species
-    if block_size is None:
-        widest = max(t.shape[0] for t in text.values())
-        block_size = max(1, DEFAULT_BLOCK_ELEMENTS // widest)
-    block_size = check_int(block_size, "block_size")
     scale = float(logit_scale)
     true_codes = hierarchy.species_ancestors[truth]  # (N, R)
 
     flat_ranks = [r for r in ranks if r in text] if "flat" in modes else []
-    logit_ranks = [r for r in ranks if r in text and (r in flat_ranks or "top_down" in modes)]
-    pred = {m: np.full((N, R), -1, dtype=np.int64) for m in modes}
-    hit_k = {m: np.zeros((N, R), dtype=bool) for m in modes if m != "top_down"}
     last = ranks[-1]
     has_species = last in flat_ranks or "species_summed" in modes
-    species_topk = np.zeros((N, min(k, S)), dtype=np.int64) if has_species else None
+    # one product per block with the text of every rank a mode needs, side by side (one BLAS call)
+    prod_ranks = [r for r in ranks if r in flat_ranks or "top_down" in modes or (r == last and has_species)]
+    offsets = np.concatenate([[0], np.cumsum([text[r].shape[0] for r in prod_ranks])]).astype(np.int64)
+    col = {r: (int(offsets[q]), int(offsets[q + 1])) for q, r in enumerate(prod_ranks)}
+    T_all = np.concatenate([text[r] for r in prod_ranks]) if len(prod_ranks) > 1 else text[prod_ranks[0]]
+    if block_size is None:
+        block_size = max(1, DEFAULT_BLOCK_ELEMENTS // T_all.shape[0])
+    block_size = check_int(block_size, "block_size")
+    pred = {m: np.full((N, R), -1, dtype=np.int64) for m in modes}
+    hit_k = {m: np.zeros((N, R), dtype=bool) for m in modes if m != "top_down"}
+    k_s = min(k, S)
+    species_topk = np.zeros((N, k_s), dtype=np.int64) if has_species else None
+    seg = [j for j, r in enumerate(ranks) if r in flat_ranks and r != last]  # flat ranks above species
+    seg_starts = np.array([col[ranks[j]][0] for j in seg], dtype=np.int64)
+    seg_stops = np.array([col[ranks[j]][1] for j in seg], dtype=np.int64)
+    if "top_down" in modes:
+        td_plan = hierarchy._top_down_plan()
+    if "species_summed" in modes and R > 1:
+        sum_plan = hierarchy._summing_plan()
 
     for start in range(0, N, block_size):
         stop = min(start + block_size, N)
         rows = slice(start, stop)
+        b = stop - start
         Xb = X[rows].astype(np.float32) * (scale / norms[rows, None]).astype(np.float32)  # scaled unit rows
         tb = true_codes[rows]
-        logits = {r: Xb @ text[r].T for r in logit_ranks}  # float32 (b, T_r): logit_scale * cosine
-        for j, r in enumerate(ranks):
-            if r in flat_ranks:
-                L = logits[r]
-                if r == last:
-                    top = _topk(L, k)
-                    species_topk[rows] = top
-                    pred["flat"][rows, j] = top[:, 0]
-                    hit_k["flat"][rows, j] = (top == tb[:, j, None]).any(axis=1)
-                else:
-                    pred["flat"][rows, j] = L.argmax(axis=1)
-                    hit_k["flat"][rows, j] = _in_topk(L, tb[:, j], k)
+        LT = T_all @ Xb.T  # float32 (W, b): logit_scale * cosine, a row per candidate of every needed rank
+        if seg:  # flat above species: one pass over each rank's rows
+            p_out = np.empty((b, len(seg)), dtype=np.int64)
+            h_out = np.empty((b, len(seg)), dtype=np.bool_)
+            _kern.segment_argmax_hits(LT, seg_starts, seg_stops, np.ascontiguousarray(tb[:, seg]), k, p_out, h_out)
+            pred["flat"][rows, seg] = p_out
+            hit_k["flat"][rows, seg] = h_out
+        if has_species:
+            Ls = LT[col[last][0]:col[last][1]]  # (S, b), contiguous
+            top = np.empty((b, k_s), dtype=np.int64)
+            row_max = np.empty(b, dtype=np.float32)
+            _kern.topk_cols(Ls, k_s, top, row_max)  # row_max: the softmax's shift
+            species_topk[rows] = top
+            species_hit = (top == tb[:, R - 1, None]).any(axis=1)
+            for m in ("flat", "species_summed"):  # the softmax keeps the order of the logits
+                if m in modes and (m != "flat" or last in flat_ranks):
+                    pred[m][rows, R - 1] = top[:, 0]
+                    hit_k[m][rows, R - 1] = species_hit
         if "top_down" in modes:
-            chosen = np.full((stop - start, R), -1, dtype=np.int64)
-            chosen[:, 0] = logits[ranks[0]].argmax(axis=1)
-            for j, r in enumerate(ranks[1:], start=1):
-                cand = np.concatenate([table[chosen[:, a]] for a, table in hierarchy._children(r)], axis=1)
-                vals = np.take_along_axis(logits[r], np.maximum(cand, 0), axis=1)
-                vals[cand < 0] = -np.inf
-                best = vals.argmax(axis=1)
-                c = cand[np.arange(len(cand)), best]
-                chosen[:, j] = np.where(np.isfinite(vals.max(axis=1)), c, -1)
+            chosen = np.empty((b, R), dtype=np.int64)
+            _kern.top_down_cols(LT, offsets, *td_plan, chosen)
             pred["top_down"][rows] = chosen
-        if "species_summed" in modes:
-            Ls = logits[last] if last in logits else Xb @ text[last].T
-            if "flat" not in modes:
-                species_topk[rows] = _topk(Ls, k)
-            P = _softmax_rows(Ls)
-            probs = {R - 1: P}
-            for j, m_child, unk, m_unk in hierarchy._summing_plan():
-                probs[j] = np.asarray(probs[j + 1] @ m_child)
-                if len(unk):
-                    probs[j] += np.asarray(P[:, unk] @ m_unk)
-            for j in range(R):
-                if j == R - 1:  # the softmax keeps the order of the logits: the flat species ranking
-                    top = species_topk[rows]
-                    best, hit = top[:, 0], (top == tb[:, j, None]).any(axis=1)
-                else:
-                    best, hit = probs[j].argmax(axis=1), _in_topk(probs[j], tb[:, j], k)
-                pred["species_summed"][rows, j] = best
-                hit_k["species_summed"][rows, j] = hit
+        if "species_summed" in modes and R > 1:
+            P = _softmax_cols(Ls, row_max)
+            below = P
+            p_out = np.empty((b, 1), dtype=np.int64)
+            h_out = np.empty((b, 1), dtype=np.bool_)
+            for j, child_runs, unknown_runs in sum_plan:
+                Pj = np.empty((hierarchy.n_taxa(ranks[j]), b), dtype=np.float32)
+                _kern.sum_runs(below, *child_runs, Pj, False)
+                if unknown_runs is not None:
+                    _kern.sum_runs(P, *unknown_runs, Pj, True)
+                _kern.segment_argmax_hits(Pj, _ZERO, np.array([len(Pj)], np.int64),
+                                          np.ascontiguousarray(tb[:, j:j + 1]), k, p_out, h_out)
+                pred["species_summed"][rows, j] = p_out[:, 0]
+                hit_k["species_summed"][rows, j] = h_out[:, 0]
+                below = Pj
 
     # --- table: accuracies, species-bootstrap intervals, chance ------------------------------
     known = true_codes >= 0
