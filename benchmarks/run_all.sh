@@ -43,6 +43,15 @@ if [[ "${1:-}" != "--quick" ]]; then
   "$PY" benchmarks/bench_intrinsic.py --data benchmarks/_data/inat21_synth_1m --no-openblas-env \
     --json "$OUT/intrinsic_1m.json" | tee "$OUT/intrinsic_1m.txt"
 fi
+# Streaming (issue 14): 10M x 768 float16 parquet shards written to /tmp (~15 GB, removed afterwards): raw pyarrow
+# scan vs the streaming pass, the streamed `treeprobe intrinsic` report, species-level Mantel at 1M species x 1024
+# (~1 h; RESULTS_stream.md); --quick: 300K rows, Mantel at 50K species x 256
+if [[ "${1:-}" != "--quick" ]]; then
+  "${BENCH_ENV[@]}" nice -n 5 "$PY" benchmarks/bench_stream.py --json-out "$OUT/stream.json" | tee "$OUT/stream.txt"
+else
+  "${BENCH_ENV[@]}" "$PY" benchmarks/bench_stream.py --rows 300000 --mantel-species 50000 --mantel-dim 256 \
+    --json-out "$OUT/stream_quick.json" | tee "$OUT/stream_quick.txt"
+fi
 # Comparisons: 3 models, paired tests (20K x 512 here; --per-species 10 for the issue's 100K target, ~1 h)
 "$PY" benchmarks/bench_compare.py --per-species 2 | tee "$OUT/compare_20k.txt"
 "$PY" benchmarks/bench_similarity.py | tee "$OUT/similarity.txt"

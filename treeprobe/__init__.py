@@ -34,7 +34,7 @@ SUBMODULES = ("tl", "pl", "datasets", "data", "report", "taxonomy", "tree", "man
               "pipeline", "cli", "core", "permutation", "training", "compare", "compare_report", "compare_plots",
               "similarity", "drilldown", "html_report", "training_curves", "partial_mantel", "physignal",
               "tree_recovery", "variation", "phylo_plots", "covariate_alignment", "zeroshot", "mistakes", "fewshot",
-              "text_embed", "text_tree", "image_text", "image_text_plots", "stream")
+              "text_embed", "text_tree", "image_text", "image_text_plots", "stream", "stream_dask")
 
 #: Classes and functions reachable at the top level, imported when first used.
 _LAZY_NAMES = {"Taxonomy": "taxonomy", "CladeStructure": "tree", "Report": "report", "write_report": "report",

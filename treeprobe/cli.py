@@ -54,6 +54,7 @@ def _version() -> str:
 
 def _add_intrinsic(sub) -> None:
     from treeprobe import tl
+    from treeprobe.pipeline import DEFAULT_STREAM_SAMPLE
 
     a = sub.add_parser(
         "intrinsic",
@@ -109,6 +110,24 @@ def _add_intrinsic(sub) -> None:
     ph.add_argument("--species-covariate", metavar="COLUMN[,COLUMN]",
                     help="items column(s) constant within species (a trait, a habitat): does embedding distance "
                          "follow it beyond the tree? (partial Mantel; implies --phylo)")
+    st = a.add_argument_group(
+        "streamed embeddings (--embeddings FOLDER or 'GLOB' of parquet shards, or one file with --stream)",
+        "One bounded-memory pass over the shards: the Mantel tests the species statistics give (image-level "
+        "between-species Pearson, species centroids) and K_mult are exact over all rows; kNN, clustering and "
+        "maps run on a stratified sample. Quote a glob so the shell does not expand it.")
+    st.add_argument("--stream", action="store_true",
+                    help="stream a single --embeddings file (.parquet, or .npy with --metadata) instead of loading it")
+    st.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE[,VALUE...]",
+                    help="keep only rows whose COLUMN is one of the values (rank names compared as the taxonomy "
+                         "spells them, letter case ignored); repeat for several columns (all must hold), "
+                         "e.g. --where class=Aves")
+    st.add_argument("--sample", type=int, metavar="N",
+                    help=f"items sampled (stratified by species, seeded by --seed) for kNN, clustering and maps "
+                         f"(default {DEFAULT_STREAM_SAMPLE})")
+    st.add_argument("--engine", choices=("local", "dask"),
+                    help="run the pass in this process (local, default) or on a Dask cluster (dask)")
+    st.add_argument("--scheduler", metavar="ADDRESS",
+                    help="Dask scheduler address for --engine dask (default: a local 2-worker cluster)")
     z = a.add_argument_group("image-text analyses")
     z.add_argument("--zeroshot", action="store_true",
                    help="also per-rank zero-shot, mistake severity, few-shot and the text tower's tree (as "
@@ -129,7 +148,8 @@ def _add_inputs(a) -> None:
     src.add_argument("--data", help="metadata CSV (path + kingdom..species, paths relative to the CSV), an "
                                     "iNat21-style image folder, or an embeddings file (.npy / .parquet)")
     src.add_argument("--embeddings", help="precomputed embeddings: .npy (with --metadata or a metadata.csv beside "
-                                          "it) or .parquet with an 'emb' column and rank columns")
+                                          "it) or .parquet with an 'emb' column and rank columns; for intrinsic "
+                                          "also a folder or a quoted 'GLOB' of parquet shards (streamed)")
     src.add_argument("--metadata", help="metadata CSV for a .npy embeddings file")
     src.add_argument("--demo", action="store_true",
                      help="synthetic images of a simulated tree of life, embedded by the bundled demo checkpoint")
@@ -492,9 +512,7 @@ def _names(text: str, what: str, choices) -> tuple[str, ...]:
 
 def cmd_intrinsic(args) -> int:
     """``treeprobe intrinsic``: check the options, run, print the headline numbers."""
-    from treeprobe.clustering import METHODS as CLUSTER_METHODS
     from treeprobe.pipeline import run_intrinsic
-    from treeprobe.tl import MAPS
 
     if not (args.example or args.data or args.embeddings or args.demo):
         sys.stderr.write("treeprobe intrinsic: no input given.\n\n" + FIRST_CONTACT)
@@ -503,9 +521,22 @@ def cmd_intrinsic(args) -> int:
                   non_negative=("permutations", "workers"))
     progress = not args.quiet
     zs = args.zeroshot or args.text_embeddings is not None
+    if _streamed(args):
+        return _cmd_intrinsic_stream(args, zs)
     report, paths = run_intrinsic(
         out=args.out, tree=args.tree, figures=not args.no_figures, inputs=_input_options(args), progress=progress,
         text=_text_options(args) if zs else None,
+        **_analysis_options(args))
+    _print_summary(report, paths)
+    return 0
+
+
+def _analysis_options(args) -> dict:
+    """The analysis options of ``intrinsic`` (in memory and streamed) as keyword arguments of the pipeline."""
+    from treeprobe.clustering import METHODS as CLUSTER_METHODS
+    from treeprobe.tl import MAPS
+
+    return dict(
         seed=args.seed, permutations=args.permutations, knn_k=args.knn_k, knn_max_queries=args.knn_max_queries,
         rank_lengths=_rank_lengths(args.rank_lengths), maps=_names(args.maps, "map", MAPS),
         max_map_points=args.max_map_points,
@@ -516,13 +547,75 @@ def cmd_intrinsic(args) -> int:
         covariate=args.covariate, covariate_levels=covariate_levels(args.covariate_levels),
         species_covariates=_split(args.species_covariate) if args.species_covariate else None,
     )
+
+
+def parse_where(specs) -> dict | None:
+    """``--where COLUMN=VALUE[,VALUE...]`` options → {column: [values]} (None when none is given)."""
+    out: dict[str, list[str]] = {}
+    for spec in specs or ():
+        col, sep, vals = spec.partition("=")
+        col = col.strip()
+        values = [v.strip() for v in vals.split(",") if v.strip()]
+        if not sep or not col or not values:
+            raise TreeprobeError(f"--where {spec!r}: expected COLUMN=VALUE[,VALUE...], e.g. --where class=Aves")
+        if col in out:
+            raise TreeprobeError(f"--where names column {col!r} twice; list its values in one: "
+                                 f"--where {col}={','.join(out[col] + values)}")
+        out[col] = values
+    return out or None
+
+
+def _streamed(args) -> bool:
+    """Whether ``intrinsic`` streams its input (a folder / glob of shards, or ``--stream``); stream options
+    without a streamed input are an error."""
+    from treeprobe.pipeline import is_stream_source
+
+    streamed = bool(args.embeddings) and (args.stream or is_stream_source(args.embeddings))
+    if not streamed:
+        given = [f"--{n}" for n, v in (("stream", args.stream), ("where", args.where), ("sample", args.sample),
+                                        ("engine", args.engine), ("scheduler", args.scheduler)) if v]
+        if given:
+            raise TreeprobeError(f"{', '.join(given)} need streamed embeddings: pass --embeddings FOLDER or a quoted "
+                                 "'GLOB' of parquet shards, or --stream with one embeddings file")
+    return streamed
+
+
+def _cmd_intrinsic_stream(args, zeroshot: bool) -> int:
+    """``treeprobe intrinsic`` on streamed embeddings (:func:`treeprobe.pipeline.run_intrinsic_stream`)."""
+    from treeprobe.pipeline import DEFAULT_STREAM_SAMPLE, run_intrinsic_stream
+
+    for flag, value in (("--tree", args.tree), ("--zeroshot / --text-embeddings", zeroshot), ("--data", args.data),
+                        ("--example", args.example), ("--demo", args.demo)):
+        if value:
+            raise TreeprobeError(f"{flag} cannot be used with streamed embeddings (the statistics use the rank "
+                                 "taxonomy of the shards' own columns)")
+    sample = DEFAULT_STREAM_SAMPLE if args.sample is None else args.sample
+    if sample < 1:
+        raise TreeprobeError(f"--sample must be positive; got {sample}")
+    engine = args.engine or "local"
+    if args.scheduler and engine != "dask":
+        raise TreeprobeError("--scheduler needs --engine dask")
+    report, paths = run_intrinsic_stream(
+        args.embeddings, out=args.out, figures=not args.no_figures, where=parse_where(args.where), sample=sample,
+        engine=engine, scheduler=args.scheduler, metadata=args.metadata, progress=not args.quiet,
+        **_analysis_options(args))
+    st = report.provenance["stream"]
+    print(f"streamed {st['n_rows']:,} rows from {st['n_files']} file(s) in {st['pass_seconds']:.1f} s; exact over "
+          f"{st['n_items']:,} items of {st['n_species']:,} species; sample of {st['sample']['n_sampled']:,} items "
+          "for kNN, clustering and maps")
     _print_summary(report, paths)
     return 0
 
 
 def _print_summary(report, paths) -> None:
-    print(f"items analysed: {report.n_items}   skipped: {len(report.skipped)}")
+    from treeprobe.report import n_skipped
+    from treeprobe.stream import NOT_FROM_STATS
+
+    print(f"items analysed: {report.n_items}   skipped: {n_skipped(report)}")
     for _, row in report.mantel.iterrows():
+        if row.get("estimator") == NOT_FROM_STATS:
+            print(f"Mantel {row['level']:>16s} {row['method']:<8s} not computed ({NOT_FROM_STATS})")
+            continue
         print(f"Mantel {row['level']:>16s} {row['method']:<8s} r = {row['statistic']:+.4f}  p = {row['p_value']:.4g}"
               f"  ({row['permutations']} permutations; {row.get('scheme', '')} permuted)")
     if len(report.knn):

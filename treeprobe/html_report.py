@@ -462,7 +462,7 @@ def _provenance_blocks(prov: Mapping) -> list:
     top = _scalars(prov)
     if len(top):
         blocks.append(html_table(top, caption="Run", sortable=False))
-    for key in ("data", "model", "taxonomy", "tree", "n_taxa", "timings"):
+    for key in ("data", "model", "taxonomy", "tree", "n_taxa", "timings", "stream"):
         if isinstance(prov.get(key), dict) and prov[key]:
             blocks.append(html_table(_scalars(prov[key]), caption=key.replace("_", " "), sortable=False))
     versions = prov.get("versions")
@@ -496,10 +496,13 @@ def intrinsic_html(report, figures: Mapping[str, str | os.PathLike] | None = Non
     (``figures``: title → PNG path, as :func:`~treeprobe.report.write_figures` returns) and the
     provenance. Write it with :func:`write_html`.
     """
+    from treeprobe.report import STREAM_SECTION, n_skipped as _n_skipped, stream_summary_text
+
     prov = report.provenance or {}
     model = prov.get("model") if isinstance(prov.get("model"), dict) else {}
     data = prov.get("data") if isinstance(prov.get("data"), dict) else {}
-    n_skipped = len(report.skipped) if report.skipped is not None else 0
+    n_skipped = _n_skipped(report) if prov.get("stream") else (len(report.skipped) if report.skipped is not None else 0)
+    streamed = stream_summary_text(prov)
     meta = {"Model": model.get("name", "precomputed embeddings"),
             "Data": data.get("source", MISSING),
             "Items analysed": prov.get("n_items", MISSING),
@@ -514,6 +517,7 @@ def intrinsic_html(report, figures: Mapping[str, str | os.PathLike] | None = Non
         else "rank taxonomy"
     sections = [
         Section("How to read this report", [_how_to_read()]),
+        *([Section(STREAM_SECTION, [streamed])] if streamed else []),
         Section("Headline numbers", [
             f"Items analysed: {prov.get('n_items', MISSING)}; skipped: {n_skipped}. The names are the keys of "
             "`headline` in `report.json`: `_r` a Mantel statistic, `_p` its p-value, "
@@ -543,7 +547,8 @@ def intrinsic_html(report, figures: Mapping[str, str | os.PathLike] | None = Non
         *_phylo_sections(getattr(report, "phylo", {}) or {}),
         *_phylo_sections(getattr(report, "image_text", {}) or {}, image_text=True),
         Section("Figures", _figures_blocks(figures)),
-        Section("Skipped inputs", _skipped_blocks(report.skipped)),
+        Section("Skipped inputs", _skipped_blocks(report.skipped, (prov.get("stream") or {}).get(
+            "n_set_aside_by_reason"))),
         Section("Provenance", _provenance_blocks(prov)),
     ]
     empty = {"Mantel test: does embedding distance follow the tree?": report.mantel,
@@ -568,7 +573,15 @@ def _phylo_sections(phylo: Mapping, *, image_text: bool = False) -> list:
     return out
 
 
-def _skipped_blocks(skipped: pd.DataFrame | None) -> list:
+def _skipped_blocks(skipped: pd.DataFrame | None, by_reason: Mapping | None = None) -> list:
+    if by_reason:  # a streamed report: the pass's counts, up to 5 examples each
+        table = pd.DataFrame({"reason": list(by_reason), "count": [int(v) for v in by_reason.values()]})
+        blocks = [f"{int(table['count'].sum())} input(s) left out by the streaming pass; nothing is dropped silently.",
+                  html_table(table, caption="Skipped inputs by reason")]
+        if skipped is not None and len(skipped):
+            blocks.append(HTML(f"<details><summary>Examples (up to 5 per reason)</summary>"
+                               f"{html_table(skipped.reset_index(drop=True), caption='Skipped inputs')}</details>"))
+        return blocks
     if skipped is None or not len(skipped):
         return ["No input was left out."]
     reasons = skipped["reason"].astype(str).str.split(":").str[0].value_counts()

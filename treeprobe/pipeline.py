@@ -3,7 +3,9 @@
 :func:`load_inputs` turns what the user passed (an example name, an embeddings file, images + a
 model, the demo) into one :class:`~treeprobe.core.TreeData` with embeddings; :func:`run_intrinsic`
 adds the tree file, runs :func:`treeprobe.tl.intrinsic` and writes the report.
-:func:`analyse_embeddings` is the same analysis on arrays (no I/O).
+:func:`analyse_embeddings` is the same analysis on arrays (no I/O). :func:`run_intrinsic_stream` is
+``treeprobe intrinsic`` on parquet shards too large for memory: one streaming pass
+(:func:`treeprobe.stream.species_statistics`), then :func:`treeprobe.stream.intrinsic_from_stats`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from treeprobe._utils import check_output_dir
 from treeprobe.core import TreeData
 from treeprobe.errors import TreeprobeError
 
-__all__ = ["analyse_embeddings", "load_inputs", "run_intrinsic", "run_zeroshot", "add_text_embeddings", "parse_model_spec", "load_models",
+__all__ = ["analyse_embeddings", "load_inputs", "run_intrinsic", "run_intrinsic_stream", "run_zeroshot", "add_text_embeddings", "parse_model_spec", "load_models",
            "run_compare"]
 
 DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "demo_clip.pt"
@@ -171,6 +173,61 @@ def run_intrinsic(*, out: str | None = None, tree: str | None = None, figures: b
         add_text_embeddings(ds, prov, inputs, text=text)
         analysis_kwargs["image_text"] = True
     report = tl.intrinsic(ds, tree=read_newick(tree) if tree else None, provenance=prov, **analysis_kwargs)
+    paths = write_report(report, out, figures=figures) if out else {}
+    return report, paths
+
+
+#: Items drawn by ``treeprobe intrinsic --sample`` (streamed embeddings) for kNN, clustering and maps.
+DEFAULT_STREAM_SAMPLE = 100_000
+
+
+def is_stream_source(path) -> bool:
+    """Whether ``--embeddings PATH`` names shards to stream: a folder or a glob (``*``, ``?``, ``[``)."""
+    import os
+
+    p = os.fspath(path)
+    return os.path.isdir(p) or any(c in p for c in "*?[")
+
+
+def run_intrinsic_stream(source, *, out: str | None = None, figures: bool = True, where=None,
+                         sample: int = DEFAULT_STREAM_SAMPLE, engine: str = "local", scheduler=None, metadata=None,
+                         columns=None, batch_rows: int | None = None, progress: bool = True, **analysis_kwargs):
+    """``treeprobe intrinsic`` on streamed embeddings: one bounded-memory pass over ``source`` (a folder or
+    glob of parquet shards, a list, or one .parquet / .npy file) with
+    ``species_statistics(source, where=where, gram=True, sample=sample, sample_seed=seed, engine=engine,
+    scheduler=scheduler)`` (the columns ``control`` / ``covariate`` / ``species_covariates`` kept with the
+    sample), then :func:`treeprobe.stream.intrinsic_from_stats` (``analysis_kwargs``: its options, as
+    :func:`treeprobe.tl.intrinsic`'s) → write. The Mantel rows the statistics give and K_mult are exact over
+    all rows; kNN, clustering and maps come from the sample; the report says which (``provenance["stream"]``).
+    Returns ``(report, written paths)``; ``out`` is checked before the pass."""
+    import time
+
+    from treeprobe import stream
+    from treeprobe.report import report_bytes, write_report
+
+    if out:
+        check_output_dir(out)  # before the pass, which can take hours
+    seed = analysis_kwargs.get("seed", 0)
+    keep = [analysis_kwargs.get("control"), analysis_kwargs.get("covariate")]
+    sc = analysis_kwargs.get("species_covariates")
+    keep += [sc] if isinstance(sc, str) else list(sc or ())
+    kw = {} if batch_rows is None else dict(batch_rows=batch_rows)
+    t0 = time.perf_counter()
+    stats = stream.species_statistics(source, where=where, gram=True, sample=sample, sample_seed=seed,
+                                      sample_columns=[c for c in dict.fromkeys(keep) if c], engine=engine,
+                                      scheduler=scheduler, metadata=metadata, columns=columns, progress=progress, **kw)
+    seconds = time.perf_counter() - t0
+    n_sampled = stats.sample_info["n_sampled"]
+    if out:
+        check_output_dir(out, need_bytes=report_bytes(n_sampled))
+    where_text = None if not where else {k: ([v] if isinstance(v, str) else list(v)) for k, v in where.items()}
+    prov = dict(data=dict(source=str(source) if not isinstance(source, (list, tuple)) else f"{len(source)} files",
+                          kind="precomputed embeddings (streamed)", n_rows=int(stats.n_rows)),
+                model=dict(name="precomputed embeddings", digest=None),
+                stream=dict(engine=engine, scheduler=None if scheduler is None else str(scheduler), where=where_text,
+                            pass_seconds=seconds, rows_per_second=stats.n_rows / seconds if seconds > 0 else None,
+                            pass_timings=dict(stats.timings)))
+    report = stream.intrinsic_from_stats(stats, progress=progress, provenance=prov, **analysis_kwargs)
     paths = write_report(report, out, figures=figures) if out else {}
     return report, paths
 

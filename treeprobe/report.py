@@ -28,7 +28,7 @@ import pandas as pd
 from treeprobe._utils import (OUTPUT_BYTES_PER_ITEM, OUTPUT_MIN_FREE_BYTES, atomic_output_dir, atomic_write,
                               atomic_write_text, rebase_paths)
 
-__all__ = ["Report", "PHYLO_TABLES", "PHYLO_SECTIONS", "IMAGE_TEXT_TABLES", "IMAGE_TEXT_SECTIONS", "write_report", "write_report_files", "report_bytes", "write_figures", "load_report",
+__all__ = ["Report", "STREAM_SECTION", "n_skipped", "stream_summary_text", "PHYLO_TABLES", "PHYLO_SECTIONS", "IMAGE_TEXT_TABLES", "IMAGE_TEXT_SECTIONS", "write_report", "write_report_files", "report_bytes", "write_figures", "load_report",
            "render_markdown"]
 
 
@@ -305,6 +305,54 @@ HOW_TO_READ = """## How to read this report
 - **Skipped inputs** are listed with their reason at the end; nothing is dropped silently."""
 
 
+#: Title of the section of a streamed report that says which numbers are exact and which sampled.
+STREAM_SECTION = "Exact over all rows, or from the sample"
+
+
+def n_skipped(report: Report) -> int:
+    """Inputs left out: the rows a streaming pass set aside (``provenance["stream"]``), else ``len(skipped)``."""
+    st = report.provenance.get("stream") or {}
+    return int(st["n_set_aside"]) if "n_set_aside" in st else len(report.skipped)
+
+
+def stream_summary_text(prov: dict) -> str | None:
+    """The paragraph and list of a streamed report (``provenance["stream"]``, see
+    :func:`treeprobe.stream.intrinsic_from_stats`) saying which numbers are exact over all rows and which come
+    from the sample (None for an in-memory report). Markdown; the HTML page renders the same text."""
+    st = prov.get("stream")
+    if not st:
+        return None
+    smp = st.get("sample") or {}
+    where = st.get("where")
+    where_text = "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in where.items()) if where else ""
+    set_aside = st.get("n_set_aside_by_reason") or {}
+    rate = st.get("rows_per_second")
+    lines = [
+        f"Streamed: one pass over {st.get('n_files')} file(s), {st.get('n_rows', 0):,} rows read"
+        + (f", {st.get('n_filtered_by_where', 0):,} left out by `where` ({where_text})" if where else "")
+        + f", {st.get('n_set_aside', 0):,} set aside"
+        + (" (" + ", ".join(f"{r}: {n:,}" for r, n in set_aside.items()) + ")" if set_aside else "")
+        + f"; {st.get('n_items', 0):,} items of {st.get('n_species', 0):,} species used"
+        + (f" (and {st['n_single_item_units']:,} items unknown at species, each its own unit)"
+           if st.get("n_single_item_units") else "")
+        + f". Engine `{st.get('engine', 'local')}`"
+        + (f", {st['pass_seconds']:.1f} s" if isinstance(st.get("pass_seconds"), (int, float)) else "")
+        + (f" ({rate:,.0f} rows/s)" if isinstance(rate, (int, float)) else "") + ".",
+        "",
+        f"- **Exact over all {st.get('n_items', 0):,} items** (from per-species sums, the same numbers and "
+        "p-values as the in-memory analysis of every row): " + "; ".join(st.get("exact", [])) + ".",
+        f"- **From the stratified sample** of {smp.get('n_sampled', 0):,} items (asked {smp.get('size', 0):,}, "
+        f"seed {smp.get('seed')}; "
+        + ("every item kept" if smp.get("cap") is None else
+           f"at most {smp['cap']} items per stratum, {smp.get('n_extra', 0):,} strata given {smp['cap'] + 1}")
+        + f"; {smp.get('n_strata_whole', 0):,} of {smp.get('n_strata', 0):,} strata kept whole): "
+        + "; ".join(st.get("from_sample", [])) + ". Sampling rule: " + str(smp.get("rule", "")) + ".",
+    ]
+    for miss in st.get("not_computed", []):
+        lines.append(f"- **Not computed**: {'; '.join(miss['rows'])} (`estimator` says so): {miss['reason']}.")
+    return "\n".join(lines)
+
+
 def render_markdown(report: Report, figures: dict[str, str] | None = None) -> str:
     """A short readable report; ``figures`` maps figure name → relative PNG path."""
     prov = report.provenance
@@ -312,7 +360,10 @@ def render_markdown(report: Report, figures: dict[str, str] | None = None) -> st
     lines.append(f"Model: `{prov.get('model', {}).get('name', 'precomputed embeddings')}` "
                  f"(digest `{str(prov.get('model', {}).get('digest', '–'))[:16]}`). "
                  f"Data: `{prov.get('data', {}).get('source', '–')}`. "
-                 f"Items analysed: {prov.get('n_items')}; skipped: {len(report.skipped)}. Seed: {prov.get('seed')}.")
+                 f"Items analysed: {prov.get('n_items')}; skipped: {n_skipped(report)}. Seed: {prov.get('seed')}.")
+    streamed = stream_summary_text(prov)
+    if streamed:
+        lines += ["", f"## {STREAM_SECTION}", "", streamed]
     lines += ["", HOW_TO_READ]
     every = prov.get("analysis", "intrinsic") != "image-text"  # an intrinsic report shows every section, even empty
     if every or len(report.mantel):
@@ -353,7 +404,12 @@ def render_markdown(report: Report, figures: dict[str, str] | None = None) -> st
         lines += ["", "## Figures", ""]
         for name, path in figures.items():
             lines += [f"### {name}", "", f"![{name}]({path})", ""]
-    if len(report.skipped):
+    by_reason = (prov.get("stream") or {}).get("n_set_aside_by_reason")
+    if by_reason:  # a streamed report: the counts of the pass, a few examples in report.json
+        lines += ["", "## Skipped inputs", "", f"{n_skipped(report)} input(s) left out; by reason:", ""]
+        lines += [f"- {reason}: {n}" for reason, n in by_reason.items()]
+        lines += ["", "Up to 5 examples per reason (file and row) are in `report.json` (`skipped.items`)."]
+    elif len(report.skipped):
         lines += ["", "## Skipped inputs", "", f"{len(report.skipped)} input(s) left out; by reason:", ""]
         for reason, n in report.skipped["reason"].astype(str).str.split(":").str[0].value_counts().items():
             lines.append(f"- {reason}: {n}")
@@ -464,6 +520,13 @@ def report_bytes(n_items: int) -> int:
     return OUTPUT_MIN_FREE_BYTES + OUTPUT_BYTES_PER_ITEM * max(int(n_items), 0)
 
 
+def _rows_written(report: Report) -> int:
+    """Rows of items.csv: the analysed items, or for a streamed report (``provenance["stream"]``) its sample."""
+    if report.provenance.get("stream") and report.items is not None:
+        return len(report.items)
+    return report.n_items
+
+
 def write_report(report: Report, out_dir: str | os.PathLike, *, figures: bool = True) -> dict[str, str]:
     """Write report.json, per_rank.csv, items.csv, figures/, report.md and report.html (one self-contained
     page: figures embedded, sortable tables) into ``out_dir``; return their paths (under ``out_dir``).
@@ -475,7 +538,7 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures: bool = 
     file, a folder that is neither empty nor a treeprobe output, an unwritable place or a full disk
     raise :class:`~treeprobe.errors.TreeprobeError`).
     """
-    with atomic_output_dir(out_dir, need_bytes=report_bytes(report.n_items)) as tmp:
+    with atomic_output_dir(out_dir, need_bytes=report_bytes(_rows_written(report))) as tmp:
         paths = write_report_files(report, tmp, figures=figures)
     return rebase_paths(paths, tmp, out_dir)
 

@@ -26,6 +26,20 @@ sum S_s = Σ x̂_i (float64, D) and Σ‖x̂_i‖², where x̂ are the unit vect
   n, S and Σ‖x̂‖², which ``covariate=`` accumulates.
 * Spearman at image level and image-permutation p-values need items (a sample), not these sums.
 
+**A stratified sample in the same pass** (``sample=SIZE``, ``sample_seed``): for what needs items (kNN
+agreement, clustering, t-SNE/UMAP), at most SIZE items, strata kept whole up to a common cap m (the largest m
+with Σ_s min(n_s, m) ≤ SIZE) and the rest drawn uniformly by bottom-k on a seeded hash of (file label, row).
+Each row's key depends only on the seed, its file's name and its row, so the sample is the same whatever
+batch_rows, file order or partition among workers, and :meth:`SpeciesStats.merge` of partial samples is
+exact (bit-identical). Memory ≤ (2·SIZE + batch_rows) candidate rows. :meth:`SpeciesStats.sample_data` gives
+it as a TreeData whose ``uns["sample"]`` (:attr:`SpeciesStats.sample_info`) says which numbers are exact over
+all rows (the statistics) and which come from the sample.
+
+**The whole report** (:func:`intrinsic_from_stats`, behind ``treeprobe intrinsic --embeddings FOLDER|GLOB`` via
+:func:`treeprobe.pipeline.run_intrinsic_stream`): the Mantel rows and K_mult the statistics give, exact over all
+rows, and the item-level tools of :func:`treeprobe.tl.intrinsic` on the sample, in one
+:class:`~treeprobe.report.Report` whose ``provenance["stream"]`` says which number came from where.
+
 Rows are set aside as the in-memory loader and :class:`~treeprobe.core.TreeData` do (counted per reason, a few
 examples kept): null ``emb`` ("missing embedding"), non-finite values after the float32 cast, zero norm,
 then no kingdom. Names follow TreeData's rules: Unicode NFC, whitespace runs as one space, missing tokens,
@@ -39,6 +53,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,7 +68,8 @@ from treeprobe.errors import TreeprobeError
 from treeprobe.taxonomy import MISSING_TOKENS, PLACEHOLDER, UNKNOWN_MODES, Taxonomy, normalise_name
 
 __all__ = ["SpeciesStats", "species_statistics", "mantel_from_stats", "physignal_from_stats",
-           "EMBEDDING_COLUMNS", "SKIP_REASONS", "NOT_FROM_STATS"]
+           "intrinsic_from_stats", "rank_summary_from_stats", "PARTIAL_NOT_FROM_STATS", "EMBEDDING_COLUMNS",
+           "SKIP_REASONS", "NOT_FROM_STATS", "SAMPLE_RULE", "SAMPLE_ITEM_COLUMNS"]
 
 #: Embedding column names tried in order when ``columns`` names none (``emb``: treeprobe, emb-explorer and
 #: the TreeOfLife-200M embeddings; the others: names emb-explorer also treats as embeddings).
@@ -144,6 +160,274 @@ class _Grow:
         return self.a[:self.n]
 
 
+# --- the stratified sample ------------------------------------------------------------------------------
+
+_U64_MAX = np.uint64(2 ** 64 - 1)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+#: Columns the sample's items table adds (so they cannot be ``sample_columns``).
+SAMPLE_ITEM_COLUMNS = ("source_file", "source_row", "sample_weight")
+#: The allocation rule of :func:`species_statistics` ``sample=``, as reports state it.
+SAMPLE_RULE = ("stratified by lineage: per-stratum cap m = the largest m with sum_s min(n_s, m) <= size (strata "
+               "of at most m items kept whole), the size - sum_s min(n_s, m) items left over one each to as many "
+               "strata above the cap (those with the smallest seeded lineage hash); within a stratum the rows "
+               "with the smallest seeded hash of (file label, row): a uniform random subset")
+
+
+def _hash64(*parts) -> tuple[int, int]:
+    """Two 64-bit words of a BLAKE2b digest of the parts (stable across processes, platforms, versions)."""
+    import hashlib
+
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode("utf-8"), digest_size=16).digest()
+    return int.from_bytes(h[:8], "little"), int.from_bytes(h[8:], "little")
+
+
+def _row_keys(file_hash: np.uint64, rows: np.ndarray) -> np.ndarray:
+    """uint64 key of each row index (the splitmix64 stream seeded with the file's hash: output ``row + 1``)."""
+    z = rows.astype(np.uint64)
+    z += np.uint64(1)
+    z *= _GOLDEN
+    z += file_hash
+    z ^= z >> np.uint64(30)
+    z *= _MIX1
+    z ^= z >> np.uint64(27)
+    z *= _MIX2
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def _cap_level(n: np.ndarray, size: int) -> int | None:
+    """The largest m ≥ 0 with Σ min(n, m) ≤ size, or None when Σ n ≤ size (every item fits)."""
+    if int(n.sum()) <= size:
+        return None
+    ns = np.sort(n)
+    prefix = np.r_[0, np.cumsum(ns)]
+
+    def total(m):  # Σ min(n, m)
+        k = int(np.searchsorted(ns, m, side="left"))
+        return int(prefix[k]) + m * (len(ns) - k)
+
+    lo, hi = 0, int(ns[-1])  # total(lo) ≤ size < total(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if total(mid) <= size:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _allocation(n: np.ndarray, size: int, key_hi: np.ndarray, key_lo: np.ndarray):
+    """(items per stratum (S,), cap m or None, strata given one more than m) of the sample rule."""
+    m = _cap_level(n, size)
+    if m is None:
+        return n.astype(np.int64, copy=True), None, 0
+    alloc = np.minimum(n, m).astype(np.int64)
+    extra = size - int(alloc.sum())
+    if extra > 0:
+        above = np.flatnonzero(n > m)  # more than extra of them, else m + 1 would fit
+        alloc[above[np.lexsort((key_lo[above], key_hi[above]))[:extra]]] += 1
+    return alloc, m, extra
+
+
+class _Sample:
+    """The candidate rows of a stratified bottom-k sample (see :func:`species_statistics` ``sample=``).
+
+    Strata: the folded lineage (7 names, '' unknown). Per stratum: n (rows eligible so far), a 128-bit
+    seeded hash of the lineage (who gets a left-over item), and a key threshold above which a new row cannot
+    be in the sample. Candidates: uint64 key, stratum, file index, row, float32 vector, extra column values.
+    Invariant: each stratum holds at least the alloc smallest-key rows of its rows so far, where alloc is
+    the allocation of the final counts; :meth:`compact` trims to the allocation of the current counts.
+    """
+
+    def __init__(self, size: int, seed: int, dim: int, columns: tuple, root: str | None):
+        self.size, self.seed, self.dim, self.columns, self.root = size, seed, dim, columns, root
+        self.strata: list[tuple] = []
+        self.s_index: dict = {}
+        self.s_n = _Grow((), np.int64)
+        self.s_hi = _Grow((), np.uint64)
+        self.s_lo = _Grow((), np.uint64)
+        self.s_thr = _Grow((), np.uint64)
+        self.alloc = np.zeros(0, np.int64)
+        self.m: int | None = None  # cap of the counts so far, an upper bound of the final one (None: all fit)
+        self.n_extra = 0
+        self.labels: list[str] = []
+        self.paths: list[str] = []
+        self.f_index: dict = {}  # path -> file index
+        self.f_hash: list[np.uint64] = []
+        self.p_key = _Grow((), np.uint64)
+        self.p_strat = _Grow((), np.int64)
+        self.p_file = _Grow((), np.int64)
+        self.p_row = _Grow((), np.int64)
+        self.p_X = _Grow((dim,), np.float32)
+        self.p_extra = {c: _Grow((), object) for c in columns}
+        self._m_at = -1  # number of strata when m was last computed
+
+    def reserve(self, batch_rows: int) -> None:
+        """Room for the most candidates a pass holds (2·size + batch_rows), as ``np.empty``: pages are used
+        only as candidates come, and the pool is never copied to grow."""
+        cap = 2 * self.size + batch_rows
+        for g in (self.p_key, self.p_strat, self.p_file, self.p_row, self.p_X, *self.p_extra.values()):
+            if len(g.a) < cap:
+                a = np.empty((cap, *g.a.shape[1:]), dtype=g.a.dtype)
+                a[:g.n] = g.view
+                g.a = a
+
+    @property
+    def settings(self) -> dict:
+        return dict(size=self.size, seed=self.seed, columns=self.columns,
+                    labels="file name" if self.root is None else "path relative to sample_root")
+
+    # --- files and strata ------------------------------------------------------------------------------
+    def label(self, path: str) -> str:
+        if self.root is None:
+            return os.path.basename(path)
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(self.root))
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            raise TreeprobeError(f"{path} is not under sample_root {os.path.abspath(self.root)}")
+        return rel.replace(os.sep, "/")
+
+    def file(self, path: str, label: str | None = None) -> int:
+        f = self.f_index.get(path)
+        if f is None:
+            label = self.label(path) if label is None else label
+            if label in self.labels:
+                other = self.paths[self.labels.index(label)]
+                raise TreeprobeError(
+                    f"two files have the sample label {label!r} ({other} and {path}): the sample's keys hash the "
+                    "file label and row, so labels must be unique — pass sample_root= (a folder above them: "
+                    "labels become paths relative to it) or give the files distinct names")
+            f = len(self.labels)
+            self.f_index[path] = f
+            self.labels.append(label)
+            self.paths.append(path)
+            self.f_hash.append(np.uint64(_hash64("treeprobe-sample-file", self.seed, label)[0]))
+        return f
+
+    def stratum(self, lin: tuple) -> int:
+        s = self.s_index.get(lin)
+        if s is None:
+            s = len(self.strata)
+            self.s_index[lin] = s
+            self.strata.append(lin)
+            for g in (self.s_n, self.s_hi, self.s_lo, self.s_thr):
+                g.extend(1)
+            self.s_hi.a[s], self.s_lo.a[s] = _hash64("treeprobe-sample-stratum", self.seed, *lin)
+            self.s_thr.a[s] = _U64_MAX
+        return s
+
+    # --- the pass --------------------------------------------------------------------------------------
+    def add(self, f: int, rows: np.ndarray, strat: np.ndarray, X: np.ndarray, idx: np.ndarray, cols: dict) -> None:
+        """Rows ``rows`` (k,) of file f in strata ``strat`` (k,); their vectors are X[idx] (as stored)."""
+        self.s_n.a[:self.s_n.n] += np.bincount(strat, minlength=self.s_n.n)
+        S = len(self.strata)
+        if self.m is None or S <= 65536 or S > 1.125 * self._m_at:  # O(S log S): rarer when S is large
+            self.m, self._m_at = _cap_level(self.s_n.view, self.size), S  # never increases: a valid bound
+        key = _row_keys(self.f_hash[f], rows)
+        ok = np.flatnonzero(key <= self.s_thr.a[strat])
+        if self.m is not None and len(ok) > self.m + 1:  # no stratum will ever take more than m + 1 rows
+            o = ok[np.lexsort((rows[ok], key[ok], strat[ok]))]
+            ss = strat[o]
+            rank = np.arange(len(o)) - np.searchsorted(ss, ss, side="left")
+            ok = np.sort(o[rank <= self.m])
+        if not len(ok):
+            return
+        n0 = self.p_key.n
+        for g in (self.p_key, self.p_strat, self.p_file, self.p_row, self.p_X, *self.p_extra.values()):
+            g.extend(len(ok))
+        self.p_key.a[n0:n0 + len(ok)] = key[ok]
+        self.p_strat.a[n0:n0 + len(ok)] = strat[ok]
+        self.p_file.a[n0:n0 + len(ok)] = f
+        self.p_row.a[n0:n0 + len(ok)] = rows[ok]
+        self.p_X.a[n0:n0 + len(ok)] = X[idx[ok]]  # cast to float32 as the loaders do, in the copy
+        if self.columns:
+            import pyarrow as pa
+
+            take = pa.array(idx[ok])
+            for c in self.columns:
+                self.p_extra[c].a[n0:n0 + len(ok)] = cols[c].take(take).to_pylist()
+        if self.p_key.n > 2 * self.size:
+            self.compact()
+
+    def _label_rank(self) -> np.ndarray:
+        rank = np.empty(len(self.labels), dtype=np.int64)
+        rank[sorted(range(len(self.labels)), key=self.labels.__getitem__)] = np.arange(len(self.labels))
+        return rank
+
+    def compact(self) -> None:
+        """Keep per stratum its allocation (of the current counts) of smallest (key, file label, row) rows;
+        set the thresholds of the strata that hold fewer rows than they have."""
+        S = len(self.strata)
+        n = self.s_n.view
+        self.alloc, self.m, self.n_extra = _allocation(n, self.size, self.s_hi.view, self.s_lo.view)
+        P = self.p_key.n
+        strat, key = self.p_strat.view, self.p_key.view
+        order = np.lexsort((self.p_row.view, self._label_rank()[self.p_file.view], key, strat))
+        ss = strat[order]
+        rank = np.arange(P) - np.searchsorted(ss, ss, side="left")
+        keep = order[rank < self.alloc[ss]]
+        thr = np.full(S, _U64_MAX, dtype=np.uint64)
+        binding = n > self.alloc  # later rows may still displace some held ones
+        thr[binding & (self.alloc == 0)] = 0
+        ks = strat[keep]
+        last = np.flatnonzero(np.r_[ks[1:] != ks[:-1], True]) if len(keep) else np.zeros(0, np.int64)
+        held_last = ks[last]
+        b = binding[held_last]
+        thr[held_last[b]] = key[keep[last[b]]]
+        self.s_thr.a[:S] = thr
+        keep = np.sort(keep)  # ascending: row i moves from keep[i] >= i, so chunks can move in place
+        for g in (self.p_key, self.p_strat, self.p_file, self.p_row, self.p_X, *self.p_extra.values()):
+            for a in range(0, len(keep), _BLOCK):  # no temporary of the whole pool
+                part = keep[a:a + _BLOCK]
+                g.a[a:a + len(part)] = g.a[part]
+            g.n = len(keep)
+
+    def finish(self) -> None:
+        """Trim to the sample of the counts so far and free the room reserved for candidates."""
+        self.compact()
+        for g in (self.p_key, self.p_strat, self.p_file, self.p_row, self.p_X, *self.p_extra.values()):
+            g.a = g.view.copy()
+
+    # --- merging ---------------------------------------------------------------------------------------
+    def merged(self, other: "_Sample") -> "_Sample":
+        if self.settings != other.settings or self.dim != other.dim:
+            diff = {k: (v, other.settings[k]) for k, v in self.settings.items() if other.settings[k] != v}
+            raise TreeprobeError("cannot merge samples drawn with different settings: "
+                                 + "; ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in diff.items()))
+        out = _Sample(self.size, self.seed, self.dim, self.columns, self.root)
+        for part in (self, other):
+            fmap = np.array([out.file(p, lab) for p, lab in zip(part.paths, part.labels)], dtype=np.int64)
+            smap = np.array([out.stratum(lin) for lin in part.strata], dtype=np.int64)
+            if len(smap):
+                out.s_n.a[smap] += part.s_n.view
+            P = part.p_key.n
+            if not P:
+                continue
+            n0 = out.p_key.n
+            for g in (out.p_key, out.p_strat, out.p_file, out.p_row, out.p_X, *out.p_extra.values()):
+                g.extend(P)
+            out.p_key.a[n0:n0 + P] = part.p_key.view
+            out.p_strat.a[n0:n0 + P] = smap[part.p_strat.view]
+            out.p_file.a[n0:n0 + P] = fmap[part.p_file.view]
+            out.p_row.a[n0:n0 + P] = part.p_row.view
+            out.p_X.a[n0:n0 + P] = part.p_X.view
+            for c in out.columns:
+                out.p_extra[c].a[n0:n0 + P] = part.p_extra[c].view
+        out.finish()
+        return out
+
+    # --- the result ------------------------------------------------------------------------------------
+    def order(self) -> np.ndarray:
+        """The sample's rows by (file label, row)."""
+        return np.lexsort((self.p_row.view, self._label_rank()[self.p_file.view]))
+
+    def nbytes(self) -> int:
+        """Bytes of the rows held (vectors, keys, places; not the extra column values) and per-stratum arrays."""
+        return int(sum(g.view.nbytes for g in (self.p_key, self.p_strat, self.p_file, self.p_row, self.p_X))
+                   + sum(g.view.nbytes for g in (self.s_n, self.s_hi, self.s_lo, self.s_thr)))
+
+
 @dataclass(eq=False)
 class SpeciesStats:
     """Per-unit sufficient statistics of one streaming pass (or of merged passes).
@@ -162,6 +446,8 @@ class SpeciesStats:
     skipped_examples: reason → up to 5 ``'<file> row <i>'``; files: the sources; timings: seconds of the
     pass and seconds spent waiting for the reader thread. Per (unit, covariate category):
     :meth:`covariate_table`. Memory: S·D·8 bytes of sums (+ D²·8 with ``gram``), whatever N.
+    With ``sample=``: :attr:`has_sample`, :attr:`sample_info`, :meth:`sample_items`,
+    :meth:`sample_vectors`, :meth:`sample_data` (n·(4·D + 32) bytes more).
     """
 
     dim: int
@@ -190,6 +476,7 @@ class SpeciesStats:
     _head: int | None = field(default=None, repr=False)
     _tail: int | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
+    _sample: _Sample | None = field(default=None, repr=False)
     n_rows: int = 0
     n_filtered: int = 0
     n_skipped: dict = field(default_factory=dict)
@@ -352,7 +639,9 @@ class SpeciesStats:
         """The statistics of both passes together (a new object): counts, sums and G add; a species in both
         is exact only if both passes still hold its rows (it was at the start or end of each pass).
         Raises if the two passes share a file (rows would be counted twice) or differ in D, ``unknown``,
-        ``gram`` or ``covariate``."""
+        ``gram`` or ``covariate``. Samples (``sample=``) merge exactly: the union of the candidates trimmed
+        by the rule on the added counts is the sample one pass over all the files draws (different sample
+        settings raise; if only one side has a sample, the result has none, with a TreeprobeWarning)."""
         if not isinstance(other, SpeciesStats):
             raise TreeprobeError(f"can only merge SpeciesStats, not {type(other).__name__}")
         for name in ("dim", "unknown", "missing", "gram_enabled", "covariate"):
@@ -411,6 +700,16 @@ class SpeciesStats:
             for reason, ex in part.skipped_examples.items():
                 out.skipped_examples[reason] = (out.skipped_examples.get(reason, []) + list(ex))[:_EXAMPLES]
         out.files = tuple(self.files) + tuple(other.files)
+        if self._sample is not None and other._sample is not None:
+            out._sample = self._sample.merged(other._sample)
+        elif self._sample is not None or other._sample is not None:
+            import warnings
+
+            from treeprobe.errors import TreeprobeWarning
+
+            warnings.warn("one of the merged statistics has no sample: the merged statistics have none (a sample "
+                          "of some of the files is not a sample of all of them); pass the same sample= to every "
+                          "pass", TreeprobeWarning, stacklevel=2)
         return out
 
     # --- the canonical view -----------------------------------------------------------------------------
@@ -542,7 +841,81 @@ class SpeciesStats:
                     n_single_item_units=int(sum(k[0] == _SINGLE for k in self._keys)), dim=self.dim,
                     n_skipped=dict(self.n_skipped), gram=self.gram_enabled, within_exact=self.within_exact,
                     n_scattered=self.n_scattered, held_bytes=self.held_bytes, n_files=len(self.files),
-                    statistics_bytes=int(self._sums.a.nbytes + (0 if self._G is None else self._G.nbytes)))
+                    statistics_bytes=int(self._sums.a.nbytes + (0 if self._G is None else self._G.nbytes)),
+                    sample=None if self._sample is None else self.sample_info)
+
+
+    # --- the sample ---------------------------------------------------------------------------------------
+    @property
+    def has_sample(self) -> bool:
+        """Whether the pass drew a sample (``species_statistics(..., sample=size)``)."""
+        return self._sample is not None
+
+    def _require_sample(self) -> _Sample:
+        if self._sample is None:
+            raise TreeprobeError("these statistics carry no sample: pass sample=SIZE to species_statistics")
+        return self._sample
+
+    @property
+    def sample_info(self) -> dict:
+        """What a report states about the sample (JSON-ready): ``size`` asked, ``seed``, ``rule``
+        (:data:`SAMPLE_RULE`), ``cap`` m (None: every item kept), ``n_extra`` (strata given m + 1),
+        ``n_sampled``, ``n_strata``, ``n_strata_whole`` (kept entirely), ``n_rows`` / ``n_items`` of the
+        pass (rows read; items eligible, which the exact statistics use), ``n_files``, ``file_labels``
+        (what the row keys hash), ``columns`` (item columns kept), ``exact`` / ``from_sample`` (which
+        numbers are over all rows and which need the sample)."""
+        smp = self._require_sample()
+        n = smp.s_n.view
+        return dict(size=smp.size, seed=smp.seed, rule=SAMPLE_RULE, cap=smp.m, n_extra=int(smp.n_extra),
+                    n_sampled=int(smp.p_key.n), n_strata=len(smp.strata),
+                    n_strata_whole=int(((smp.alloc == n) & (n > 0)).sum()), n_rows=int(self.n_rows),
+                    n_items=int(self.n_items), n_files=len(smp.paths), file_labels=smp.settings["labels"],
+                    columns=list(smp.columns), sample_bytes=smp.nbytes(),
+                    exact="species statistics (counts, sums, centroids, Gram terms) and the tests on them: "
+                          "all rows",
+                    from_sample="tools that need items (kNN agreement, clustering, t-SNE/UMAP, image-level "
+                                "Spearman, image permutations): the sample")
+
+    def sample_items(self) -> pd.DataFrame:
+        """The sampled items (n rows, by file label then row): the 7 ranks (the statistics' spelling), the
+        ``columns`` kept (``where`` / ``covariate`` / ``sample_columns``, values as read), ``source_file``
+        (the file as read, absolute; for a .npy source its metadata CSV), ``source_row`` (0-based row in
+        it, rows of row groups skipped by ``where`` counted) and ``sample_weight`` = n_s / (items sampled
+        from the stratum): the inverse inclusion probability, for estimates over all rows."""
+        smp = self._require_sample()
+        o = smp.order()
+        strat = smp.p_strat.view[o]
+        spelled = np.array([[self._spelling(r, lin[k]) for k, r in enumerate(RANKS)] for lin in smp.strata],
+                           dtype=object).reshape(len(smp.strata), len(RANKS))
+        df = pd.DataFrame(spelled[strat], columns=list(RANKS))
+        for c in smp.columns:
+            df[c] = pd.Series(list(smp.p_extra[c].view[o]), dtype=object) if len(o) else pd.Series([], dtype=object)
+        paths = np.array(smp.paths, dtype=object)
+        df["source_file"] = paths[smp.p_file.view[o]] if len(o) else pd.Series([], dtype=object)
+        df["source_row"] = smp.p_row.view[o]
+        n = smp.s_n.view
+        df["sample_weight"] = n[strat] / np.maximum(smp.alloc[strat], 1)
+        return df
+
+    def sample_vectors(self) -> np.ndarray:
+        """The sampled embeddings, float32 (n, D) in :meth:`sample_items` order: the file's values cast to
+        float32 as the loaders store ``TreeData.X`` (not normalised)."""
+        smp = self._require_sample()
+        return smp.p_X.view[smp.order()]
+
+    def sample_data(self):
+        """The sample as a :class:`~treeprobe.core.TreeData` (X: :meth:`sample_vectors`, items:
+        :meth:`sample_items`, the pass's ``unknown`` / ``missing``), with ``uns["sample"]`` =
+        :attr:`sample_info`, so ``tp.tl.knn_agreement``, clustering and maps run on it and a report can
+        say which numbers come from the sample."""
+        from treeprobe.core import TreeData
+
+        info = self.sample_info
+        if info["n_sampled"] == 0:
+            raise TreeprobeError(f"the sample is empty ({self.n_items} usable items in the pass)")
+        src = self._sample.paths[0] if len(self._sample.paths) == 1 else f"{len(self._sample.paths)} files"
+        return TreeData(self.sample_vectors(), self.sample_items(), source=f"stratified sample of {src}",
+                        uns={"sample": info}, missing=self.missing, unknown=self.unknown)
 
 
 # --- reading -------------------------------------------------------------------------------------------
@@ -585,8 +958,9 @@ def _sources(source, metadata) -> tuple[str, list[str]]:
     return "parquet", files
 
 
-def _match_columns(names: Sequence[str], columns: Mapping[str, str] | None, where, covariate, path) -> dict:
-    """canonical name (emb, ranks, where/covariate columns) → column name in the file."""
+def _match_columns(names: Sequence[str], columns: Mapping[str, str] | None, where, covariate, path,
+                   extra_columns: Sequence[str] = ()) -> dict:
+    """canonical name (emb, ranks, where/covariate/extra columns) → column name in the file."""
     columns = dict(columns or {})
     lower = {}
     for c in names:
@@ -608,12 +982,12 @@ def _match_columns(names: Sequence[str], columns: Mapping[str, str] | None, wher
     if missing:
         raise TreeprobeError(f"{path} lacks column(s) {', '.join(missing)}; needs {', '.join(RANKS)} "
                              f"(found: {', '.join(map(str, list(names)[:12]))})")
-    for extra in list(where or {}) + ([covariate] if covariate else []):
+    for extra in list(where or {}) + ([covariate] if covariate else []) + list(extra_columns):
         if extra in out:
             continue
         c = columns.get(extra, extra if extra in names else lower.get(str(extra).lower()))
         if c is None or c not in names:
-            raise TreeprobeError(f"{path} has no column {extra!r} (for where= / covariate=)")
+            raise TreeprobeError(f"{path} has no column {extra!r} (for where= / covariate= / sample_columns=)")
         out[extra] = c
     return out
 
@@ -955,7 +1329,9 @@ def _total_rows(kind, files) -> int | None:
 def species_statistics(source, *, columns: Mapping[str, str] | None = None, where: Mapping | None = None,
                        batch_rows: int = 65536, progress: bool = True, gram: bool = False,
                        covariate: str | None = None, unknown: str = "separate", missing: Iterable[str] = MISSING_TOKENS,
-                       drop_unknown_species: bool = False, metadata=None) -> SpeciesStats:
+                       drop_unknown_species: bool = False, metadata=None, sample: int | None = None,
+                       sample_seed: int = 0, sample_columns: Sequence[str] = (), sample_root=None,
+                       engine: str = "local", scheduler=None) -> SpeciesStats:
     """Per-species sufficient statistics of embeddings in one bounded-memory pass (module docstring).
 
     source: a folder (every ``*.parquet`` below it, sorted by path), a glob, a list of parquet files (read in
@@ -974,7 +1350,42 @@ def species_statistics(source, *, columns: Mapping[str, str] | None = None, wher
     ``"placeholder"``; ``drop_unknown_species``: set such items aside instead (memory: each single-item unit
     costs D·8 bytes). batch_rows: rows per record batch read (memory ≈ batch_rows·D·(2 + 4) bytes plus
     blocks of 8192 rows in float64). Progress: a tqdm bar in rows with rows/s.
+
+    sample: also draw, in the same pass, a stratified random sample of at most ``sample`` items (exactly
+    min(sample, items) of them) for the tools that need items (:meth:`SpeciesStats.sample_data`). Only
+    rows the statistics use enter it (not those ``where`` leaves out or set aside). *Strata*: the lineage
+    as read (7 names, case-folded; in ``unknown="separate"`` mode the items unknown at species under one
+    parent are one stratum, though each is its own unit in the statistics). *Rule* (:data:`SAMPLE_RULE`):
+    cap m = the largest m with Σ_s min(n_s, m) ≤ sample, so strata of at most m items are kept whole and
+    larger ones get m; the sample − Σ_s min(n_s, m) items left over go one each to as many strata above
+    the cap, those with the smallest seeded hash of their lineage (if there are more strata than
+    ``sample``, m = 0: that many strata, one item each). *Within a stratum*: the rows with the smallest
+    key, key = splitmix64 of (a BLAKE2b hash of (sample_seed, file label), row index in the file) — a
+    uniform subset without replacement; ties (equal 64-bit keys) by file label, then row. The file label
+    is the file name, or with ``sample_root`` the path relative to that folder (labels must be unique:
+    files of the same name in different folders need ``sample_root``); for a .npy source, its metadata
+    CSV. Nothing depends on batch_rows, the order of the files or how they are split among passes:
+    :meth:`SpeciesStats.merge` of passes over disjoint files gives, bit for bit, the sample of one pass.
+    *Exact with bounded memory* because the cap of the counts so far never increases as rows come: a
+    stratum never needs more than the allocation of the counts so far, so the pass keeps at most
+    2·sample + batch_rows candidates (trimmed whenever they pass 2·sample), each 4·D + 32 bytes plus its
+    ``sample_columns`` values, and 32 bytes per stratum; at the end exactly the sample. sample_columns:
+    item columns kept with the sample (e.g. ``uuid``, ``path``); where / covariate columns are kept too.
+    Cost: the hashing and a per-batch sort of the rows that can still enter (measured in the notes).
+
+    engine: ``"local"`` (this process) or ``"dask"``: the same pass distributed over a Dask cluster, one task
+    per shard, equal to the local result (:func:`treeprobe.stream_dask.species_statistics_dask`; parquet only);
+    scheduler: None (a 2-worker LocalCluster), a scheduler address, a ``distributed.Client`` or a cluster.
     """
+    # --- engine hook (issue 14.4): every other argument goes to the dask engine as it is -----------------
+    if engine != "local" or scheduler is not None:
+        kw = {k: v for k, v in locals().items() if k not in ("source", "engine", "scheduler")}
+        if engine != "dask":
+            raise TreeprobeError(f"engine must be 'local' or 'dask'; got {engine!r}"
+                                 + (" (scheduler= needs engine='dask')" if engine == "local" else ""))
+        from treeprobe.stream_dask import species_statistics_dask
+        return species_statistics_dask(source, scheduler=scheduler, **kw)
+    # --- end of the engine hook ----------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
     if unknown not in UNKNOWN_MODES:
@@ -987,11 +1398,14 @@ def species_statistics(source, *, columns: Mapping[str, str] | None = None, wher
     where_fold = _where_folded(where)
     if covariate is not None and covariate in RANKS:
         raise TreeprobeError(f"covariate {covariate!r} is a rank column: pick an item column")
+    sample_cols = _sample_settings(sample, sample_seed, sample_columns, sample_root, where_fold, covariate)
 
     def cols_for(schema_names, path):
-        return _match_columns(schema_names, columns, where_fold, covariate, path)
+        return _match_columns(schema_names, columns, where_fold, covariate, path, sample_cols or ())
 
     stats: SpeciesStats | None = None
+    sampler: _Sample | None = None
+    u2s: dict = {}  # unit of this pass -> stratum of the sample
     pending = dict(n_rows=0, n_filtered=0)
     skipped: dict = {}
     examples: dict = {}
@@ -1032,6 +1446,12 @@ def species_statistics(source, *, columns: Mapping[str, str] | None = None, wher
                 dim = D
             if stats is None and dim is not None:
                 stats = SpeciesStats(dim, unknown, missing_t, gram, covariate)
+                if sample is not None:
+                    stats._sample = sampler = _Sample(int(sample), int(sample_seed), dim, sample_cols,
+                                                      None if sample_root is None else os.fspath(sample_root))
+                    for f in files if kind == "parquet" else []:  # labels checked before any work
+                        sampler.file(f)
+                    sampler.reserve(batch_rows)
             keep = valid.copy()
             if where_fold:
                 w = _where_mask(cols, where_fold, names)
@@ -1075,6 +1495,11 @@ def species_statistics(source, *, columns: Mapping[str, str] | None = None, wher
                 ids = np.array([stats._cov_unit(int(u), str(pair_cats[c])) for u, c in combos.T], dtype=np.int64)
                 cov_id[ui] = ids[inv.ravel()]
             ui = np.flatnonzero(use)
+            if sampler is not None:
+                u, inv = np.unique(uid[ui], return_inverse=True)
+                ids = np.array([u2s[x] if x in u2s else u2s.setdefault(x, sampler.stratum(stats._lin[x]))
+                                for x in u.tolist()], dtype=np.int64)
+                sampler.add(sampler.file(path), rows[ui], ids[inv.ravel()], X, ui, cols)
             for a in range(0, len(ui), _BLOCK):
                 idx = ui[a:a + _BLOCK]
                 stats._add_block(_unit_vectors(X[idx])[3], uid[idx], None if cov_id is None else cov_id[idx])
@@ -1086,6 +1511,8 @@ def species_statistics(source, *, columns: Mapping[str, str] | None = None, wher
                              f"({pending['n_rows']} rows, {pending['n_filtered']} filtered out by where)")
     if stats.gram_enabled:
         stats._tail = None  # the last species stays held (a later merge may continue it)
+    if sampler is not None:
+        sampler.finish()  # exactly the sample of these rows
     stats.n_rows = pending["n_rows"]
     stats.n_filtered = pending["n_filtered"]
     stats.n_skipped = skipped
@@ -1093,6 +1520,28 @@ def species_statistics(source, *, columns: Mapping[str, str] | None = None, wher
     stats.files = tuple(files)
     stats.timings = dict(seconds=time.perf_counter() - t0, wait_read_seconds=waits[0])
     return stats
+
+
+def _sample_settings(sample, seed, columns, root, where_fold, covariate) -> tuple | None:
+    """The item columns a sample keeps (where / covariate / ``columns``, ranks excluded), after checks."""
+    from treeprobe._validation import check_int
+
+    if sample is None:
+        if tuple(columns) or root is not None:
+            raise TreeprobeError("sample_columns= / sample_root= need sample=SIZE")
+        return None
+    check_int(sample, "sample", minimum=1)
+    check_int(seed, "sample_seed", minimum=None)
+    if isinstance(columns, str):
+        columns = [columns]
+    cols = [c for c in list(where_fold) + ([covariate] if covariate else []) + list(columns) if c not in RANKS]
+    bad = [c for c in cols if c in SAMPLE_ITEM_COLUMNS or c == "emb"]
+    if bad:
+        raise TreeprobeError(f"sample column {bad[0]!r} clashes with a column of the sample's items "
+                             f"({', '.join(SAMPLE_ITEM_COLUMNS)}) or the embedding")
+    if root is not None and not os.path.isdir(os.fspath(root)):
+        raise TreeprobeError(f"sample_root {os.fspath(root)!r} is not a folder")
+    return tuple(dict.fromkeys(cols))
 
 
 # --- the tests on species statistics ----------------------------------------------------------------------
@@ -1144,7 +1593,7 @@ def _not_from_stats(level, scheme, method, seed, why) -> dict:
 def mantel_from_stats(stats: SpeciesStats, *, methods: Sequence[str] = ("pearson",),
                       levels: Sequence[str] | None = None, permute: Sequence[str] = ("species",),
                       rank_lengths=None, permutations: int = 999, seed: int = 0, spearman_max_n: int | None = None,
-                      progress: bool = False, n_jobs: int | None = None) -> pd.DataFrame:
+                      progress: bool = False, n_jobs: int | None = None, strict: bool = True) -> pd.DataFrame:
     """The table of :func:`treeprobe.tl.mantel` (rank taxonomy) from species statistics, same seeds.
 
     Seeds are drawn exactly as tl.mantel draws them (scheme × level × method, one each), so every row that
@@ -1152,7 +1601,9 @@ def mantel_from_stats(stats: SpeciesStats, *, methods: Sequence[str] = ("pearson
     species-centroid level, every method and scheme (centroids and sizes suffice); image level, Pearson
     with species permuted (needs ``gram=True`` and contiguous species). Other rows (image-level Spearman,
     image permutations) come back with NaN, ``estimator`` = :data:`NOT_FROM_STATS` and their seed in
-    ``details``: they need items (the sample). No partial Mantel (``control``) row.
+    ``details``: they need items (the sample). No partial Mantel (``control``) row. ``strict=False``: an
+    image-level Pearson row the statistics cannot give (read without ``gram=True``, or species whose rows are
+    not contiguous) comes back marked the same way, with the reason, instead of raising (seeds unchanged).
     """
     from treeprobe import mantel as M
     from treeprobe._utils import SEED_BOUND
@@ -1186,12 +1637,18 @@ def mantel_from_stats(stats: SpeciesStats, *, methods: Sequence[str] = ("pearson
                     rows.append(_not_from_stats(level, scheme, method, kw["seed"],
                                                 "image-level Spearman and image permutations need the items"))
                     continue
+                why = None
                 if not stats.gram_enabled:
-                    raise TreeprobeError("the image-level species Mantel test needs species_statistics(..., gram=True)")
-                if not stats.within_exact:
-                    raise TreeprobeError(f"the rows of {stats.n_scattered} species are not contiguous in the files: "
-                                         "the image-level test needs each species' rows together (sort the shards "
-                                         "by taxonomy, as TreeOfLife-200M is) — the species-centroid level does not")
+                    why = "the image-level species Mantel test needs species_statistics(..., gram=True)"
+                elif not stats.within_exact:
+                    why = (f"the rows of {stats.n_scattered} species are not contiguous in the files: "
+                           "the image-level test needs each species' rows together (sort the shards "
+                           "by taxonomy, as TreeOfLife-200M is) — the species-centroid level does not")
+                if why is not None:
+                    if strict:
+                        raise TreeprobeError(why)
+                    rows.append(_not_from_stats(level, scheme, method, kw["seed"], why))
+                    continue
                 G = stats.gram
                 res = _species_pearson_from_sums(
                     clades, sizes, stats.sums, float(stats.sq.sum()), float(np.sum(G * G)), float(stats.within.sum()),
@@ -1223,3 +1680,192 @@ def physignal_from_stats(stats: SpeciesStats, *, rank_lengths=None, permutations
                        centroids="unit-norm mean of unit embeddings" if renormalise
                        else "mean of unit embeddings (not renormalised)")
     return res
+
+
+# --- the whole intrinsic analysis of a streaming pass -------------------------------------------------------
+
+
+def rank_summary_from_stats(stats: SpeciesStats) -> pd.DataFrame:
+    """:meth:`Taxonomy.rank_summary <treeprobe.taxonomy.Taxonomy.rank_summary>` of all the rows the
+    statistics used (n_taxa, n_singleton_taxa, n_placeholder_taxa, largest_taxon, n_unknown per rank): the
+    taxonomy of the units with each unit weighted by its item count, equal to the in-memory table."""
+    from treeprobe.taxonomy import SEP
+
+    tax = Taxonomy.from_frame(stats.lineages, RANKS, unknown=stats.unknown, missing=stats.missing)
+    w = stats.counts
+    rows = []
+    for r in tax.ranks:
+        codes = tax.codes(r)
+        taxa = tax.taxon_labels(r)
+        on = codes >= 0
+        counts = np.bincount(codes[on], weights=w[on], minlength=len(taxa)).astype(np.int64)
+        placeholder = PLACEHOLDER.format(rank=r)
+        n_ph = 0 if stats.unknown == "separate" else int(sum(str(t).rsplit(SEP, 1)[-1] == placeholder for t in taxa))
+        rows.append(dict(rank=r, n_taxa=len(counts), n_singleton_taxa=int((counts == 1).sum()), n_placeholder_taxa=n_ph,
+                         largest_taxon=int(counts.max()) if len(counts) else 0,
+                         n_unknown=int(w[~tax.known(r)].sum())))
+    return pd.DataFrame(rows)
+
+
+#: The partial Mantel row (``control``) of :func:`intrinsic_from_stats`: not computed from statistics.
+PARTIAL_NOT_FROM_STATS = ("the partial Mantel test needs the items (its permutations move images within "
+                          "species); not computed on species statistics")
+
+
+def intrinsic_from_stats(stats: SpeciesStats, *, rank_lengths=None, seed: int = 0, permutations: int = 999,
+                         mantel_methods: Sequence[str] = ("pearson", "spearman"), centroid_level: bool = True,
+                         permute: Sequence[str] = ("species",), control: str | None = None,
+                         cluster_methods: Sequence[str] = ("kmeans", "agglomerative"), chance_permutations: int = 20,
+                         knn_k: int = 10, knn_max_queries: int | None = 100_000, maps: Sequence[str] = ("tsne", "umap"),
+                         max_map_points: int | None = None, spearman_max_n: int | None = None, phylo: bool = False,
+                         tree_method: str = "upgma", tree_levels: Sequence[str] = ("species", "genus"),
+                         covariate: str | None = None, covariate_levels=None, species_covariates=None,
+                         progress: bool = True, provenance: dict | None = None, n_jobs: int | None = None):
+    """:func:`treeprobe.tl.intrinsic` of a streaming pass (``species_statistics(..., gram=True, sample=SIZE)``):
+    returns the :class:`~treeprobe.report.Report`, nothing is written.
+
+    **Exact over all rows** (from the statistics, same seeds as tl.intrinsic on all rows in memory): the
+    Mantel table of :func:`mantel_from_stats` (image-level between-species Pearson with species permuted,
+    the species-centroid level; image-level Spearman and image permutations come back marked
+    :data:`NOT_FROM_STATS`, as does the ``control`` row: :data:`PARTIAL_NOT_FROM_STATS`), K_mult with
+    ``phylo`` (:func:`physignal_from_stats`) and the taxa-per-rank table (:func:`rank_summary_from_stats`).
+    **From the sample** (:meth:`SpeciesStats.sample_data`, with the same ``treeprobe.tl`` tools and
+    arguments as tl.intrinsic): clustering, kNN agreement, the maps, the Mantel distance figure, and with
+    ``phylo`` tree recovery, within-species variation (``covariate``) and covariate alignment
+    (``species_covariates``); their columns must be in the sample (``sample_columns``). No user tree.
+    ``provenance["stream"]`` gets the pass's counts, the sample's settings and which number came from where
+    (entries given in ``provenance["stream"]`` — engine, pass time — are kept).
+    """
+    from treeprobe import tl
+    from treeprobe._utils import DEFAULT_MAX_MAP_POINTS, MANTEL_FIGURE_PAIRS
+    from treeprobe._validation import check_choice, check_int
+    from treeprobe.clustering import METHODS as CLUSTER_METHODS
+    from treeprobe.mantel import SPEARMAN_MAX_N
+    from treeprobe.report import Report
+
+    if not isinstance(stats, SpeciesStats):
+        raise TreeprobeError(f"expected the SpeciesStats of species_statistics, got {type(stats).__name__}")
+    if not stats.has_sample:
+        raise TreeprobeError("the intrinsic report needs a sample for kNN, clustering and maps: "
+                             "species_statistics(..., sample=SIZE)")
+    max_map_points = DEFAULT_MAX_MAP_POINTS if max_map_points is None else max_map_points
+    spearman_max_n = SPEARMAN_MAX_N if spearman_max_n is None else spearman_max_n
+    ds = stats.sample_data()
+    tl.check_analysable(ds)
+    phylo = bool(phylo or covariate is not None or species_covariates is not None)
+    if phylo:
+        tree_levels = tl._check_phylo_options(ds, None, tree_method, tree_levels, covariate, covariate_levels,
+                                              species_covariates)
+    levels = ("image", "species-centroid") if centroid_level else ("image",)
+    tl._check_mantel_options(ds, mantel_methods, levels, permute, control, permutations)
+    for name in cluster_methods:
+        check_choice(name, "clustering method", CLUSTER_METHODS)
+    check_int(chance_permutations, "chance_permutations", minimum=0)
+    check_int(knn_k, "knn_k", minimum=1)
+    for name in maps:
+        check_choice(name, "map", tl.MAPS)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(key, fn, *args, **kw):
+        t = time.perf_counter()
+        out = fn(*args, **kw)
+        timings[key] = time.perf_counter() - t
+        return out
+
+    table = timed("mantel_s", mantel_from_stats, stats, methods=mantel_methods, levels=levels, permute=permute,
+                  rank_lengths=rank_lengths, permutations=permutations, seed=seed, spearman_max_n=spearman_max_n,
+                  progress=progress, n_jobs=n_jobs, strict=False)
+    if control is not None:
+        table = pd.concat([table, pd.DataFrame([dict(
+            level=f"image | {control}", scheme="", statistic=float("nan"), p_value=float("nan"),
+            method="pearson (partial)", estimator=NOT_FROM_STATS, permuted="",
+            details=dict(control=control, reason=PARTIAL_NOT_FROM_STATS))])], ignore_index=True)
+    for col in ("permutations", "n_items", "n_pairs"):  # counts stay integers beside the rows not computed
+        if col in table.columns:
+            table[col] = pd.Series([None if pd.isna(v) else int(v) for v in table[col]], dtype=object)
+    ds.uns["mantel"] = table
+    ds.uns["mantel_tree"] = dict(kind="rank taxonomy (patristic, " + ("one unit per rank" if rank_lengths is None
+                                                                      else f"rank lengths {rank_lengths}") + ")")
+    ds.uns["mantel_pairs"] = tl._pair_sample(ds.unit, ds.taxonomy.clade_structure(rank_lengths),
+                                             n_pairs=MANTEL_FIGURE_PAIRS, seed=seed)
+    timed("clustering_s", tl.clustering, ds, methods=cluster_methods, seed=seed,
+          chance_permutations=chance_permutations, progress=progress)
+    timed("knn_s", tl.knn, ds, k=knn_k, max_queries=knn_max_queries, seed=seed)
+    for name in maps:
+        timed(f"{name}_s", {"tsne": tl.tsne, "umap": tl.umap}[name], ds, seed=seed, max_points=max_map_points)
+    if phylo:
+        res = timed("physignal_s", physignal_from_stats, stats, rank_lengths=rank_lengths, permutations=permutations,
+                    seed=seed, progress=progress)
+        ds.uns["physignal"] = {k: v for k, v in res.to_dict().items() if k != "per_axis"}
+        ds.uns["physignal_axes"] = res.per_axis
+        ds.uns["physignal_result"] = res
+        timed("tree_recovery_s", tl.tree_recovery, ds, method=tree_method, levels=tree_levels,
+              rank_lengths=rank_lengths, permutations=permutations, seed=seed)
+        timed("within_species_variation_s", tl.within_species_variation, ds, covariate=covariate,
+              levels=covariate_levels, permutations=permutations, seed=seed)
+        if species_covariates is not None:
+            timed("covariate_alignment_s", tl.covariate_alignment, ds, covariates=species_covariates,
+                  rank_lengths=rank_lengths, permutations=permutations, seed=seed, progress=progress)
+    timings["total_analysis_s"] = time.perf_counter() - t0
+    ds.uns["timings"] = timings
+    summary = rank_summary_from_stats(stats)
+    prov = dict(provenance or {})
+    stream_prov = _stream_provenance(stats, table, maps=maps, phylo=phylo, covariate_alignment=species_covariates
+                                     is not None)
+    stream_prov.update(prov.get("stream") or {})
+    prov.update(
+        seed=seed, permutations=permutations, knn_k=ds.uns["knn_params"]["k"], knn_max_queries=knn_max_queries,
+        n_items=stats.n_items, n_sampled=len(ds), embedding_dim=stats.dim,
+        n_taxa=dict(zip(summary["rank"], summary["n_taxa"].astype(int).tolist())),
+        taxonomy=dict(unknown=stats.unknown, missing=list(stats.missing)), tree=ds.uns["mantel_tree"],
+        timings=timings, versions=tl.package_versions(), command=" ".join(sys.argv), stream=stream_prov)
+    ds.uns["provenance"] = prov
+    report = Report.from_data(ds)
+    report.rank_summary = summary
+    report.skipped = pd.DataFrame([dict(item=ex, reason=reason) for reason, exs in stats.skipped_examples.items()
+                                   for ex in exs], columns=["item", "reason"])
+    return report
+
+
+def _stream_provenance(stats: SpeciesStats, mantel: pd.DataFrame, *, maps, phylo: bool,
+                       covariate_alignment: bool) -> dict:
+    """What a report of a streaming pass states: the pass's counts, the sample, which number came from where."""
+    info = stats.sample_info
+    exact_rows = mantel[mantel["estimator"] != NOT_FROM_STATS]
+    missing = mantel[mantel["estimator"] == NOT_FROM_STATS]
+
+    def row_name(r):
+        return f"{r['level']} {r['method']}" + (f" ({r['scheme']} permuted)" if r["scheme"] else "")
+
+    exact = [f"Mantel {row_name(r)}" for _, r in exact_rows.iterrows()]
+    exact += (["K_mult (phylogenetic signal of the species centroids)"] if phylo else [])
+    exact += ["taxa per rank", "item, species and skip counts"]
+    from_sample = ["kNN agreement", "rank-wise clustering"]
+    from_sample += [f"{'t-SNE' if m == 'tsne' else 'UMAP'} map" for m in maps]
+    from_sample += ["the Mantel distance figure (pairs of sampled items)", "items.csv"]
+    if phylo:
+        from_sample += ["tree recovery", "within-species variation"] + (["covariate alignment"] if covariate_alignment
+                                                                         else [])
+    reasons = {}
+    for _, r in missing.iterrows():
+        why = (r.get("details") or {}).get("reason", "")
+        reasons.setdefault(why, []).append(f"Mantel {row_name(r)}")
+    s = stats.summary()
+    rate = stats.n_rows / stats.timings["seconds"] if stats.timings.get("seconds") else None
+    return dict(
+        n_files=len(stats.files), files=[str(f) for f in stats.files[:3]] + (["..."] if len(stats.files) > 3 else []),
+        n_rows=int(stats.n_rows), n_filtered_by_where=int(stats.n_filtered),
+        n_set_aside=int(sum(stats.n_skipped.values())), n_set_aside_by_reason=dict(stats.n_skipped),
+        n_items=int(stats.n_items), n_species=int(stats.n_units - s["n_single_item_units"]),
+        n_units=int(stats.n_units), n_single_item_units=int(s["n_single_item_units"]), dim=int(stats.dim),
+        gram=bool(stats.gram_enabled), within_exact=bool(stats.within_exact), n_scattered=int(stats.n_scattered),
+        statistics_bytes=int(s["statistics_bytes"]),
+        sample=dict(size=info["size"], n_sampled=info["n_sampled"], seed=info["seed"], rule=info["rule"],
+                    cap=info["cap"], n_extra=info["n_extra"], n_strata=info["n_strata"],
+                    n_strata_whole=info["n_strata_whole"], columns=info["columns"], file_labels=info["file_labels"]),
+        exact=exact, from_sample=from_sample, not_computed=[dict(rows=v, reason=k) for k, v in reasons.items()],
+        exact_sentence=info["exact"], from_sample_sentence=info["from_sample"],
+        pass_seconds=float(stats.timings.get("seconds", float("nan"))),
+        wait_read_seconds=float(stats.timings.get("wait_read_seconds", float("nan"))),
+        rows_per_second=rate, engine="local")
