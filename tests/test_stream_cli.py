@@ -6,7 +6,6 @@ separate pass, ``tl.mantel`` / ``tl.physignal`` / ``Taxonomy.rank_summary`` on e
 ``tl.knn`` / ``tl.clustering`` on ``stats.sample_data()``.
 """
 
-import json
 import os
 
 import numpy as np
@@ -23,6 +22,7 @@ from treeprobe.report import STREAM_SECTION
 from treeprobe.stream import NOT_FROM_STATS, mantel_from_stats, physignal_from_stats, species_statistics
 from treeprobe.taxonomy import RANKS
 
+from tests.test_cli import load_report as _report, run as _run
 from tests.test_stream import _sorted, _split_inside_species, _write_shards
 
 TOL = 1e-12
@@ -56,17 +56,6 @@ def world(tmp_path_factory):
     _write_shards(table, folder, _split_inside_species(table, 4), row_group_size=128)
     return dict(whole=whole, folder=str(folder), glob=str(folder / "part*.parquet"), ds=load_embeddings(whole),
                 root=root)
-
-
-def _run(args, capsys):
-    code = main(args)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def _report(out):
-    with open(os.path.join(out, "report.json")) as fh:
-        return json.load(fh)
 
 
 @pytest.fixture(scope="module")
