@@ -161,6 +161,18 @@ def test_cosine_distance_matrix_blocked_is_symmetric_and_exact():
     assert (D == D.T).all() and np.abs(D - ref).max() < 1e-13
 
 
+def test_cosine_distance_condensed_is_the_matrix_upper_triangle_bit_for_bit():
+    # 2500 rows: two row blocks of 2048, so a wrong offset in the second block or row segment shows
+    from scipy.spatial.distance import squareform
+
+    X = np.random.default_rng(23).normal(size=(2500, 7))
+    X[3] = X[4]  # a zero distance: clipped at 0 in both
+    y = M.cosine_distance_condensed(X)
+    assert y.shape == (2500 * 2499 // 2,)
+    assert np.array_equal(y, squareform(M.cosine_distance_matrix(X), checks=False))
+    assert y[2500 * 3 - 3 * 4 // 2] < 1e-15 < y[2500 * 3 - 3 * 4 // 2 + 1] and (y >= 0).all()  # pair (3, 4)
+
+
 def test_taxon_centroids_blocked():
     rng = np.random.default_rng(18)
     X = rng.normal(size=(20000, 5))

@@ -318,6 +318,71 @@ def test_covariate_sums_per_species_and_category(world):
     np.testing.assert_allclose(np.bincount(unit, weights=counts), st.counts)
 
 
+@pytest.mark.parametrize("name, scheme", [("world", "auto"), ("world", "species"), ("tol", "auto")])
+def test_partial_mantel_from_stats_equals_the_in_memory_test(name, scheme, request):
+    """Shards cut inside species, read in one pass (and merged from two), against partial_mantel_tree on the
+    whole file: r_dt, r_dz, r_tz and the partial r to 1e-12, the same permutations hence the same p-values.
+    tol: the real BioCLIP 2 rows (float16), 8 image types; world: 2 types, items of unknown species."""
+    from treeprobe.partial_mantel import partial_mantel_tree
+
+    w = request.getfixturevalue(name)
+    ds = w["ds"]
+    X_m, clades, _, _, _ = tl._mantel_inputs(ds, None, None)
+    ref = partial_mantel_tree(X_m, clades, ds.items.img_type.to_numpy(), name="img_type", permutations=49,
+                              seed=11, permutation=scheme)
+    one = species_statistics(w["shards"], gram=True, covariate="img_type", progress=False)
+    a = species_statistics(w["shards"][:2], gram=True, covariate="img_type", progress=False)
+    b = species_statistics(w["shards"][2:], gram=True, covariate="img_type", progress=False)
+    for st in (one, b.merge(a)):
+        got = stream.partial_mantel_from_stats(st, permutations=49, seed=11, permutation=scheme)
+        for key in ("statistic", "r_dt", "r_dz", "r_tz"):
+            assert getattr(got, key) == pytest.approx(getattr(ref, key), abs=TOL), key
+        assert (got.p_value, got.mantel_p_value, got.n_pairs, got.n_items, got.n_species, got.permutation) == \
+            (ref.p_value, ref.mantel_p_value, ref.n_pairs, ref.n_items, ref.n_species, ref.permutation)
+        assert got.details["n_permutable_units"] == ref.details["n_permutable_units"]
+        np.testing.assert_allclose(got.permuted_statistics, ref.permuted_statistics, rtol=0, atol=1e-10)
+        assert got.control == ref.control
+    if name == "tol":  # real image types follow the tree and the embeddings: the covariate terms matter
+        assert abs(ref.r_dz) > 0.05 and abs(ref.r_tz) > 0.05
+
+
+def test_mantel_from_stats_control_row_equals_tl_mantel(world):
+    ds = world["ds"]
+    ref = tl.mantel(ds, control="img_type", permutations=19, seed=3)
+    st = species_statistics(world["shards"], gram=True, covariate="img_type", progress=False)
+    got = mantel_from_stats(st, methods=("pearson", "spearman"), control="img_type", permutations=19, seed=3)
+    assert got.iloc[-1].level == ref.iloc[-1].level == "image | img_type"
+    assert got.iloc[-1].p_value == ref.iloc[-1].p_value  # the partial test's seed: the next draw, as tl.mantel
+    assert got.iloc[-1].statistic == pytest.approx(ref.iloc[-1].statistic, abs=TOL)
+    marked = mantel_from_stats(st, control="img_type", control_kind="numeric", permutations=0, strict=False)
+    assert marked.iloc[-1].estimator == stream.NOT_FROM_STATS
+    with pytest.raises(TreeprobeError, match="numeric control"):
+        mantel_from_stats(st, control="img_type", control_kind="numeric", permutations=0)
+
+
+def test_partial_mantel_from_stats_refuses_what_it_cannot_do(world, tmp_path):
+    with pytest.raises(TreeprobeError, match="covariate=COLUMN"):
+        stream.partial_mantel_from_stats(species_statistics(world["whole"], gram=True, progress=False))
+    st = species_statistics(world["whole"], covariate="img_type", progress=False)
+    with pytest.raises(TreeprobeError, match="gram=True"):
+        stream.partial_mantel_from_stats(st)
+    st = species_statistics(world["whole"], gram=True, covariate="img_type", progress=False)
+    with pytest.raises(TreeprobeError, match="not 'batch'"):
+        stream.partial_mantel_from_stats(st, name="batch")
+    with pytest.raises(TreeprobeError, match="permutation scheme"):
+        stream.partial_mantel_from_stats(st, permutation="images")
+    t = world["table"]
+    z = t.column("img_type").to_pylist()
+    z[5] = None
+    path = str(tmp_path / "missing.parquet")
+    pq.write_table(t.set_column(t.schema.get_field_index("img_type"), "img_type", pa.array(z)), path)
+    with pytest.raises(TreeprobeError, match="1 item\\(s\\) have no 'img_type' value"):
+        stream.partial_mantel_from_stats(species_statistics(path, gram=True, covariate="img_type", progress=False))
+    scattered = species_statistics(BIOCLIP2_1K, gram=True, covariate="img_type", progress=False)
+    with pytest.raises(TreeprobeError, match="not contiguous"):
+        stream.partial_mantel_from_stats(scattered)
+
+
 def test_npy_with_metadata_csv_equals_parquet(tol, tmp_path):
     t = tol["table"]
     X = np.stack(t.column("emb").to_numpy(zero_copy_only=False)).astype(np.float16)

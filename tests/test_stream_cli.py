@@ -42,6 +42,7 @@ def world(tmp_path_factory):
     rng = np.random.default_rng(1)
     items.loc[rng.choice(len(items), 15, replace=False), "species"] = ""
     items["img_type"] = rng.choice(["museum", "citizen"], len(items))
+    items["year"] = rng.integers(1900, 2020, len(items))
     X = w.embeddings.astype(np.float32)
     X[3] = 0
     emb = [list(map(float, x)) for x in X]
@@ -232,16 +233,31 @@ def test_unsorted_rows_mark_the_image_level_instead_of_failing(tmp_path, capsys)
     assert "not computed" in stdout
 
 
-def test_control_row_is_marked_and_its_column_kept(world, tmp_path, capsys):
+def test_control_row_is_the_in_memory_partial_mantel_and_its_column_kept(world, tmp_path, capsys):
     out = str(tmp_path / "c")
     assert _run(["intrinsic", "--embeddings", world["folder"], "--out", out, "--sample", "200", "--control",
                  "img_type", "--maps", "none", "--cluster-methods", "none", "--permutations", "19", "--quiet",
                  "--no-figures"], capsys)[0] == 0
     rep = _report(out)
     row = rep["mantel"][-1]
-    assert row["level"] == "image | img_type" and row["estimator"] == NOT_FROM_STATS and row["statistic"] is None
-    assert row["details"]["reason"] == stream.PARTIAL_NOT_FROM_STATS
+    ref = tl.mantel(load_embeddings(world["whole"]), control="img_type", permutations=19, seed=0).iloc[-1]
+    assert row["level"] == ref.level == "image | img_type" and row["estimator"] == "exact"
+    for key in ("statistic", "r_dt", "r_dz", "r_tz"):
+        assert row[key] == pytest.approx(ref[key], abs=1e-12)
+    assert (row["p_value"], row["n_pairs"], row["scheme"]) == (ref.p_value, ref.n_pairs, ref.scheme)
+    assert row["details"]["mantel_p_value"] == ref.details["mantel_p_value"]
+    assert any("img_type" in e for e in rep["provenance"]["stream"]["exact"])
     assert "img_type" in pd.read_csv(os.path.join(out, "items.csv")).columns
+
+
+def test_numeric_control_row_is_marked_not_computed(world, tmp_path, capsys):
+    out = str(tmp_path / "n")
+    assert _run(["intrinsic", "--embeddings", world["folder"], "--out", out, "--sample", "200", "--control",
+                 "year", "--maps", "none", "--cluster-methods", "none", "--permutations", "9", "--quiet",
+                 "--no-figures"], capsys)[0] == 0
+    row = _report(out)["mantel"][-1]
+    assert row["level"] == "image | year" and row["estimator"] == NOT_FROM_STATS and row["statistic"] is None
+    assert row["details"]["reason"] == stream.PARTIAL_NUMERIC
 
 
 @pytest.mark.parametrize("args, message", [
@@ -277,3 +293,25 @@ def test_dask_engine_gives_the_local_numbers(world, folder_run, tmp_path, capsys
     _check_exact_rows(_mantel(rep), _mantel(_report(folder_run)), EXACT_ROWS)
     assert rep["knn"] == _report(folder_run)["knn"]  # the same sample, bit for bit
     assert rep["provenance"]["stream"]["engine"] == "dask"
+
+
+def test_tree_recovery_on_a_stated_leaf_subset_above_max_tree_leaves(stats):
+    """Above max_tree_leaves species-level leaves the tree is built on the items of a seeded uniform subset of
+    that many leaves: the report's tree-recovery numbers are tl.tree_recovery's on exactly that subset."""
+    kw = dict(phylo=True, maps=(), cluster_methods=(), permutations=9, tree_levels=("species",), progress=False,
+              seed=2, mantel_methods=("pearson",), centroid_level=False, chance_permutations=0)
+    rep = stream.intrinsic_from_stats(stats, max_tree_leaves=25, **kw)
+    ds = stats.sample_data()
+    leaf = np.unique(ds.taxonomy.clade_structure().item_node, return_inverse=True)[1].ravel()
+    chosen = np.random.default_rng([2, 14]).choice(leaf.max() + 1, 25, replace=False)
+    ref = tl.tree_recovery(ds.subset(np.isin(leaf, chosen)), levels=("species",), permutations=9, seed=2)
+    got = rep.results["tree_recovery"]
+    assert got.summary.n_leaves.iloc[0] == 25 < leaf.max() + 1
+    pd.testing.assert_frame_equal(got.summary, ref.summary)
+    assert got.params["leaf_subset"]["n_kept"] == 25
+    note = rep.provenance["stream"]["tree_leaf_subset"]
+    assert (note["n_leaves"], note["n_kept"], note["n_items"]) == (leaf.max() + 1, 25, int(np.isin(leaf, chosen).sum()))
+    assert any(x.startswith("tree recovery (tree recovery on the") for x in rep.provenance["stream"]["from_sample"])
+    whole = stream.intrinsic_from_stats(stats, max_tree_leaves=None, **kw)
+    assert whole.results["tree_recovery"].summary.n_leaves.iloc[0] == leaf.max() + 1
+    assert "tree_leaf_subset" not in whole.provenance["stream"]

@@ -127,6 +127,8 @@ def test_upgma_patristic_distances_are_scipys_cophenetic_distances():
     assert np.abs(squareform(t.patristic(), checks=False) - cophenet(t.linkage)).max() < 1e-12
     assert t.n_leaves == 25 and t.clades.n_nodes == 49 and list(t.names) == _names(25)
     assert np.bincount(t.clades.parent[1:]).max() == 2  # binary
+    c = tr.upgma(squareform(D, checks=False), names=_names(25))  # the condensed form: the same tree
+    assert np.array_equal(c.linkage, t.linkage) and c.to_newick() == t.to_newick()
 
 
 def test_neighbour_joining_matches_skbio_on_random_matrices():
@@ -495,6 +497,14 @@ def test_bad_inputs_raise_one_line_errors():
         tr.neighbor_joining(np.zeros((3, 4)))
     with pytest.raises(TreeprobeError, match="negative"):
         tr.upgma(-np.ones((3, 3)))
+    with pytest.raises(TreeprobeError, match="negative"):
+        tr.upgma(np.array([1.0, -1.0, 2.0]))  # condensed
+    with pytest.raises(TreeprobeError, match="NaN"):
+        tr.upgma(np.array([1.0, np.nan, 2.0]))
+    with pytest.raises(TreeprobeError, match="not S"):
+        tr.upgma(np.ones(4))
+    with pytest.raises(TreeprobeError, match="at least 3"):
+        tr.upgma(np.ones(1))
     with pytest.raises(TreeprobeError, match="symmetric"):
         tr.upgma(np.array([[0, 1, 2], [1, 0, 3], [2, 4, 0.0]]))
     with pytest.raises(TreeprobeError, match="tree method"):

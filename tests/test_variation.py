@@ -40,7 +40,7 @@ def _treedata(X, codes, group):
 # --- against explicit computations --------------------------------------------------------------
 
 
-def test_subspace_share_and_angle_match_explicit_computation():
+def test_subspace_share_and_angle_match_explicit_computation(monkeypatch):
     rng = np.random.default_rng(1)
     X = rng.normal(size=(90, 12)) + np.repeat(rng.normal(scale=3, size=(15, 12)), 6, axis=0)
     codes = np.repeat(np.arange(15), 6)
@@ -66,6 +66,13 @@ def test_subspace_share_and_angle_match_explicit_computation():
     got_dev, _ = va.within_deviations(X, codes)
     assert got_dev.shape == dev.shape
     assert va.outside_share(got_dev, sub.basis) == pytest.approx(expect, rel=1e-10)
+    # the scatter the TreeData path uses (blocks of rows, no deviation matrix) is dev.T @ dev of pandas' groups
+    monkeypatch.setattr(va, "_BLOCK_ROWS", 7)  # many blocks, one ending inside a species
+    G, m, n_sp = va.within_scatter(X, codes)
+    np.testing.assert_allclose(G, dev.T @ dev, rtol=0, atol=1e-12)
+    assert (m, n_sp) == (len(dev), int((known.groupby("sp").size() >= 2).sum()))
+    assert va._scatter_outside_share(G, sub.basis) == pytest.approx(expect, rel=1e-10)
+    assert va._scatter_random_share(G, 3) == pytest.approx(va.random_subspace_share(dev, 3), rel=1e-10)
     diffs = []
     for _, g in df[(df.sp >= 0) & (df.g >= 0)].groupby("sp"):
         a, b = g[g.g == 0], g[g.g == 1]
@@ -79,6 +86,10 @@ def test_subspace_share_and_angle_match_explicit_computation():
     assert va.inside_share(v, sub.basis) == pytest.approx(v @ P @ v / (v @ v), rel=1e-10)
     obs, _ = va.shift_permutations(X, codes, group, permutations=3)
     np.testing.assert_allclose(obs, v, atol=1e-12)
+    _, blocks = va.shift_permutations(X, codes, group, permutations=23, seed=4)  # 5 permutations per block
+    monkeypatch.setattr(va, "_BLOCK_ROWS", 8192)
+    _, whole = va.shift_permutations(X, codes, group, permutations=23, seed=4)  # one block: the same draws
+    np.testing.assert_allclose(blocks, whole, rtol=0, atol=1e-12)
 
 
 def test_taxon_centroids_are_means_of_species_centroids():

@@ -436,7 +436,7 @@ def covariate_mantel(centroids, covariate, tree, *, strata=None, kind: str = "au
     r_dt has no p-value (``test_tree_covariate=False``: nor r_ct, saving a third of the work).
     4 ≤ S ≤ :data:`MAX_SPECIES`. O(S²) memory and time per permutation.
     """
-    from treeprobe.mantel import ALTERNATIVES, cosine_distance_matrix
+    from treeprobe.mantel import ALTERNATIVES, cosine_distance_condensed
     from treeprobe.permutation import n_permutable_species
 
     permutations = check_int(permutations, "permutations", minimum=0)
@@ -462,7 +462,7 @@ def covariate_mantel(centroids, covariate, tree, *, strata=None, kind: str = "au
         strata = np.asarray(strata)
         if strata.shape != (S,):
             raise TreeprobeError(f"strata must have one label per species ({S}); got shape {strata.shape}")
-    d = _condensed(cosine_distance_matrix(Y))
+    d = cosine_distance_condensed(Y)
     ds, _ = _standardised(d)
     if ds is None:
         raise TreeprobeError("the centroids' cosine distances are all equal: the correlation is undefined")

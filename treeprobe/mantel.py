@@ -72,7 +72,7 @@ from treeprobe.tree import CladeStructure, tree_depth
 
 __all__ = [
     "MantelResult", "mantel", "mantel_tree", "mantel_species", "mantel_centroids", "permutation_p_value",
-    "cosine_distance_matrix", "taxon_centroids", "tree_distance_matrix", "round_tree_distances",
+    "cosine_distance_matrix", "cosine_distance_condensed", "taxon_centroids", "tree_distance_matrix", "round_tree_distances",
     "ALTERNATIVES", "METHODS", "PERMUTE", "PERMUTED_IMAGES", "PERMUTED_SPECIES", "PERMUTED_CENTROIDS",
     "SPEARMAN_MAX_N", "SPEARMAN_REPEATS", "TREE_TIE_RESOLUTION",
 ]
@@ -361,26 +361,47 @@ def mantel(x, y, *, method: str = "pearson", permutations: int = 999, alternativ
     )
 
 
-def cosine_distance_matrix(X: np.ndarray) -> np.ndarray:
-    """1 − cos(x_i, x_j) for rows of X (N, D), float64 (N, N), zero diagonal, values in [0, 2].
-
-    Computed in row blocks (general matrix products, never ``X @ X.T``, whose OpenBLAS
-    syrk kernel crashes from about N = 33,000 on 2 threads).
-    """
+def _cosine_row_blocks(X: np.ndarray):
+    """Yield (i, blk): blk = x̂_{i:i+b}·x̂_{i:}ᵀ, float64 (b, N − i), for row blocks of the L2-normalised rows
+    of X (N, D), the (b, b) diagonal part made exactly symmetric. General matrix products, never
+    ``X @ X.T``, whose OpenBLAS syrk kernel crashes from about N = 33,000 on 2 threads."""
     Xn = l2_normalise(X, dtype=np.float64)
-    N = len(Xn)
-    D = np.empty((N, N))
     b = _COSINE_BLOCK_ROWS
-    for i in range(0, N, b):  # upper block row, mirrored: exactly symmetric
+    for i in range(0, len(Xn), b):
         blk = Xn[i:i + b] @ Xn[i:].T  # (b, N − i): never the (N, N) self-product
         d = blk[:, :len(blk)]
         d += d.T.copy()
         d *= 0.5
+        yield i, blk
+
+
+def cosine_distance_matrix(X: np.ndarray) -> np.ndarray:
+    """1 − cos(x_i, x_j) for rows of X (N, D), float64 (N, N), zero diagonal, values in [0, 2]
+    (computed in row blocks, exactly symmetric)."""
+    N = len(X)
+    D = np.empty((N, N))
+    for i, blk in _cosine_row_blocks(X):  # upper block row, mirrored
+        b = len(blk)
         D[i:i + b, i:] = blk
-        D[i + b:, i:i + b] = blk[:, len(blk):].T
+        D[i + b:, i:i + b] = blk[:, b:].T
     np.subtract(1.0, D, out=D)
     np.fill_diagonal(D, 0.0)
     return np.maximum(D, 0.0, out=D)
+
+
+def cosine_distance_condensed(X: np.ndarray) -> np.ndarray:
+    """The entries i < j of :func:`cosine_distance_matrix` (the same values, bit for bit) as scipy's
+    condensed vector, float64 (N(N−1)/2,), without the (N, N) matrix: half its memory."""
+    N = len(X)
+    out = np.empty(N * (N - 1) // 2)
+    for i, blk in _cosine_row_blocks(X):
+        for k in range(len(blk)):
+            r = i + k
+            a = N * r - r * (r + 1) // 2
+            seg = out[a:a + N - r - 1]
+            np.subtract(1.0, blk[k, k + 1:], out=seg)
+            np.maximum(seg, 0.0, out=seg)
+    return out
 
 
 def _check_norms(norms: np.ndarray) -> None:
@@ -972,7 +993,7 @@ def _species_spearman_exact(X, clades, units: _Units, permutations, alternative,
     unit permutations (each moved to the item level); ~6·8·N² bytes."""
     N = len(units.codes)
     between = squareform(units.codes[:, None] != units.codes[None, :], checks=False)  # condensed bool
-    dfull = squareform(cosine_distance_matrix(X), checks=False)
+    dfull = cosine_distance_condensed(X)
     P_w = int((~between).sum())
     mean_within = float(dfull[~between].mean()) if P_w else float("nan")
     rd = scipy.stats.rankdata(dfull[between])

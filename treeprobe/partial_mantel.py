@@ -258,16 +258,12 @@ class _MovingSums:
     holds a contiguous run of slots: its sums S_C are differences of prefix sums over the slots.
     """
 
-    def __init__(self, comp, unit_of_item: np.ndarray, U: np.ndarray, z: np.ndarray, kind: str, sum_t: float):
-        N = len(unit_of_item)
-        m = len(comp.parent)
-        item_c = np.empty(N, dtype=np.int64)
-        item_c[comp.order] = np.repeat(np.arange(m), comp.own)
-        n_units = int(unit_of_item.max()) + 1
-        self.sizes = np.bincount(unit_of_item, minlength=n_units)
-        first = np.full(n_units, N, dtype=np.int64)
-        np.minimum.at(first, unit_of_item, np.arange(N))
-        slot_c = item_c[first]  # the compressed node of each unit's slot
+    def __init__(self, comp, slot_c: np.ndarray, V: np.ndarray, H: np.ndarray | None, sum_t: float):
+        """comp: the compressed tree; slot_c (U,): the compressed node of each unit's slot; V (U, D): the
+        units' vector sums Σ x̂; H (U, groups): their item counts per category, or None for a numeric
+        covariate (then :meth:`of_items` adds the item-level part)."""
+        n_units = len(slot_c)
+        self.sizes = None
         self.slot_order = np.argsort(slot_c, kind="stable")  # slots in post-order of their nodes
         pos = np.empty(n_units, dtype=np.int64)
         pos[self.slot_order] = np.arange(n_units)
@@ -289,12 +285,10 @@ class _MovingSums:
         single = self.hi - self.lo == 1  # clades of one slot: S_C is that unit's own sum
         self.single_pos, self.w_single = self.lo[single], self.w[single]
         self.lo_m, self.hi_m, self.w_m = self.lo[~single], self.hi[~single], self.w[~single]
-        ind = sp.csr_matrix((np.ones(N), (unit_of_item, np.arange(N))), shape=(n_units, N))
-        self.kind, self.sum_t, self.n_vec = kind, sum_t, U.shape[1]
-        V = ind @ U  # (units, D) vector sums
+        self.kind = "categorical" if H is not None else "numeric"
+        self.sum_t, self.n_vec = sum_t, V.shape[1]
         S = V.sum(axis=0)
-        if kind == "categorical":
-            H = (ind @ sp.csr_matrix((np.ones(N), (z, np.arange(N)))).T).toarray()  # (units, groups) counts
+        if H is not None:
             self.Y = np.hstack([V, H])
             # per unit: Y_u·T and ‖Y_u‖², for the vector part and the count part
             self.q = np.stack([V @ S, H @ H.sum(axis=0)], axis=1)
@@ -302,8 +296,31 @@ class _MovingSums:
         else:
             self.Y = V
             self.q, self.sq = (V @ S)[:, None], np.einsum("ij,ij->i", V, V)[:, None]
+        self._incidence = (rows, cols, pos)
+
+    @classmethod
+    def of_items(cls, comp, unit_of_item: np.ndarray, U: np.ndarray, z: np.ndarray, kind: str,
+                 sum_t: float) -> "_MovingSums":
+        """From items: unit_of_item (N,) the unit of each item (species, or the item itself), U (N, D) unit
+        rows, z (N,) category codes (``kind="categorical"``) or numbers."""
+        N = len(unit_of_item)
+        m = len(comp.parent)
+        item_c = np.empty(N, dtype=np.int64)
+        item_c[comp.order] = np.repeat(np.arange(m), comp.own)
+        n_units = int(unit_of_item.max()) + 1
+        first = np.full(n_units, N, dtype=np.int64)
+        np.minimum.at(first, unit_of_item, np.arange(N))
+        ind = sp.csr_matrix((np.ones(N), (unit_of_item, np.arange(N))), shape=(n_units, N))
+        H = None
+        if kind == "categorical":
+            H = (ind @ sp.csr_matrix((np.ones(N), (z, np.arange(N)))).T).toarray()  # (units, groups) counts
+        self = cls(comp, item_c[first], ind @ U, H, sum_t)
+        self.sizes = np.bincount(unit_of_item, minlength=n_units)
+        if kind != "categorical":
+            rows, cols, pos = self._incidence
             order = np.lexsort((pos[cols], rows))
             self._numeric_setup(rows[order], cols[order], unit_of_item, z)
+        return self
 
     def _numeric_setup(self, rows: np.ndarray, cols: np.ndarray, unit_of_item: np.ndarray, z: np.ndarray) -> None:
         """Item-level (clade, item slot) entries for Σ t·|Δz| (rows, cols: the (clade, slot) incidence,
@@ -500,13 +517,25 @@ def partial_mantel_tree(X, clades: CladeStructure, z, *, kind: str = "auto", pai
     strata = _strata(permutation, species, zv, kind)
 
     P, sum_c, sum_c2, sum_z, sum_z2, sum_cz = _pair_sums(U, zv, kind, species, pairs)
+    comp = _compress(clades)
+    sum_t, sum_t2 = _tree_pair_sums(comp, N)
+    moving = _MovingSums.of_items(comp, np.arange(N) if permutation == "images" else species, U, zv, kind, sum_t)
+    return _partial_test(np.array([P, sum_c, sum_c2, sum_z, sum_z2, sum_cz]), sum_t, sum_t2, moving, strata,
+                         permutation=permutation, permutations=permutations, alternative=alternative, seed=seed,
+                         name=name, kind=kind, n_categories=n_cat, n_items=N, n_species=int(species.max()) + 1,
+                         pairs=pairs)
+
+
+def _partial_test(fixed: np.ndarray, sum_t: float, sum_t2: float, moving: _MovingSums, strata: np.ndarray, *,
+                  permutation: str, permutations: int, alternative: str, seed, name: str, kind: str,
+                  n_categories, n_items: int, n_species: int, pairs: str) -> PartialMantelResult:
+    """The test from the pair sums that do not move (``fixed`` = [P, Σc, Σc², Σz, Σz², Σc·z] over the pairs),
+    Σt, Σt², the moving sums and the strata of the units (also fed by :mod:`treeprobe.stream`)."""
+    P, sum_c, sum_c2, sum_z, sum_z2, sum_cz = (float(v) for v in fixed)
     if not P >= 3:
         raise TreeprobeError(f"only {int(P)} pairs: too few for a partial Mantel test")
     sum_d, sum_d2, sum_dz = P - sum_c, P - 2.0 * sum_c + sum_c2, sum_z - sum_cz
-    comp = _compress(clades)
-    sum_t, sum_t2 = _tree_pair_sums(comp, N)
     r_dz = float(_pearson(P, sum_d, sum_d2, sum_z, sum_z2, sum_dz, ("embedding", name)))
-    moving = _MovingSums(comp, np.arange(N) if permutation == "images" else species, U, zv, kind, sum_t)
 
     def stats(inv):
         sum_ct, sum_tz = moving(inv)
@@ -522,9 +551,9 @@ def partial_mantel_tree(X, clades: CladeStructure, z, *, kind: str = "auto", pai
     return PartialMantelResult(
         statistic=stat, p_value=permutation_p_value(stat, perm_stat, alternative), r_dt=r_dt, r_dz=r_dz,
         r_tz=r_tz, mantel_p_value=permutation_p_value(r_dt, perm_r[:, 0], alternative), n_pairs=int(round(P)),
-        n_items=N, n_species=int(species.max()) + 1, pairs=pairs, permutation=permutation,
+        n_items=n_items, n_species=n_species, pairs=pairs, permutation=permutation,
         permutations=permutations, alternative=alternative, permuted=_permuted_sentence(permutation, name, strata),
-        control=dict(column=name, kind=kind, n_categories=n_cat), permuted_statistics=perm_stat,
+        control=dict(column=name, kind=kind, n_categories=n_categories), permuted_statistics=perm_stat,
         details=dict(mean_embedding_distance=float(sum_d / P), mean_tree_distance=float(sum_t / P),
                      mean_covariate_distance=float(sum_z / P), n_permutable_units=n_permutable_species(strata),
                      permuted_r_tz_mean=float(perm_r[:, 1].mean()) if permutations else float("nan")),

@@ -194,9 +194,9 @@ def run_intrinsic_stream(source, *, out: str | None = None, figures: bool = True
                          columns=None, batch_rows: int | None = None, progress: bool = True, **analysis_kwargs):
     """``treeprobe intrinsic`` on streamed embeddings: one bounded-memory pass over ``source`` (a folder or
     glob of parquet shards, a list, or one .parquet / .npy file) with
-    ``species_statistics(source, where=where, gram=True, sample=sample, sample_seed=seed, engine=engine,
-    scheduler=scheduler)`` (the columns ``control`` / ``covariate`` / ``species_covariates`` kept with the
-    sample), then :func:`treeprobe.stream.intrinsic_from_stats` (``analysis_kwargs``: its options, as
+    ``species_statistics(source, where=where, gram=True, covariate=control, sample=sample, sample_seed=seed,
+    engine=engine, scheduler=scheduler)`` (the columns ``control`` / ``covariate`` / ``species_covariates`` kept
+    with the sample; per (species, category) sums of ``control`` for the partial Mantel test), then :func:`treeprobe.stream.intrinsic_from_stats` (``analysis_kwargs``: its options, as
     :func:`treeprobe.tl.intrinsic`'s) → write. The Mantel rows the statistics give and K_mult are exact over
     all rows; kNN, clustering and maps come from the sample; the report says which (``provenance["stream"]``).
     Returns ``(report, written paths)``; ``out`` is checked before the pass."""
@@ -214,6 +214,7 @@ def run_intrinsic_stream(source, *, out: str | None = None, figures: bool = True
     kw = {} if batch_rows is None else dict(batch_rows=batch_rows)
     t0 = time.perf_counter()
     stats = stream.species_statistics(source, where=where, gram=True, sample=sample, sample_seed=seed,
+                                      covariate=analysis_kwargs.get("control"),
                                       sample_columns=[c for c in dict.fromkeys(keep) if c], engine=engine,
                                       scheduler=scheduler, metadata=metadata, columns=columns, progress=progress, **kw)
     seconds = time.perf_counter() - t0

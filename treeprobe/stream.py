@@ -22,8 +22,9 @@ sum S_s = Σ x̂_i (float64, D) and Σ‖x̂_i‖², where x̂ are the unit vect
   that :meth:`SpeciesStats.merge` of passes over different files stays exact; a species whose rows come
   back after its run ended is flagged (``within_exact`` False) and the image-level test refuses it.
   Cost O(N·D²) for G: the part of the pass that is not I/O (measured in the module's benchmark notes).
-* partial Mantel with a categorical covariate (not implemented here): additionally per (species, category)
-  n, S and Σ‖x̂‖², which ``covariate=`` accumulates.
+* partial Mantel with a categorical covariate (:func:`partial_mantel_from_stats`, between-species pairs, species
+  permuted within covariate make-up): additionally per (species, category) n and S, which ``covariate=``
+  accumulates; a numeric covariate needs every item's value (it is not done from statistics).
 * Spearman at image level and image-permutation p-values need items (a sample), not these sums.
 
 **A stratified sample in the same pass** (``sample=SIZE``, ``sample_seed``): for what needs items (kNN
@@ -56,7 +57,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -67,9 +68,10 @@ from treeprobe._utils import RANKS
 from treeprobe.errors import TreeprobeError
 from treeprobe.taxonomy import MISSING_TOKENS, PLACEHOLDER, UNKNOWN_MODES, Taxonomy, normalise_name
 
-__all__ = ["SpeciesStats", "species_statistics", "mantel_from_stats", "physignal_from_stats",
-           "intrinsic_from_stats", "rank_summary_from_stats", "PARTIAL_NOT_FROM_STATS", "EMBEDDING_COLUMNS",
-           "SKIP_REASONS", "NOT_FROM_STATS", "SAMPLE_RULE", "SAMPLE_ITEM_COLUMNS"]
+__all__ = ["SpeciesStats", "species_statistics", "mantel_from_stats", "partial_mantel_from_stats",
+           "physignal_from_stats",
+           "intrinsic_from_stats", "rank_summary_from_stats", "PARTIAL_NUMERIC", "EMBEDDING_COLUMNS",
+           "SKIP_REASONS", "NOT_FROM_STATS", "SAMPLE_RULE", "SAMPLE_ITEM_COLUMNS", "TREE_MAX_LEAVES"]
 
 #: Embedding column names tried in order when ``columns`` names none (``emb``: treeprobe, emb-explorer and
 #: the TreeOfLife-200M embeddings; the others: names emb-explorer also treats as embeddings).
@@ -79,6 +81,11 @@ SKIP_REASONS = ("missing embedding", "non-finite embedding", "zero-norm embeddin
                 f"no taxonomy (missing {RANKS[0]})", "unknown species (set aside: drop_unknown_species)")
 #: ``estimator`` of a Mantel row that species statistics cannot give (it needs the items).
 NOT_FROM_STATS = "needs items: not computable from species statistics"
+
+#: Most species-level leaves tree recovery of a streamed report builds a tree on (S² / 2 float64 distances:
+#: 0.4 GB at 10,000, plus scipy's copy); more are subsampled (:func:`intrinsic_from_stats`).
+TREE_MAX_LEAVES = 10_000
+
 
 _BLOCK = 8192  # rows per float64 block (8192 x 1024 x 8 B = 64 MB)
 _SINGLE = "\x00item"  # first element of the key of a unit that is one item (unknown species, separate mode)
@@ -889,7 +896,8 @@ class SpeciesStats:
                            dtype=object).reshape(len(smp.strata), len(RANKS))
         df = pd.DataFrame(spelled[strat], columns=list(RANKS))
         for c in smp.columns:
-            df[c] = pd.Series(list(smp.p_extra[c].view[o]), dtype=object) if len(o) else pd.Series([], dtype=object)
+            df[c] = (pd.Series(list(smp.p_extra[c].view[o]), dtype=object).infer_objects() if len(o)
+                     else pd.Series([], dtype=object))  # numbers as numbers (tl's numeric-or-categorical rule)
         paths = np.array(smp.paths, dtype=object)
         df["source_file"] = paths[smp.p_file.view[o]] if len(o) else pd.Series([], dtype=object)
         df["source_row"] = smp.p_row.view[o]
@@ -1593,7 +1601,8 @@ def _not_from_stats(level, scheme, method, seed, why) -> dict:
 def mantel_from_stats(stats: SpeciesStats, *, methods: Sequence[str] = ("pearson",),
                       levels: Sequence[str] | None = None, permute: Sequence[str] = ("species",),
                       rank_lengths=None, permutations: int = 999, seed: int = 0, spearman_max_n: int | None = None,
-                      progress: bool = False, n_jobs: int | None = None, strict: bool = True) -> pd.DataFrame:
+                      progress: bool = False, n_jobs: int | None = None, strict: bool = True,
+                      control: str | None = None, control_kind: str = "categorical") -> pd.DataFrame:
     """The table of :func:`treeprobe.tl.mantel` (rank taxonomy) from species statistics, same seeds.
 
     Seeds are drawn exactly as tl.mantel draws them (scheme × level × method, one each), so every row that
@@ -1601,13 +1610,16 @@ def mantel_from_stats(stats: SpeciesStats, *, methods: Sequence[str] = ("pearson
     species-centroid level, every method and scheme (centroids and sizes suffice); image level, Pearson
     with species permuted (needs ``gram=True`` and contiguous species). Other rows (image-level Spearman,
     image permutations) come back with NaN, ``estimator`` = :data:`NOT_FROM_STATS` and their seed in
-    ``details``: they need items (the sample). No partial Mantel (``control``) row. ``strict=False``: an
-    image-level Pearson row the statistics cannot give (read without ``gram=True``, or species whose rows are
-    not contiguous) comes back marked the same way, with the reason, instead of raising (seeds unchanged).
+    ``details``: they need items (the sample). ``control``: the partial Mantel row of tl.mantel (its seed the
+    next draw) by :func:`partial_mantel_from_stats`, for statistics read with ``covariate=control``;
+    ``control_kind="numeric"`` (what tl.mantel does for a numeric column) cannot be done from statistics.
+    ``strict=False``: a row the statistics cannot give (read without ``gram=True`` or ``covariate``, species
+    whose rows are not contiguous, a numeric or incomplete covariate) comes back marked the same way, with the
+    reason, instead of raising (seeds unchanged).
     """
     from treeprobe import mantel as M
     from treeprobe._utils import SEED_BOUND
-    from treeprobe.tl import MANTEL_LEVELS, CENTROIDS_PERMUTED_FREELY, _mantel_row
+    from treeprobe.tl import MANTEL_LEVELS, CENTROIDS_PERMUTED_FREELY, _mantel_row, _partial_row
 
     levels = MANTEL_LEVELS if levels is None else tuple(levels)
     spearman_max_n = M.SPEARMAN_MAX_N if spearman_max_n is None else spearman_max_n
@@ -1655,7 +1667,98 @@ def mantel_from_stats(stats: SpeciesStats, *, methods: Sequence[str] = ("pearson
                     permutations=permutations, alternative="greater", rng=np.random.default_rng(kw["seed"]),
                     perm_dtype=np.float64, n_jobs=n_jobs, progress=progress)
                 rows.append(_mantel_row(level, scheme, res))
+    if control is not None:
+        cseed = int(rng.integers(SEED_BOUND))
+        try:
+            if control_kind != "categorical":
+                raise TreeprobeError(PARTIAL_NUMERIC)
+            rows.append(_partial_row(control, partial_mantel_from_stats(
+                stats, rank_lengths=rank_lengths, permutations=permutations, seed=cseed, name=control)))
+        except TreeprobeError as err:
+            if strict:
+                raise
+            rows.append(_not_from_stats(f"image | {control}", "", "pearson (partial)", cseed, str(err)))
+            rows[-1]["details"]["control"] = control
     return pd.DataFrame(rows)
+
+
+def partial_mantel_from_stats(stats: SpeciesStats, *, rank_lengths=None, permutation: str = "auto",
+                              permutations: int = 999, alternative: str = "greater", seed: int | None = 0,
+                              name: str | None = None):
+    """:func:`treeprobe.partial_mantel.partial_mantel_tree` (between-species pairs, a categorical covariate)
+    from species statistics read with ``gram=True, covariate=COLUMN``: the same
+    :class:`~treeprobe.partial_mantel.PartialMantelResult`, r's to ~1e-12 and the same permutations (so the
+    same p-value) as the in-memory test on the same rows.
+
+    Every sum over between-species pairs comes from per-unit and per-(unit, category) statistics: with n_g, S_g
+    the count and vector sum of category g and n_sg, S_sg those of species s in g, the pairs in the same category
+    number Σ_g C(n_g, 2) − Σ_sg C(n_sg, 2), and their Σ x̂_i·x̂_j = (Σ_g ‖S_g‖² − Σ_sg ‖S_sg‖²)/2; Σ(x̂_i·x̂_j)² is
+    the image-level test's (‖G‖²_F − Σ_s ‖G_s‖²_F)/2; what moves with the tree positions needs only each
+    species' S_s and its counts per category. ``permutation``: "auto" / "species-within-covariate" (strata =
+    counts in every category: exact) or "species" (counts only). A numeric covariate (sorted values per item)
+    or items with no covariate value cannot be done from these statistics: TreeprobeError.
+    """
+    from treeprobe import partial_mantel as PM
+    from treeprobe._validation import check_choice, check_int
+    from treeprobe.mantel import _compress, _tree_pair_sums, _unit_tree, _Units
+
+    check_choice(permutation, "permutation scheme", ("auto", "species-within-covariate", "species"))
+    check_choice(alternative, "alternative", PM.ALTERNATIVES)
+    check_int(permutations, "permutations", minimum=0)
+    if stats.covariate is None:
+        raise TreeprobeError("the partial Mantel test needs species_statistics(..., covariate=COLUMN)")
+    if name is not None and name != stats.covariate:
+        raise TreeprobeError(f"these statistics were read with covariate={stats.covariate!r}, not {name!r}")
+    name = stats.covariate
+    if not stats.gram_enabled:
+        raise TreeprobeError("the partial Mantel test needs species_statistics(..., gram=True)")
+    if not stats.within_exact:
+        raise TreeprobeError(f"the rows of {stats.n_scattered} species are not contiguous in the files: the "
+                             "partial Mantel test needs each species' rows together (sort the shards by taxonomy)")
+    units, cats, n_uc, S_uc, _ = stats.covariate_table()
+    if (cats == "").any():
+        raise TreeprobeError(f"{int(n_uc[cats == ''].sum())} item(s) have no {name!r} value: the partial Mantel "
+                             "test needs the covariate of every item (filter them out with where=)")
+    levels, g = np.unique(cats.astype(str), return_inverse=True)
+    g = g.ravel()
+    n = stats.counts
+    Su = stats.sums
+    N = int(n.sum())
+    S_all = Su.sum(axis=0)
+    H = np.zeros((len(n), len(levels)))
+    np.add.at(H, (units, g), n_uc)
+    S_g = np.zeros((len(levels), stats.dim))
+    np.add.at(S_g, g, S_uc)
+    n_g = H.sum(axis=0)
+    G = stats.gram
+    P = N * (N - 1) / 2.0 - float(np.sum(n * (n - 1.0))) / 2.0
+    sum_c = (float(S_all @ S_all) - float(np.einsum("ij,ij->", Su, Su))) / 2.0
+    sum_c2 = (float(np.sum(G * G)) - float(stats.within.sum())) / 2.0
+    same = float(np.sum(n_g * (n_g - 1.0))) / 2.0 - float(np.sum(n_uc * (n_uc - 1.0))) / 2.0
+    same_c = (float(np.einsum("ij,ij->", S_g, S_g)) - float(np.einsum("ij,ij->", S_uc, S_uc))) / 2.0
+    sum_z = P - same
+    clades = stats.clade_structure(rank_lengths)
+    U = len(n)
+    species = np.unique(clades.item_node, return_inverse=True)[1].ravel()
+    if not np.array_equal(species, np.arange(U)):  # pragma: no cover - canonical order is node order
+        raise TreeprobeError("internal error: the units of the statistics are not in tree-node order")
+    comp = _compress(_unit_tree(clades, _Units(codes=np.arange(U), sizes=n, node=clades.item_node, strata=n)))
+    m = len(comp.parent)
+    img_own = np.bincount(np.repeat(np.arange(m), comp.own), weights=n[comp.order], minlength=m)
+    sum_t, sum_t2 = _tree_pair_sums(replace(comp, own=img_own), N)  # within-species pairs add t = 0
+    item_c = np.empty(U, dtype=np.int64)
+    item_c[comp.order] = np.repeat(np.arange(m), comp.own)
+    moving = PM._MovingSums(comp, item_c, Su, H, sum_t)
+    if permutation == "auto":
+        permutation = "species-within-covariate"
+    strata = (np.unique(H.astype(np.int64), axis=0, return_inverse=True)[1].ravel()
+              if permutation == "species-within-covariate" else n)
+    res = PM._partial_test(np.array([P, sum_c, sum_c2, sum_z, sum_z, sum_c - same_c]), sum_t, sum_t2, moving,
+                           strata, permutation=permutation, permutations=permutations, alternative=alternative,
+                           seed=seed, name=name, kind="categorical", n_categories=len(levels), n_items=N,
+                           n_species=U, pairs="between-species")
+    res.details["source"] = "species statistics (streamed)"
+    return res
 
 
 def physignal_from_stats(stats: SpeciesStats, *, rank_lengths=None, permutations: int = 999, seed: int = 0,
@@ -1707,9 +1810,9 @@ def rank_summary_from_stats(stats: SpeciesStats) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-#: The partial Mantel row (``control``) of :func:`intrinsic_from_stats`: not computed from statistics.
-PARTIAL_NOT_FROM_STATS = ("the partial Mantel test needs the items (its permutations move images within "
-                          "species); not computed on species statistics")
+#: Why the partial Mantel row (``control``) of a numeric covariate is not computed from statistics.
+PARTIAL_NUMERIC = ("a numeric control needs every item's value (|z_i − z_j| over pairs): not computable from "
+                   "species statistics; bin it into categories (e.g. pandas.qcut) for the exact categorical test")
 
 
 def intrinsic_from_stats(stats: SpeciesStats, *, rank_lengths=None, seed: int = 0, permutations: int = 999,
@@ -1720,19 +1823,24 @@ def intrinsic_from_stats(stats: SpeciesStats, *, rank_lengths=None, seed: int = 
                          max_map_points: int | None = None, spearman_max_n: int | None = None, phylo: bool = False,
                          tree_method: str = "upgma", tree_levels: Sequence[str] = ("species", "genus"),
                          covariate: str | None = None, covariate_levels=None, species_covariates=None,
-                         progress: bool = True, provenance: dict | None = None, n_jobs: int | None = None):
+                         max_tree_leaves: int | None = TREE_MAX_LEAVES, progress: bool = True,
+                         provenance: dict | None = None, n_jobs: int | None = None):
     """:func:`treeprobe.tl.intrinsic` of a streaming pass (``species_statistics(..., gram=True, sample=SIZE)``):
     returns the :class:`~treeprobe.report.Report`, nothing is written.
 
     **Exact over all rows** (from the statistics, same seeds as tl.intrinsic on all rows in memory): the
     Mantel table of :func:`mantel_from_stats` (image-level between-species Pearson with species permuted,
-    the species-centroid level; image-level Spearman and image permutations come back marked
-    :data:`NOT_FROM_STATS`, as does the ``control`` row: :data:`PARTIAL_NOT_FROM_STATS`), K_mult with
+    the species-centroid level, and the partial Mantel row of a categorical ``control``, whose column the
+    pass must have read as ``covariate=control``; image-level Spearman, image permutations and a numeric
+    ``control`` come back marked :data:`NOT_FROM_STATS`), K_mult with
     ``phylo`` (:func:`physignal_from_stats`) and the taxa-per-rank table (:func:`rank_summary_from_stats`).
     **From the sample** (:meth:`SpeciesStats.sample_data`, with the same ``treeprobe.tl`` tools and
     arguments as tl.intrinsic): clustering, kNN agreement, the maps, the Mantel distance figure, and with
     ``phylo`` tree recovery, within-species variation (``covariate``) and covariate alignment
-    (``species_covariates``); their columns must be in the sample (``sample_columns``). No user tree.
+    (``species_covariates``); their columns must be in the sample (``sample_columns``). No user tree. Tree
+    recovery needs S² memory for S leaves: with more than ``max_tree_leaves`` species-level leaves in the sample
+    (at TreeOfLife-200M scale a 100K sample holds ~100K species) it runs on the items of a seeded uniform random
+    subset of that many leaves (:func:`_tree_leaf_subset`; None: all), stated in ``params["leaf_subset"]``.
     ``provenance["stream"]`` gets the pass's counts, the sample's settings and which number came from where
     (entries given in ``provenance["stream"]`` — engine, pass time — are kept).
     """
@@ -1766,6 +1874,7 @@ def intrinsic_from_stats(stats: SpeciesStats, *, rank_lengths=None, seed: int = 
         check_choice(name, "map", tl.MAPS)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    leaf_note = None
 
     def timed(key, fn, *args, **kw):
         t = time.perf_counter()
@@ -1773,14 +1882,14 @@ def intrinsic_from_stats(stats: SpeciesStats, *, rank_lengths=None, seed: int = 
         timings[key] = time.perf_counter() - t
         return out
 
+    control_kind = "categorical"
+    if control is not None:
+        zs = ds.items[control]
+        if pd.api.types.is_numeric_dtype(zs.dtype) and not pd.api.types.is_bool_dtype(zs.dtype):
+            control_kind = "numeric"  # as partial_mantel_tree(kind="auto") would take the column
     table = timed("mantel_s", mantel_from_stats, stats, methods=mantel_methods, levels=levels, permute=permute,
                   rank_lengths=rank_lengths, permutations=permutations, seed=seed, spearman_max_n=spearman_max_n,
-                  progress=progress, n_jobs=n_jobs, strict=False)
-    if control is not None:
-        table = pd.concat([table, pd.DataFrame([dict(
-            level=f"image | {control}", scheme="", statistic=float("nan"), p_value=float("nan"),
-            method="pearson (partial)", estimator=NOT_FROM_STATS, permuted="",
-            details=dict(control=control, reason=PARTIAL_NOT_FROM_STATS))])], ignore_index=True)
+                  progress=progress, n_jobs=n_jobs, strict=False, control=control, control_kind=control_kind)
     for col in ("permutations", "n_items", "n_pairs"):  # counts stay integers beside the rows not computed
         if col in table.columns:
             table[col] = pd.Series([None if pd.isna(v) else int(v) for v in table[col]], dtype=object)
@@ -1800,8 +1909,13 @@ def intrinsic_from_stats(stats: SpeciesStats, *, rank_lengths=None, seed: int = 
         ds.uns["physignal"] = {k: v for k, v in res.to_dict().items() if k != "per_axis"}
         ds.uns["physignal_axes"] = res.per_axis
         ds.uns["physignal_result"] = res
-        timed("tree_recovery_s", tl.tree_recovery, ds, method=tree_method, levels=tree_levels,
-              rank_lengths=rank_lengths, permutations=permutations, seed=seed)
+        ds_tree, leaf_note = _tree_leaf_subset(ds, max_tree_leaves, seed)
+        res = timed("tree_recovery_s", tl.tree_recovery, ds_tree, method=tree_method, levels=tree_levels,
+                    rank_lengths=rank_lengths, permutations=permutations, seed=seed)
+        if leaf_note is not None:
+            res.params["leaf_subset"] = leaf_note
+            for key in ("tree_recovery", "tree_recovery_ranks", "tree_recovery_result"):
+                ds.uns[key] = ds_tree.uns[key]
         timed("within_species_variation_s", tl.within_species_variation, ds, covariate=covariate,
               levels=covariate_levels, permutations=permutations, seed=seed)
         if species_covariates is not None:
@@ -1813,6 +1927,10 @@ def intrinsic_from_stats(stats: SpeciesStats, *, rank_lengths=None, seed: int = 
     prov = dict(provenance or {})
     stream_prov = _stream_provenance(stats, table, maps=maps, phylo=phylo, covariate_alignment=species_covariates
                                      is not None)
+    if phylo and leaf_note is not None:
+        stream_prov["tree_leaf_subset"] = leaf_note
+        stream_prov["from_sample"] = [f"tree recovery ({leaf_note['sentence']})" if x == "tree recovery" else x
+                                      for x in stream_prov["from_sample"]]
     stream_prov.update(prov.get("stream") or {})
     prov.update(
         seed=seed, permutations=permutations, knn_k=ds.uns["knn_params"]["k"], knn_max_queries=knn_max_queries,
@@ -1826,6 +1944,29 @@ def intrinsic_from_stats(stats: SpeciesStats, *, rank_lengths=None, seed: int = 
     report.skipped = pd.DataFrame([dict(item=ex, reason=reason) for reason, exs in stats.skipped_examples.items()
                                    for ex in exs], columns=["item", "reason"])
     return report
+
+
+def _tree_leaf_subset(ds, max_leaves: int | None, seed: int):
+    """(TreeData, note): ``ds`` itself and None when it has at most ``max_leaves`` species-level leaves (the
+    leaves of its rank tree: species, and items of unknown species), else the items of ``max_leaves`` leaves
+    drawn uniformly without replacement by ``np.random.default_rng([seed, 14])`` and a JSON-ready note."""
+    from treeprobe._validation import check_int
+
+    if max_leaves is None:
+        return ds, None
+    check_int(max_leaves, "max_tree_leaves", minimum=3)
+    leaf = np.unique(ds.taxonomy.clade_structure().item_node, return_inverse=True)[1].ravel()
+    S = int(leaf.max()) + 1
+    if S <= max_leaves:
+        return ds, None
+    chosen = np.zeros(S, dtype=bool)
+    chosen[np.random.default_rng([seed, 14]).choice(S, max_leaves, replace=False)] = True
+    keep = chosen[leaf]
+    sentence = (f"tree recovery on the {int(keep.sum()):,} sampled items of {max_leaves:,} of the sample's {S:,} "
+                f"species-level leaves, drawn uniformly at random (seed {seed}): a tree of all would need "
+                f"{S * (S - 1) * 4 / 2**30:.1f} GiB of distances")
+    return ds.subset(keep), dict(n_leaves=S, n_kept=max_leaves, n_items=int(keep.sum()), seed=seed,
+                                 sentence=sentence)
 
 
 def _stream_provenance(stats: SpeciesStats, mantel: pd.DataFrame, *, maps, phylo: bool,

@@ -204,6 +204,16 @@ def _check_mantel_options(data, methods, levels, permute, control, permutations)
                              f"(columns: {', '.join(map(str, data.items.columns))})")
 
 
+def _partial_row(control: str, res) -> dict:
+    """The Mantel-table row of a :class:`~treeprobe.partial_mantel.PartialMantelResult`."""
+    return dict(level=f"image | {control}", scheme=res.permutation, method="pearson (partial)",
+                statistic=res.statistic, p_value=res.p_value, permutations=res.permutations,
+                n_items=res.n_items, n_pairs=res.n_pairs, alternative=res.alternative, estimator="exact",
+                permuted=res.permuted, r_dt=res.r_dt, r_dz=res.r_dz, r_tz=res.r_tz,
+                details=dict(control=res.control, mantel_p_value=res.mantel_p_value,
+                             n_species=res.n_species, pairs=res.pairs))
+
+
 def mantel(data: TreeData, *, methods: Sequence[str] = ("pearson", "spearman"),
            levels: Sequence[str] = MANTEL_LEVELS, permute: Sequence[str] = ("species",), control: str | None = None,
            tree=None, rank_lengths=None, permutations: int = 999, seed: int = 0,
@@ -259,12 +269,7 @@ def mantel(data: TreeData, *, methods: Sequence[str] = ("pearson", "spearman"),
         z = data.items[control].to_numpy()[in_tree]
         res = partial_mantel_tree(X_m, clades, z, name=control, permutations=permutations,
                                   seed=int(rng.integers(SEED_BOUND)))
-        rows.append(dict(level=f"image | {control}", scheme=res.permutation, method="pearson (partial)",
-                         statistic=res.statistic, p_value=res.p_value, permutations=res.permutations,
-                         n_items=res.n_items, n_pairs=res.n_pairs, alternative=res.alternative, estimator="exact",
-                         permuted=res.permuted, r_dt=res.r_dt, r_dz=res.r_dz, r_tz=res.r_tz,
-                         details=dict(control=res.control, mantel_p_value=res.mantel_p_value,
-                                      n_species=res.n_species, pairs=res.pairs)))
+        rows.append(_partial_row(control, res))
     table = pd.DataFrame(rows)
     data.uns["mantel"] = table
     data.uns["mantel_tree"] = info

@@ -41,7 +41,9 @@ S = 1,000 / 5,000 / 10,000 (plus the cosine matrix, 2.6 s at 10,000); neighbour 
 1,000 / 5,000 (O(S³): about 9 minutes at 10,000; memory 8·S² bytes). Permutations cost
 O(Σ_i depth(i) · depth_ref(i)) each (sparse clade sums, batched: no S × S matrix): about 0.01 s / 0.07 s /
 0.2 s per permutation at 1,000 / 5,000 / 10,000, i.e. 10 s / 66 s / 194 s for 999; a caterpillar-like tree
-makes them O(S²). Peak memory 1.7 GB at 10,000 (the S × S distance matrix dominates).
+makes them O(S²). Memory: UPGMA works on the condensed distances (S(S−1)/2 float64: 0.4 GB at
+10,000, plus scipy's copy; +0.8 GiB over the data at 10,000 leaves in ``benchmarks/bench_stream.py``), neighbour
+joining on the S × S matrix (0.8 GB).
 
 >>> D = np.array([[0, 2, 6, 10], [2, 0, 6, 10], [6, 6, 0, 10], [10, 10, 10, 0]], dtype=float)
 >>> t = upgma(D, names=["a", "b", "c", "d"])
@@ -202,10 +204,7 @@ def _check_distances(D, what: str = "distance matrix") -> np.ndarray:
 
     D = np.asarray(D, dtype=np.float64)
     if D.ndim == 1:
-        s = (1 + math.isqrt(1 + 8 * D.size)) // 2
-        if s * (s - 1) // 2 != D.size:
-            raise TreeprobeError(f"{what}: a condensed vector of length {D.size} is not S(S−1)/2 for any S")
-        D = squareform(D, checks=False)
+        D = squareform(_check_condensed(D, what), checks=False)
     if D.ndim != 2 or D.shape[0] != D.shape[1]:
         raise TreeprobeError(f"{what} must be square (S, S); got shape {D.shape}")
     if len(D) < 3:
@@ -219,6 +218,21 @@ def _check_distances(D, what: str = "distance matrix") -> np.ndarray:
         if np.abs(D[i:i + 1024] - D[:, i:i + 1024].T).max() > 1e-9 * scale:
             raise TreeprobeError(f"{what} is not symmetric")
     return D
+
+
+def _check_condensed(y, what: str = "distance matrix") -> np.ndarray:
+    """A condensed distance vector (S(S−1)/2,), float64, finite, non-negative, S ≥ 3."""
+    y = np.asarray(y, dtype=np.float64)
+    s = (1 + math.isqrt(1 + 8 * y.size)) // 2
+    if s * (s - 1) // 2 != y.size:
+        raise TreeprobeError(f"{what}: a condensed vector of length {y.size} is not S(S−1)/2 for any S")
+    if s < 3:
+        raise TreeprobeError(f"a tree needs at least 3 taxa; got {s}")
+    if not np.isfinite(y).all():
+        raise TreeprobeError(f"{what} has NaN or infinite values")
+    if (y < 0).any():
+        raise TreeprobeError(f"{what} has negative values")
+    return y
 
 
 def _names(names, S: int) -> np.ndarray:
@@ -299,9 +313,15 @@ def upgma(D, names=None) -> RecoveredTree:
     from scipy.cluster.hierarchy import linkage
     from scipy.spatial.distance import squareform
 
-    D = _check_distances(D)
-    S = len(D)
-    Z = linkage(squareform(D, checks=False), method="average")
+    if np.ndim(D) == 1:  # condensed: used as it is (half the memory of the square form)
+        y = _check_condensed(D)
+        S = (1 + math.isqrt(1 + 8 * y.size)) // 2
+    else:
+        D = _check_distances(D)
+        S = len(D)
+        y = squareform(D, checks=False)
+        del D
+    Z = linkage(y, method="average")
     parent = np.full(2 * S - 1, -1, dtype=np.int64)
     parent[Z[:, 0].astype(np.int64)] = S + np.arange(S - 1)
     parent[Z[:, 1].astype(np.int64)] = S + np.arange(S - 1)
@@ -469,15 +489,17 @@ def _neighbor_joining(D: np.ndarray, names) -> RecoveredTree:
 
 def build_tree(centroids, method: str = "upgma", names=None) -> RecoveredTree:
     """Tree of S taxon centroids (S, D): cosine distances between the unit-normalised rows, then
-    :func:`upgma` (``method="upgma"``) or :func:`neighbor_joining` (``"nj"``). Needs S² float64 memory."""
-    from treeprobe.mantel import cosine_distance_matrix
+    :func:`upgma` (``method="upgma"``, on the condensed distances: about S²·8 bytes with scipy's copy) or
+    :func:`neighbor_joining` (``"nj"``, S² float64)."""
+    from treeprobe.mantel import cosine_distance_condensed, cosine_distance_matrix
 
     check_choice(method, "tree method", TREE_METHODS)
     C = check_embeddings(centroids, "centroids")
     if len(C) < 3:
         raise TreeprobeError(f"a tree needs at least 3 taxa; got {len(C)}")
-    D = cosine_distance_matrix(C)
-    return upgma(D, names) if method == "upgma" else _neighbor_joining(D, names)
+    if method == "upgma":  # the condensed distances: S²·4 bytes instead of S²·8
+        return upgma(cosine_distance_condensed(C), names)
+    return _neighbor_joining(cosine_distance_matrix(C), names)
 
 
 # --- what the scores need of a tree ---------------------------------------------------------------

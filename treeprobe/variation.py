@@ -65,11 +65,13 @@ from treeprobe._validation import check_embeddings, check_int
 from treeprobe.errors import TreeprobeError
 
 __all__ = ["Subspace", "VariationResult", "species_centroids", "between_subspace", "within_deviations",
-           "outside_share", "random_subspace_share", "covariate_shift", "shift_angle", "inside_share",
+           "within_scatter", "outside_share", "random_subspace_share", "covariate_shift", "shift_angle", "inside_share",
            "taxon_centroids", "shift_permutations", "within_species_variation"]
 
 
 # --- pure functions on arrays ---------------------------------------------------------------------
+
+_BLOCK_ROWS = 8192  # rows per float64 block (8192 x 1024 x 8 B = 64 MB)
 
 
 def _codes(codes, n: int, name: str = "codes") -> np.ndarray:
@@ -91,11 +93,21 @@ def species_centroids(X, codes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     X = check_embeddings(X)
     codes = _codes(codes, X.shape[0])
-    keep = codes >= 0
-    labels, inv, counts = np.unique(codes[keep], return_inverse=True, return_counts=True)
-    sums = np.zeros((labels.size, X.shape[1]))
-    np.add.at(sums, inv, X[keep].astype(np.float64))
-    return sums / counts[:, None], labels, counts
+    idx = np.flatnonzero(codes >= 0)
+    labels, inv, counts = np.unique(codes[idx], return_inverse=True, return_counts=True)
+    return _group_sums(X, idx, inv.ravel(), labels.size) / counts[:, None], labels, counts
+
+
+def _group_sums(X, idx: np.ndarray, groups: np.ndarray, n_groups: int, weights: np.ndarray | None = None):
+    """Σ_j weights[j]·X[idx[j]] per group ``groups[j]`` (0..n_groups−1), float64 (n_groups, D): rows taken
+    in blocks of ``_BLOCK_ROWS`` (memory O(block·D), no float64 copy of X), added in row order."""
+    sums = np.zeros((n_groups, X.shape[1]))
+    for a in range(0, len(idx), _BLOCK_ROWS):
+        B = X[idx[a:a + _BLOCK_ROWS]].astype(np.float64)
+        if weights is not None:
+            B *= weights[a:a + _BLOCK_ROWS, None]
+        np.add.at(sums, groups[a:a + _BLOCK_ROWS], B)
+    return sums
 
 
 @dataclass
@@ -157,6 +169,13 @@ def within_deviations(X, codes, *, min_items: int = 2) -> tuple[np.ndarray, np.n
     >>> dev.ravel().tolist(), idx.tolist()
     ([-1.0, 1.0], [0, 1])
     """
+    X, idx, cent, pos, _ = _deviation_index(X, codes, min_items)
+    return X[idx].astype(np.float64) - cent[pos], idx
+
+
+def _deviation_index(X, codes, min_items: int):
+    """(X checked, items idx (M,) of species with ≥ min_items items, the centroids (S, D), each item's row
+    ``pos`` (M,) in them, item counts (S,))."""
     X = check_embeddings(X)
     codes = _codes(codes, X.shape[0])
     min_items = check_int(min_items, "min_items", minimum=1)
@@ -164,8 +183,46 @@ def within_deviations(X, codes, *, min_items: int = 2) -> tuple[np.ndarray, np.n
     idx = np.flatnonzero(codes >= 0)
     pos = np.searchsorted(labels, codes[idx])
     ok = counts[pos] >= min_items
-    idx, pos = idx[ok], pos[ok]
-    return X[idx].astype(np.float64) - cent[pos], idx
+    return X, idx[ok], cent, pos[ok], counts[counts >= min_items]
+
+
+def within_scatter(X, codes, *, min_items: int = 2) -> tuple[np.ndarray, int, int]:
+    """The scatter EᵀE (D, D) float64 of the deviations E of :func:`within_deviations`, summed over row
+    blocks without holding E: (scatter, number of deviations M, number of species with ≥ ``min_items``
+    items). Memory O(block·D + S·D + D²) instead of M·D·8 bytes.
+
+    >>> G, m, s = within_scatter(np.array([[0.0], [2.0], [5.0]]), np.array([0, 0, 1]))
+    >>> G.tolist(), m, s
+    ([[2.0]], 2, 1)
+    """
+    X, idx, cent, pos, kept = _deviation_index(X, codes, min_items)
+    G = np.zeros((X.shape[1], X.shape[1]))
+    for a in range(0, len(idx), _BLOCK_ROWS):
+        E = X[idx[a:a + _BLOCK_ROWS]].astype(np.float64)
+        E -= cent[pos[a:a + _BLOCK_ROWS]]
+        G += E.T @ E
+    return G, len(idx), len(kept)
+
+
+def _scatter_outside_share(G: np.ndarray, basis) -> float:
+    """:func:`outside_share` from the scatter G = EᵀE (D, D): 1 − tr(VᵀGV)/tr(G)."""
+    total = float(np.trace(G))
+    if total <= 0.0:
+        return float("nan")
+    V = np.asarray(basis, dtype=np.float64)
+    inside = float(np.sum((G @ V) * V))
+    return float(min(max(1.0 - inside / total, 0.0), 1.0))
+
+
+def _scatter_random_share(G: np.ndarray, k: int) -> tuple[float, float]:
+    """:func:`random_subspace_share` from the scatter G = EᵀE (D, D): Σλ = tr(G), Σλ² = ‖G‖²_F."""
+    D = G.shape[0]
+    s1, s2 = float(np.trace(G)), float(np.sum(G * G))
+    if s1 <= 0.0 or D < 2:
+        return (D - k) / D, 0.0
+    a = 2.0 * k * (D - k) / (D ** 2 * (D + 2.0))
+    var = a / (D - 1.0) * (D * s2 - s1 ** 2) / s1 ** 2
+    return (D - k) / D, float(np.sqrt(max(var, 0.0)))
 
 
 def outside_share(deviations, basis) -> float:
@@ -191,19 +248,12 @@ def random_subspace_share(deviations, k: int) -> tuple[float, float]:
     >>> m, round(sd, 12)
     (0.75, 0.0)
     """
-    E = check_embeddings(deviations, "deviations").astype(np.float64)
+    E = check_embeddings(deviations, "deviations").astype(np.float64, copy=False)
     D = E.shape[1]
     k = check_int(k, "k", minimum=0)
     if k > D:
         raise TreeprobeError(f"k = {k} exceeds the dimension D = {D}")
-    sv = np.linalg.svd(E, compute_uv=False)
-    lam = sv ** 2
-    s1, s2 = float(lam.sum()), float(np.sum(lam ** 2))
-    if s1 <= 0.0 or D < 2:
-        return (D - k) / D, 0.0
-    a = 2.0 * k * (D - k) / (D ** 2 * (D + 2.0))
-    var = a / (D - 1.0) * (D * s2 - s1 ** 2) / s1 ** 2
-    return (D - k) / D, float(np.sqrt(max(var, 0.0)))
+    return _scatter_random_share(E.T @ E, k)
 
 
 def _shift_weights(codes: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -281,14 +331,13 @@ def taxon_centroids(X, species_codes, rank_codes) -> np.ndarray:
     X = check_embeddings(X)
     sp = _codes(species_codes, X.shape[0], "species codes")
     rc = _codes(rank_codes, X.shape[0], "rank codes")
-    keep = (sp >= 0) & (rc >= 0)
-    sp, rc, Xk = sp[keep], rc[keep], X[keep].astype(np.float64)
+    idx = np.flatnonzero((sp >= 0) & (rc >= 0))
+    sp, rc = sp[idx], rc[idx]
     _, sinv, scount = np.unique(sp, return_inverse=True, return_counts=True)
-    w = 1.0 / scount[sinv]
+    w = 1.0 / scount[sinv.ravel()]
     tlab, tinv = np.unique(rc, return_inverse=True)
-    sums = np.zeros((tlab.size, X.shape[1]))
-    np.add.at(sums, tinv, Xk * w[:, None])
-    return sums / np.bincount(tinv, weights=w)[:, None]
+    tinv = tinv.ravel()
+    return _group_sums(X, idx, tinv, tlab.size, w) / np.bincount(tinv, weights=w)[:, None]
 
 
 def shift_permutations(X, codes, group, *, permutations: int = 999, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -312,11 +361,15 @@ def shift_permutations(X, codes, group, *, permutations: int = 999, seed: int = 
     obs = w @ Xu
     rng = np.random.default_rng(seed)
     rank_of = np.unique(sp, return_inverse=True)[1].astype(np.float64)
-    keys = rng.random((B, sp.size)) + rank_of        # sort within species only
-    perm = np.argsort(keys, axis=1, kind="stable")   # perm[b, j]: item that takes weight w[j]
-    W = np.zeros((B, sp.size))
-    np.put_along_axis(W, perm, np.broadcast_to(w, (B, sp.size)), axis=1)
-    return obs, W @ Xu
+    out = np.empty((B, X.shape[1]))
+    step = max(1, _BLOCK_ROWS * 64 // max(sp.size, 1))  # permutations per block (keys, W: at most 4 MB each)
+    for a in range(0, B, step):  # rows of rng.random((B, n)) drawn block by block: the same stream
+        keys = rng.random((min(step, B - a), sp.size)) + rank_of  # sort within species only
+        perm = np.argsort(keys, axis=1, kind="stable")  # perm[b, j]: item that takes weight w[j]
+        W = np.zeros(keys.shape)
+        np.put_along_axis(W, perm, np.broadcast_to(w, W.shape), axis=1)
+        out[a:a + len(W)] = W @ Xu
+    return obs, out
 
 
 # --- on a TreeData -----------------------------------------------------------------------------
@@ -410,8 +463,8 @@ def within_species_variation(data, *, covariate: str | None = None, levels: Sequ
     if bad:
         raise TreeprobeError(f"unknown rank(s) {', '.join(map(repr, bad))}; ranks: {', '.join(tax.ranks)}")
     sp = np.asarray(codes_by_rank[species_rank])
-    dev, dev_idx = within_deviations(X, sp)
-    if dev.shape[0] == 0:
+    scatter, n_dev, n_sp_within = within_scatter(X, sp)
+    if n_dev == 0:
         raise TreeprobeError("no species has 2 or more items; within-species variation is undefined")
     D = X.shape[1]
     m = check_int(min_centroid_items, "min_centroid_items", minimum=1)
@@ -441,8 +494,8 @@ def within_species_variation(data, *, covariate: str | None = None, levels: Sequ
         sub = between_subspace(cent, n_components=n_components, variance_share=variance_share)
         subspaces[r] = sub
         k = sub.n_components
-        share = outside_share(dev, sub.basis)
-        rmean, rsd = random_subspace_share(dev, k)
+        share = _scatter_outside_share(scatter, sub.basis)
+        rmean, rsd = _scatter_random_share(scatter, k)
         row = {"rank": r, "n_taxa": sub.n_centroids, "n_components": k, "variance_explained": sub.share,
                "within_outside_share": share, "between_outside_share": 1.0 - sub.share,
                "isotropic_outside_share": (D - k) / D,
@@ -464,7 +517,7 @@ def within_species_variation(data, *, covariate: str | None = None, levels: Sequ
 
     summary = {"n_items": int(np.sum(sp >= 0)), "n_species": int(np.unique(sp[sp >= 0]).size),
                "n_species_centroids": int(np.unique(sp_c[sp_c >= 0]).size), "min_centroid_items": m,
-               "n_species_within": int(np.unique(sp[dev_idx]).size), "n_items_within": int(dev.shape[0]),
+               "n_species_within": n_sp_within, "n_items_within": int(n_dev),
                "dimension": D, "variance_share": float(variance_share), "n_components_fixed": n_components}
     head = table[table["rank"] == species_rank]
     head = head.iloc[0] if len(head) else table.iloc[-1]
