@@ -16,8 +16,10 @@ and kNN parts), per world: k-means with the warm-started scheme (``kmeans-warm``
 delete-a-group jackknife of ``compare`` (``ward-jackknife``) and, for contrast, Ward with a paired species
 bootstrap (``ward-bootstrap``: species drawn with replacement with all their images, the same draw for both
 models, the Ward tree rebuilt on the resample; percentile interval and ``(1 + #{|Δ* − Δ̂| ≥ |Δ̂|})/(B + 1)``).
-Worlds: ``same-model-small`` (null) and ``degraded-small-<f>`` (the same small world, model b with f × the
-noise: power). Prints per test the rejections at α = 0.05 with an exact 95 % interval, and
+``ward-swap`` / ``kmeans-swap``: ``compare``'s swap test (``cluster_test="swap"``: model labels permuted within
+species, ``--bootstrap`` = its number of permutations; run 13). Worlds: ``same-model-small`` (null),
+``same-model-small-rotated`` (the same, model b in a random orthonormal basis: the Procrustes step at work) and
+``degraded-small-<f>`` (the same small world, model b with f × the noise: power; ``-rotated`` works there too). Prints per test the rejections at α = 0.05 with an exact 95 % interval, and
 ``mean z²`` = mean (Δ / se)² over worlds (1 for a calibrated normal test; the width ratio is its root).
 """
 
@@ -36,7 +38,7 @@ import null_calibration as nc  # noqa: E402
 from treeprobe import compare as cmp  # noqa: E402
 from treeprobe.core import TreeData  # noqa: E402
 
-SCHEMES = ("kmeans-warm", "ward-jackknife", "ward-bootstrap")
+SCHEMES = ("kmeans-warm", "ward-jackknife", "ward-bootstrap", "ward-swap", "kmeans-swap")
 
 
 # --- k-means scores: warm-started jackknife plus the seed variance -------------------------------
@@ -199,6 +201,8 @@ def _seeded_jackknife_rows(exact: dict, warm: dict, names: list, per_model: list
 
 def world_pair(name: str, i: int):
     """(model a, model b) TreeData of world ``i`` of ``same-model-small`` or ``degraded-small-<f>``."""
+    rotate = name.endswith("-rotated")  # model b in a random orthonormal basis: the same model, other axes
+    name = name.removesuffix("-rotated")
     if name == "same-model-small":
         w = nc.WORLDS[name].make(i)
     elif name.startswith("degraded-small-"):
@@ -209,7 +213,12 @@ def world_pair(name: str, i: int):
     else:
         w = nc.WORLDS[name].make(i)
     a = TreeData(w.X, w.items)
-    b = TreeData(np.ascontiguousarray(w.obsm[nc.SECOND_MODEL], dtype=np.float32), w.items)
+    Xb = np.asarray(w.obsm[nc.SECOND_MODEL], dtype=np.float64)
+    if rotate:
+        from scipy.stats import ortho_group
+
+        Xb = Xb @ ortho_group.rvs(Xb.shape[1], random_state=nc._sub_seed(i, "rotation"))
+    b = TreeData(np.ascontiguousarray(Xb, dtype=np.float32), w.items)
     return a, b
 
 
@@ -277,6 +286,14 @@ def ward_bootstrap(a, b, units, exact, *, B: int, seed: int) -> dict:
     return out
 
 
+def swap_test(a, b, units, *, method: str, B: int, seed: int) -> dict:
+    """{(metric, rank): p}: ``compare``'s swap test (``treeprobe.compare._swap_p_values``: each species' images
+    swapped between the models with probability 1/2, model b rotated onto model a by Procrustes first, both
+    hybrids re-clustered by ``method`` with ``compare``'s scores), B permutations."""
+    return cmp._swap_p_values(a.unit, b.unit, a.taxonomy.codes_by_rank(), units, permutations=B,
+                              seed=cmp._sub_seed(seed, "swap a b"), score=cmp._clustering_scores((method,), seed))
+
+
 def one_world(world: str, i: int, *, seed: int, groups: int, n_seeds: int, B: int, schemes) -> dict:
     """{scheme/metric/rank: (difference, se, p)} for world i."""
     a, b = world_pair(world, i)
@@ -302,6 +319,10 @@ def one_world(world: str, i: int, *, seed: int, groups: int, n_seeds: int, B: in
             for (metric, rank), (est, p, ci) in ward_bootstrap(a, b, units, exact, B=B, seed=seed).items():
                 if np.isfinite(est):
                     rec[f"ward-bootstrap/{metric}/{rank}"] = (est, (ci[1] - ci[0]) / 3.92, p)
+    for scheme, method in (("ward-swap", "agglomerative"), ("kmeans-swap", "kmeans")):
+        if scheme in schemes:
+            for (metric, rank), p in swap_test(a, b, units, method=method, B=B, seed=seed).items():
+                rec[f"{scheme}/{metric}/{rank}"] = (np.nan, np.nan, p)
     return rec
 
 
@@ -347,9 +368,18 @@ def calibrate(args) -> None:
     print(f"wall {time.perf_counter() - t0:.0f} s")
     print("| world | test | rejected | rate | exact 95 % CI | mean z² |")
     print("|---|---|---|---|---|---|")
-    for r in summarise(results):
+    rows = summarise(results)
+    for r in rows:
         print(f"| {r['world']} | {r['test']} | {r['rejected']}/{r['n']} | {r['rate']:.3f} | "
               f"[{r['lo']:.3f}, {r['hi']:.3f}] | {r['mean_z2']:.2f} |")
+    pooled: dict = {}
+    for r in rows:  # all tests of a scheme together (tests of one world are correlated: a description only)
+        k_n = pooled.setdefault((r["world"], r["test"].split("/")[0]), [0, 0, 1.0, 0.0])
+        k_n[0] += r["rejected"]
+        k_n[1] += r["n"]
+        k_n[2], k_n[3] = min(k_n[2], r["rate"]), max(k_n[3], r["rate"])
+    for (world, scheme), (k, n, lo, hi) in pooled.items():
+        print(f"pooled {world} {scheme}: {k}/{n} = {k / n:.3f} (per test {lo:.3f}-{hi:.3f})")
 
 
 def main() -> None:

@@ -120,6 +120,51 @@ def test_jackknife_leaves_out_whole_species():
         cmp._jackknife({"a": a}, ["a"], units, groups=units.max() + 2, seed=0, score=score)
 
 
+def test_swap_test_against_an_explicit_replay():
+    """The swap p-values equal a replay written out here: Procrustes by SVD, hybrids built species by species,
+    the same rng draws, the same clustering; an identical second model gives p = 1 (Δ* = Δ₀ = 0), a model of
+    another dimension is refused."""
+    from treeprobe.clustering import rankwise_clustering
+
+    a = _world(seed=3)
+    rng0 = np.random.default_rng(8)
+    Q = np.linalg.qr(rng0.standard_normal((16, 16)))[0]
+    Xa = a.unit.astype(np.float64)
+    Xb = Xa + 0.1 * rng0.standard_normal(Xa.shape)
+    Xb = (Xb / np.linalg.norm(Xb, axis=1, keepdims=True)) @ Q  # another basis
+    units = cmp.species_units(a)
+    codes = a.taxonomy.codes_by_rank()
+    score = cmp._clustering_scores(("agglomerative",), 0)
+    got = cmp._swap_p_values(Xa, Xb, codes, units, permutations=19, seed=5, score=score)
+
+    def tab(X):
+        t = rankwise_clustering(X, codes, methods=("agglomerative",), seed=0, n_permutations=1, progress=False)
+        return {(f"agglomerative {m}", r.rank): getattr(r, m) for r in t.itertuples() for m in ("purity", "nmi", "ari")}
+
+    U, _, Vt = np.linalg.svd(Xb.T @ Xa)
+    Xr = Xb @ (U @ Vt)
+    assert np.abs(Xr - Xa).mean() < np.abs(Xb - Xa).mean() / 2  # the rotation is undone
+    t_a, t_b = tab(Xa), tab(Xr)
+    rng = np.random.default_rng(5)
+    hits = dict.fromkeys(t_a, 0)
+    for _ in range(19):
+        flip = rng.random(units.max() + 1) < 0.5
+        A, B = Xa.copy(), Xr.copy()
+        for sp in np.flatnonzero(flip):
+            rows = units == sp
+            A[rows], B[rows] = Xr[rows], Xa[rows]
+        pa, pb = tab(A), tab(B)
+        for k in hits:
+            hits[k] += abs(pa[k] - pb[k]) >= abs(t_a[k] - t_b[k]) - 1e-12
+    assert got.keys() == hits.keys() and len(got) == 21
+    assert all(got[k] == pytest.approx((1 + hits[k]) / 20) for k in got)
+    assert min(got.values()) < 1  # not every difference is zero: the replay compares something
+    same = cmp._swap_p_values(Xa, Xa @ Q, codes, units, permutations=19, seed=5, score=score)
+    assert set(same.values()) == {1.0}
+    with pytest.raises(TreeprobeError, match="one embedding dimension"):
+        cmp._swap_p_values(Xa, Xa[:, :8], codes, units, permutations=19, seed=5, score=score)
+
+
 def test_species_bootstrap_weights():
     w = cmp.species_bootstrap_weights(30, 50, seed=4)
     assert w.shape == (50, 30) and np.all(w.sum(axis=1) == 30)
@@ -411,3 +456,29 @@ def test_compare_partial_mantel_row_is_the_exact_partial_r():
     np.testing.assert_allclose([row.ci_low, row.ci_high], [row.difference + lo, row.difference + hi], rtol=0, atol=1e-9)
     assert row.p_value == pytest.approx((1 + np.sum(np.abs(shifts) >= abs(row.difference) - 1e-12)) / 100, abs=1e-12)
     assert not comp.differences.metric.str.startswith("knn").any()  # jackknife=0: no kNN comparison
+
+
+def test_compare_swap_test_replaces_only_the_clustering_p_values():
+    """cluster_test="swap": the clustering rows carry the swap p-values of _swap_p_values (seeded per pair) and
+    its scheme; their estimates and jackknife intervals, and every other row, are those of the default run."""
+    models = {k: v for k, v in _models().items() if k != "same"}
+    kw = dict(seed=0, permutations=19, bootstrap=99, cluster_methods=("kmeans",), jackknife=5, chance_permutations=2,
+              similarity=False, distance_profiles=False)
+    jack = cmp.compare(models, **kw).differences
+    swap = cmp.compare(models, cluster_test="swap", cluster_permutations=19, **kw).differences
+    clus = swap.metric.str.startswith("kmeans")
+    assert clus.sum() == 21 and (swap.scheme[clus] == cmp.SWAP_SCHEME).all()
+    pd.testing.assert_frame_equal(swap[~clus], jack[~clus])
+    pd.testing.assert_frame_equal(swap.loc[clus, ["difference", "ci_low", "ci_high"]],
+                                  jack.loc[clus, ["difference", "ci_low", "ci_high"]])
+    a, b = models["good"], models["worse"]
+    ref = cmp._swap_p_values(a.unit, b.unit, a.taxonomy.codes_by_rank(), cmp.species_units(a), permutations=19,
+                             seed=cmp._sub_seed(0, "swap good worse"), score=cmp._clustering_scores(("kmeans",), 0))
+    for r in swap[clus].itertuples():
+        assert r.p_value == ref[(r.metric, r.rank)]
+    assert (swap.p_value[clus] * 20).round(9).isin(range(1, 21)).all()
+    # known truth: model "worse" has 2 sd of extra noise, its clusterings are far worse (ARI ~0.3 vs ~0): the
+    # swap test finds it at (nearly) every rank, at its smallest p-value 1/20
+    assert (swap.p_value[clus] == 0.05).sum() >= 17 and (swap.difference[clus] > 0).sum() >= 19
+    with pytest.raises(TreeprobeError, match="cluster_test"):
+        cmp.compare(models, cluster_test="bootstrap", **kw)

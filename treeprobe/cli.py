@@ -327,7 +327,8 @@ def _add_compare(sub) -> None:
     m.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     m.add_argument("--cache-dir", help="embedding cache folder (default $TREEPROBE_CACHE or ~/.cache/treeprobe)")
     s = a.add_argument_group("analysis")
-    d = {k: _default(compare, k) for k in ("seed", "permutations", "bootstrap", "max_pairs", "jackknife")}
+    d = {k: _default(compare, k) for k in ("seed", "permutations", "bootstrap", "max_pairs", "jackknife",
+                                           "cluster_test", "cluster_permutations")}
     s.add_argument("--seed", type=int, default=d["seed"], help=f"seed of every stochastic step (default {d['seed']})")
     s.add_argument("--permutations", type=int, default=d["permutations"],
                    help=f"permutations of each model's own Mantel tests (default {d['permutations']})")
@@ -338,6 +339,12 @@ def _add_compare(sub) -> None:
                         f"out in turn, every search and clustering redone; 0 = off; default {d['jackknife']})")
     s.add_argument("--max-pairs", type=int, default=d["max_pairs"],
                    help=f"item pairs in the Mantel bootstrap sums (all pairs below it; default {d['max_pairs']})")
+    s.add_argument("--cluster-test", choices=("jackknife", "swap"), default=d["cluster_test"],
+                   help="p-value of the clustering differences: the jackknife (any models; conservative) or swap (a "
+                        "paired permutation of model labels within species; models of one dimension; calibrated; "
+                        "default %(default)s)")
+    s.add_argument("--cluster-permutations", type=int, default=d["cluster_permutations"],
+                   help="permutations of --cluster-test swap per model pair (2 clusterings each; default %(default)s)")
     s.add_argument("--control", metavar="COLUMN", help="also compare partial Mantel r controlling for this column")
     s.add_argument("--knn-k", type=int, default=_default(tl.intrinsic, "knn_k"), help="neighbours for kNN agreement")
     s.add_argument("--cluster-methods", default=",".join(_default(tl.intrinsic, "cluster_methods")),
@@ -384,7 +391,7 @@ def cmd_compare(args) -> int:
     comp, paths = run_compare(
         models=args.model, out=args.out, figures=not args.no_figures, inputs=inputs, text=text, seed=args.seed,
         permutations=args.permutations, bootstrap=args.bootstrap, max_pairs=args.max_pairs, control=args.control,
-        jackknife=args.jackknife,
+        jackknife=args.jackknife, cluster_test=args.cluster_test, cluster_permutations=args.cluster_permutations,
         on=args.on, mismatch="intersect" if args.intersect else "error", similarity=not args.no_similarity,
         drilldown=args.drilldown, knn_k=args.knn_k,
         cluster_methods=_names(args.cluster_methods, "clustering method", CLUSTER_METHODS),

@@ -19,7 +19,8 @@ an item whose species is unknown is a leaf of its own), never images:
   bootstrap percentiles of Δ* − Δ̃ added to the exact Δ̂ (Δ̃: the statistic on the pairs used);
   p-value (two-sided, H0: no difference): ``(1 + #{|Δ* − Δ̃| ≥ |Δ̂|}) / (B + 1)``. A
   permutation of model labels is not used for Mantel r: swapping one species' vectors between
-  two models would compare vectors from two unrelated spaces.
+  two models would compare vectors from two unrelated spaces (the clustering swap test below aligns them
+  first, and asks it only of models of one dimension).
 * kNN agreement (per rank, and level-specific) and clustering (purity, NMI, ARI per rank and
   method): a **delete-a-group jackknife over species**: ``jackknife`` random groups of species are
   left out in turn and every kNN search and clustering is redone on the rest, with the same seed
@@ -34,7 +35,14 @@ an item whose species is unknown is a leaf of its own), never images:
   valid but very conservative (at most 3 of 200 null worlds rejected per test at α = 0.05; the variance
   is 2-7 × too large, for Ward as for k-means, and a species bootstrap is no better: clustering scores
   are not smooth in the species sample; analyses/NULL_CALIBRATION.md runs 7 and 10), so a clustering
-  difference's p-value is an upper bound and its interval wide.
+  difference's p-value is an upper bound and its interval wide. For models of one embedding dimension
+  ``cluster_test="swap"`` gives a calibrated p-value instead: a **paired permutation of model labels within
+  species** (:func:`_swap_p_values`): each species' images are swapped between the two models with
+  probability 1/2 (model b first rotated onto model a by orthogonal Procrustes, which leaves model b's own
+  clustering unchanged) and both hybrids re-clustered. Under the null "the two models' images of a species
+  are exchangeable" (the same model with independent noise) the test is exact whatever the statistic's
+  smoothness; on the null worlds it rejects at α (run 13). It costs 2 × ``cluster_permutations`` clusterings
+  per model pair.
 
 Zero-shot top-1 per rank (when every model carries text embeddings): species bootstrap of the images'
 hits, the same draws for both models (:func:`_zeroshot_rows`; calibrated to slightly conservative, run 11).
@@ -354,6 +362,44 @@ def _clustering_scores(methods, seed: int):
     return score
 
 
+#: Clustering paired tests of :func:`compare`: the jackknife (any models) or the swap test (models of one dimension).
+CLUSTER_TESTS = ("jackknife", "swap")
+SWAP_SCHEME = ("paired permutation of model labels within species (each species' images swapped between the two "
+               "models with probability 1/2, model b rotated onto model a by orthogonal Procrustes first, both "
+               "hybrids re-clustered; exact when the two models' images of a species are exchangeable); interval: "
+               "delete-a-group jackknife over species")
+
+
+def _swap_p_values(Xa: np.ndarray, Xb: np.ndarray, codes: dict, units: np.ndarray, *, permutations: int, seed: int,
+                   score) -> dict:
+    """{key: two-sided p} of the swap test of the difference score(A) − score(B) (module docstring).
+
+    Xa, Xb: (N, D) unit rows of the two models on the same items (same D); codes: rank → codes (N,);
+    units: species unit of each item (N,). Model b is first rotated onto model a (orthogonal Procrustes on
+    the unit rows: norms and angles within model b are unchanged, so are its clustering scores). Permutation
+    r: each species swapped with probability 1/2 (``np.random.default_rng(seed)``: ``rng.random(S) < 0.5``),
+    both hybrids scored; p = (1 + #{|Δ*| ≥ |Δ₀|}) / (permutations + 1), Δ₀ the unswapped difference of the
+    same ``score``. Cost: 2·permutations clusterings."""
+    from scipy.linalg import orthogonal_procrustes
+
+    if Xa.shape != Xb.shape:
+        raise TreeprobeError(f"the swap test needs models of one embedding dimension; got {Xa.shape[1]} and "
+                             f"{Xb.shape[1]}: use cluster_test='jackknife'")
+    Xa = np.asarray(Xa, dtype=np.float64)
+    Xb = np.asarray(Xb, dtype=np.float64) @ orthogonal_procrustes(Xb.astype(np.float64), Xa)[0]
+    sa, sb = score(Xa, codes), score(Xb, codes)
+    obs = {k: sa[k] - sb[k] for k in sa if k in sb}
+    S = int(units.max()) + 1
+    rng = np.random.default_rng(seed)
+    hits = dict.fromkeys(obs, 0)
+    for _ in range(permutations):
+        swap = (rng.random(S) < 0.5)[units][:, None]
+        pa, pb = score(np.where(swap, Xb, Xa), codes), score(np.where(swap, Xa, Xb), codes)
+        for k, d in obs.items():
+            hits[k] += bool(abs(pa[k] - pb[k]) >= abs(d) - 1e-12)
+    return {k: (1 + hits[k]) / (permutations + 1) for k in obs}
+
+
 ZEROSHOT_SCHEME = ("species bootstrap of the images' hits (species resampled with all their images; same draws "
                    "for both models)")
 
@@ -529,8 +575,8 @@ def _mantel_exact(report, metric: str, level: str) -> tuple[float, float]:
 def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: int = 999, bootstrap: int = 1000,
             max_pairs: int = 500_000, jackknife: int = 10, control: str | None = None, on: str | None = None,
             mismatch: str = "error", similarity: bool = True, drilldown: bool = False,
-            distance_profiles: bool = True, zeroshot: bool | None = None, progress: bool = False,
-            **intrinsic_kwargs) -> Comparison:
+            distance_profiles: bool = True, zeroshot: bool | None = None, cluster_test: str = "jackknife",
+            cluster_permutations: int = 99, progress: bool = False, **intrinsic_kwargs) -> Comparison:
     """Score every model on the same items and test their differences (see the module docstring).
 
     datasets: model name → TreeData with embeddings (aligned by :func:`align` with ``on`` /
@@ -543,9 +589,18 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
     ``zeroshot`` (default: when every model's TreeData holds ``uns["text_embeddings"]``, from
     :func:`treeprobe.tl.text_embeddings`): per-rank zero-shot top-1 (flat and species-summed) of each model
     with its own text embeddings, and the paired differences (:func:`_zeroshot_rows`).
+
+    ``cluster_test``: the p-value of a clustering-score difference: ``"jackknife"`` (default; any models;
+    valid but conservative) or ``"swap"`` (models of one embedding dimension: the paired permutation of
+    model labels within species, :func:`_swap_p_values`, ``cluster_permutations`` permutations per model
+    pair, seeded by ``seed``; calibrated on the null worlds, NULL_CALIBRATION.md run 13). The interval stays
+    the jackknife's either way.
     """
     from treeprobe import tl
+    from treeprobe._validation import check_choice
 
+    check_choice(cluster_test, "cluster_test", CLUSTER_TESTS)
+    check_int(cluster_permutations, "cluster_permutations", minimum=19)
     check_int(bootstrap, "bootstrap", minimum=19)
     check_int(max_pairs, "max_pairs", minimum=100)
     provenance = {m: dict(ds.uns.get("provenance", {})) for m, ds in datasets.items()}
@@ -619,10 +674,20 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
                 key = (f"{row.method} {s_}", row.rank)
                 exact[key] = ([float(reports[m].clustering.set_index(["rank", "method"]).loc[(row.rank, row.method), s_])
                                for m in names], float(getattr(row, f"{s_}_chance", np.nan)), int(row.n_items))
-        jack = _jackknife(aligned, names, units, groups=jackknife, seed=seed,
-                          score=_clustering_scores(tuple(clus0["method"].unique()), seed))
+        score = _clustering_scores(tuple(clus0["method"].unique()), seed)
+        jack = _jackknife(aligned, names, units, groups=jackknife, seed=seed, score=score)
+        n0 = len(diffs)
         _jackknife_rows(exact, jack, names, per_model, diffs, S, JACKKNIFE_SCHEME)
-    lap("clustering_jackknife_s")
+        lap("clustering_jackknife_s")
+        if cluster_test == "swap":
+            codes = first.taxonomy.codes_by_rank()
+            swap_p = {(a, b): _swap_p_values(aligned[a].unit, aligned[b].unit, codes, units,
+                                             permutations=cluster_permutations, seed=_sub_seed(seed, f"swap {a} {b}"),
+                                             score=score) for a, b in combinations(names, 2)}
+            for row in diffs[n0:]:
+                row["p_value"] = swap_p[(row["model_a"], row["model_b"])].get((row["metric"], row["rank"]), np.nan)
+                row["scheme"] = SWAP_SCHEME
+            lap("clustering_swap_s")
 
     per_model = pd.DataFrame(per_model, columns=MODEL_COLUMNS)
     differences = pd.DataFrame(diffs, columns=DIFF_COLUMNS)
@@ -632,7 +697,8 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
             differences.loc[differences.index[idx], "p_holm"] = holm(differences["p_value"].to_numpy()[idx])
     comp = Comparison(models=names, per_model=per_model, differences=differences, reports=reports,
                       params=dict(seed=seed, permutations=permutations, bootstrap=bootstrap,
-                                  jackknife=jackknife, max_pairs=max_pairs, control=control, n_items=len(first),
+                                  jackknife=jackknife, cluster_test=cluster_test,
+                                  cluster_permutations=cluster_permutations if cluster_test == "swap" else None, max_pairs=max_pairs, control=control, n_items=len(first),
                                   n_species_units=S, timings=timings))
     if similarity:
         comp.similarity = _similarity(aligned, names, seed)
