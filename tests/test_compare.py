@@ -122,8 +122,8 @@ def test_jackknife_leaves_out_whole_species():
 
 def test_swap_test_against_an_explicit_replay():
     """The swap p-values equal a replay written out here: Procrustes by SVD, hybrids built species by species,
-    the same rng draws, the same clustering; an identical second model gives p = 1 (Δ* = Δ₀ = 0), a model of
-    another dimension is refused."""
+    the same rng draws, the same clustering; the same model in another basis, or embedded in more dimensions,
+    gives p = 1 (Δ* = Δ₀ = 0)."""
     from treeprobe.clustering import rankwise_clustering
 
     a = _world(seed=3)
@@ -161,8 +161,13 @@ def test_swap_test_against_an_explicit_replay():
     assert min(got.values()) < 1  # not every difference is zero: the replay compares something
     same = cmp._swap_p_values(Xa, Xa @ Q, codes, units, permutations=19, seed=5, score=score)
     assert set(same.values()) == {1.0}
-    with pytest.raises(TreeprobeError, match="one embedding dimension"):
-        cmp._swap_p_values(Xa, Xa[:, :8], codes, units, permutations=19, seed=5, score=score)
+    # another dimension: the same model embedded in 24-d (zero-padded, rotated) is still the same model
+    Q24 = np.linalg.qr(rng0.standard_normal((24, 24)))[0]
+    wide = cmp._swap_p_values(Xa, np.pad(Xa, ((0, 0), (0, 8))) @ Q24, codes, units, permutations=19, seed=5,
+                              score=score)
+    assert set(wide.values()) == {1.0}
+    with pytest.raises(TreeprobeError, match="same items"):
+        cmp._swap_p_values(Xa, Xa[:10], codes, units, permutations=19, seed=5, score=score)
 
 
 def test_species_bootstrap_weights():

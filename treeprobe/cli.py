@@ -340,8 +340,8 @@ def _add_compare(sub) -> None:
     s.add_argument("--max-pairs", type=int, default=d["max_pairs"],
                    help=f"item pairs in the Mantel bootstrap sums (all pairs below it; default {d['max_pairs']})")
     s.add_argument("--cluster-test", choices=("jackknife", "swap"), default=d["cluster_test"],
-                   help="p-value of the clustering differences: the jackknife (any models; conservative) or swap (a "
-                        "paired permutation of model labels within species; models of one dimension; calibrated; "
+                   help="p-value of the clustering differences: the jackknife (conservative) or swap (a paired "
+                        "permutation of model labels within species after Procrustes alignment; calibrated; "
                         "default %(default)s)")
     s.add_argument("--cluster-permutations", type=int, default=d["cluster_permutations"],
                    help="permutations of --cluster-test swap per model pair (2 clusterings each; default %(default)s)")

@@ -20,7 +20,7 @@ an item whose species is unknown is a leaf of its own), never images:
   p-value (two-sided, H0: no difference): ``(1 + #{|Δ* − Δ̃| ≥ |Δ̂|}) / (B + 1)``. A
   permutation of model labels is not used for Mantel r: swapping one species' vectors between
   two models would compare vectors from two unrelated spaces (the clustering swap test below aligns them
-  first, and asks it only of models of one dimension).
+  first).
 * kNN agreement (per rank, and level-specific) and clustering (purity, NMI, ARI per rank and
   method): a **delete-a-group jackknife over species**: ``jackknife`` random groups of species are
   left out in turn and every kNN search and clustering is redone on the rest, with the same seed
@@ -35,11 +35,11 @@ an item whose species is unknown is a leaf of its own), never images:
   valid but very conservative (at most 3 of 200 null worlds rejected per test at α = 0.05; the variance
   is 2-7 × too large, for Ward as for k-means, and a species bootstrap is no better: clustering scores
   are not smooth in the species sample; analyses/NULL_CALIBRATION.md runs 7 and 10), so a clustering
-  difference's p-value is an upper bound and its interval wide. For models of one embedding dimension
-  ``cluster_test="swap"`` gives a calibrated p-value instead: a **paired permutation of model labels within
-  species** (:func:`_swap_p_values`): each species' images are swapped between the two models with
-  probability 1/2 (model b first rotated onto model a by orthogonal Procrustes, which leaves model b's own
-  clustering unchanged) and both hybrids re-clustered. Under the null "the two models' images of a species
+  difference's p-value is an upper bound and its interval wide. ``cluster_test="swap"`` gives a calibrated
+  p-value instead: a **paired permutation of model labels within species** (:func:`_swap_p_values`): each
+  species' images are swapped between the two models with probability 1/2 (the smaller model padded with
+  zero coordinates and model b rotated onto model a by orthogonal Procrustes first, which leaves each model's
+  own clustering unchanged) and both hybrids re-clustered. Under the null "the two models' images of a species
   are exchangeable" (the same model with independent noise) the test is exact whatever the statistic's
   smoothness; on the null worlds it rejects at α (run 13). It costs 2 × ``cluster_permutations`` clusterings
   per model pair.
@@ -362,10 +362,10 @@ def _clustering_scores(methods, seed: int):
     return score
 
 
-#: Clustering paired tests of :func:`compare`: the jackknife (any models) or the swap test (models of one dimension).
+#: Clustering paired tests of :func:`compare`: the delete-a-group jackknife or the swap test.
 CLUSTER_TESTS = ("jackknife", "swap")
 SWAP_SCHEME = ("paired permutation of model labels within species (each species' images swapped between the two "
-               "models with probability 1/2, model b rotated onto model a by orthogonal Procrustes first, both "
+               "models with probability 1/2, model b aligned onto model a by orthogonal Procrustes first, both "
                "hybrids re-clustered; exact when the two models' images of a species are exchangeable); interval: "
                "delete-a-group jackknife over species")
 
@@ -374,19 +374,21 @@ def _swap_p_values(Xa: np.ndarray, Xb: np.ndarray, codes: dict, units: np.ndarra
                    score) -> dict:
     """{key: two-sided p} of the swap test of the difference score(A) − score(B) (module docstring).
 
-    Xa, Xb: (N, D) unit rows of the two models on the same items (same D); codes: rank → codes (N,);
-    units: species unit of each item (N,). Model b is first rotated onto model a (orthogonal Procrustes on
-    the unit rows: norms and angles within model b are unchanged, so are its clustering scores). Permutation
+    Xa (N, D_a), Xb (N, D_b): unit rows of the two models on the same items; codes: rank → codes (N,);
+    units: species unit of each item (N,). The model of fewer dimensions is padded with zero coordinates,
+    then model b is rotated onto model a (orthogonal Procrustes on the unit rows): norms and angles within
+    each model are unchanged, so are its clustering scores. Permutation
     r: each species swapped with probability 1/2 (``np.random.default_rng(seed)``: ``rng.random(S) < 0.5``),
     both hybrids scored; p = (1 + #{|Δ*| ≥ |Δ₀|}) / (permutations + 1), Δ₀ the unswapped difference of the
     same ``score``. Cost: 2·permutations clusterings."""
     from scipy.linalg import orthogonal_procrustes
 
-    if Xa.shape != Xb.shape:
-        raise TreeprobeError(f"the swap test needs models of one embedding dimension; got {Xa.shape[1]} and "
-                             f"{Xb.shape[1]}: use cluster_test='jackknife'")
-    Xa = np.asarray(Xa, dtype=np.float64)
-    Xb = np.asarray(Xb, dtype=np.float64) @ orthogonal_procrustes(Xb.astype(np.float64), Xa)[0]
+    if len(Xa) != len(Xb):
+        raise TreeprobeError(f"the swap test needs both models on the same items; got {len(Xa)} and {len(Xb)} rows")
+    D = max(Xa.shape[1], Xb.shape[1])  # the smaller model padded with zero coordinates: norms and angles kept
+    Xa = np.pad(np.asarray(Xa, dtype=np.float64), ((0, 0), (0, D - Xa.shape[1])))
+    Xb = np.pad(np.asarray(Xb, dtype=np.float64), ((0, 0), (0, D - Xb.shape[1])))
+    Xb = Xb @ orthogonal_procrustes(Xb, Xa)[0]
     sa, sb = score(Xa, codes), score(Xb, codes)
     obs = {k: sa[k] - sb[k] for k in sa if k in sb}
     S = int(units.max()) + 1
@@ -591,8 +593,8 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
     with its own text embeddings, and the paired differences (:func:`_zeroshot_rows`).
 
     ``cluster_test``: the p-value of a clustering-score difference: ``"jackknife"`` (default; any models;
-    valid but conservative) or ``"swap"`` (models of one embedding dimension: the paired permutation of
-    model labels within species, :func:`_swap_p_values`, ``cluster_permutations`` permutations per model
+    valid but conservative) or ``"swap"`` (calibrated: the paired permutation of model labels within
+    species after alignment, :func:`_swap_p_values`, ``cluster_permutations`` permutations per model
     pair, seeded by ``seed``; calibrated on the null worlds, NULL_CALIBRATION.md run 13). The interval stays
     the jackknife's either way.
     """
