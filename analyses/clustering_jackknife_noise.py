@@ -4,6 +4,7 @@ the calibration of its replacement (NULL_CALIBRATION.md, runs 7 and 9).
     python analyses/clustering_jackknife_noise.py noise                  # run 7's check: worlds 3, 4, seeds 0-5
     python analyses/clustering_jackknife_noise.py calibrate --replicates 200 --out /tmp/cal.json
     python analyses/clustering_jackknife_noise.py calibrate --worlds degraded-small-1.5 --replicates 100 ...
+    python analyses/clustering_jackknife_noise.py real                   # swap test, BioCLIP 2 vs degraded copy
 
 ``noise``: for each world of ``same-model-small`` (analyses/null_calibration.py) the two models are compared
 with ``compare`` under several seeds (the data stay fixed; the seed moves only the k-means starts and the
@@ -382,6 +383,28 @@ def calibrate(args) -> None:
         print(f"pooled {world} {scheme}: {k}/{n} = {k / n:.3f} (per test {lo:.3f}-{hi:.3f})")
 
 
+def real(args) -> None:
+    """The swap test on the 902 bundled BioCLIP-2 vectors against their rotated + noisy copy (the known-truth
+    comparison of analyses/README.md, ``compare_models.degraded_copy(noise=0.5, seed=1)``), k-means scores."""
+    from compare_models import degraded_copy
+
+    from treeprobe import datasets
+
+    ds = datasets.bioclip2_1k()
+    dg = degraded_copy(ds, noise=0.5, seed=1)
+    units, codes = cmp.species_units(ds), ds.taxonomy.codes_by_rank()
+    score = cmp._clustering_scores(("kmeans",), 0)
+    t0 = time.perf_counter()
+    sa, sb = score(ds.unit, codes), score(dg.unit, codes)
+    p = cmp._swap_p_values(ds.unit, dg.unit, codes, units, permutations=args.permutations,
+                           seed=cmp._sub_seed(0, "swap bioclip2 degraded"), score=score)
+    print(f"{time.perf_counter() - t0:.0f} s, {args.permutations} permutations")
+    print("| metric | rank | BioCLIP 2 | degraded | difference | swap p |\n|---|---|---|---|---|---|")
+    for k in sorted(p, key=lambda k: (k[0], list(codes).index(k[1]))):
+        print(f"| {k[0]} | {k[1]} | {sa[k]:.3f} | {sb[k]:.3f} | {sa[k] - sb[k]:.3f} | {p[k]:.2f} |")
+    print(f"{sum(v <= 0.05 for v in p.values())} of {len(p)} tests at p <= 0.05")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="mode")
@@ -398,9 +421,13 @@ def main() -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=None, help="results JSON (resumed)")
     c.add_argument("--quiet", action="store_true")
+    r = sub.add_parser("real", help="the swap test on BioCLIP 2 vs its rotated + noisy copy (known truth)")
+    r.add_argument("--permutations", type=int, default=99)
     args = ap.parse_args()
     if args.mode == "calibrate":
         calibrate(args)
+    elif args.mode == "real":
+        real(args)
     else:
         if args.mode is None:
             args.world_ids, args.seeds = [3, 4], 6

@@ -700,7 +700,8 @@ def compare(datasets: Mapping[str, TreeData], *, seed: int = 0, permutations: in
     comp = Comparison(models=names, per_model=per_model, differences=differences, reports=reports,
                       params=dict(seed=seed, permutations=permutations, bootstrap=bootstrap,
                                   jackknife=jackknife, cluster_test=cluster_test,
-                                  cluster_permutations=cluster_permutations if cluster_test == "swap" else None, max_pairs=max_pairs, control=control, n_items=len(first),
+                                  cluster_permutations=cluster_permutations if cluster_test == "swap" else None,
+                                  max_pairs=max_pairs, control=control, n_items=len(first),
                                   n_species_units=S, timings=timings))
     if similarity:
         comp.similarity = _similarity(aligned, names, seed)

@@ -880,6 +880,16 @@ def _unit_tree(clades: CladeStructure, units: _Units) -> CladeStructure:
                           ultrametric_levels=clades.ultrametric_levels)
 
 
+def _unit_tree_sums(clades: CladeStructure, units: _Units, N: int) -> tuple[_Compressed, float, float]:
+    """(the compressed tree with one item per unit, Σt, Σt² over the N images' pairs): a compressed node holds
+    the images of its units; within-unit pairs add t = 0."""
+    comp = _compress(_unit_tree(clades, units))
+    m = len(comp.parent)
+    img_own = np.bincount(np.repeat(np.arange(m), comp.own), weights=units.sizes[comp.order], minlength=m)
+    sum_t, sum_t2 = _tree_pair_sums(replace(comp, own=img_own), N)
+    return comp, sum_t, sum_t2
+
+
 def _unit_sums(X: np.ndarray, scale: np.ndarray, units: _Units) -> tuple[np.ndarray, float]:
     """Per unit u: S_u = Σ_{i∈u} x̂_i, float64 (U, D), and g2w = Σ_u ‖X̂_uᵀX̂_u‖²_F = Σ_u Σ_{i,j∈u} (x̂_i·x̂_j)²
     (ordered pairs, i = j included). x̂_i = scale[i]·X[i]. Units of equal size go through in
@@ -947,11 +957,7 @@ def _species_pearson_from_sums(clades, units: _Units, Su, S, sq, g2, g2w, *, N, 
     """:func:`_species_pearson` from sufficient statistics (also fed by :mod:`treeprobe.stream`): unit sums
     Su (U, D) of the unit vectors, their total S (D,), sq = Σ‖x̂‖², g2 = ‖Σ x̂x̂ᵀ‖²_F, g2w = Σ_u ‖G_u‖²_F; N items."""
     U = len(units.sizes)
-    comp = _compress(_unit_tree(clades, units))
-    m = len(comp.parent)
-    # the tree sums count image pairs: a compressed node holds the images of its units
-    img_own = np.bincount(np.repeat(np.arange(m), comp.own), weights=units.sizes[comp.order], minlength=m)
-    sum_t, sum_t2 = _tree_pair_sums(replace(comp, own=img_own), N)  # within-unit pairs add t = 0
+    comp, sum_t, sum_t2 = _unit_tree_sums(clades, units, N)
     P = N * (N - 1) / 2.0
     P_w = float(np.sum(units.sizes * (units.sizes - 1))) / 2.0
     P_b = P - P_w

@@ -196,7 +196,8 @@ def run_intrinsic_stream(source, *, out: str | None = None, figures: bool = True
     glob of parquet shards, a list, or one .parquet / .npy file) with
     ``species_statistics(source, where=where, gram=True, covariate=control, sample=sample, sample_seed=seed,
     engine=engine, scheduler=scheduler)`` (the columns ``control`` / ``covariate`` / ``species_covariates`` kept
-    with the sample; per (species, category) sums of ``control`` for the partial Mantel test), then :func:`treeprobe.stream.intrinsic_from_stats` (``analysis_kwargs``: its options, as
+    with the sample; per (species, category) sums of ``control`` for the partial Mantel test), then
+    :func:`treeprobe.stream.intrinsic_from_stats` (``analysis_kwargs``: its options, as
     :func:`treeprobe.tl.intrinsic`'s) → write. The Mantel rows the statistics give and K_mult are exact over
     all rows; kNN, clustering and maps come from the sample; the report says which (``provenance["stream"]``).
     Returns ``(report, written paths)``; ``out`` is checked before the pass."""

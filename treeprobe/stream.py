@@ -57,7 +57,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -1700,7 +1700,7 @@ def partial_mantel_from_stats(stats: SpeciesStats, *, rank_lengths=None, permuta
     """
     from treeprobe import partial_mantel as PM
     from treeprobe._validation import check_choice, check_int
-    from treeprobe.mantel import _compress, _tree_pair_sums, _unit_tree, _Units
+    from treeprobe.mantel import _Units, _unit_tree_sums
 
     check_choice(permutation, "permutation scheme", ("auto", "species-within-covariate", "species"))
     check_choice(alternative, "alternative", PM.ALTERNATIVES)
@@ -1742,10 +1742,9 @@ def partial_mantel_from_stats(stats: SpeciesStats, *, rank_lengths=None, permuta
     species = np.unique(clades.item_node, return_inverse=True)[1].ravel()
     if not np.array_equal(species, np.arange(U)):  # pragma: no cover - canonical order is node order
         raise TreeprobeError("internal error: the units of the statistics are not in tree-node order")
-    comp = _compress(_unit_tree(clades, _Units(codes=np.arange(U), sizes=n, node=clades.item_node, strata=n)))
+    comp, sum_t, sum_t2 = _unit_tree_sums(clades, _Units(codes=np.arange(U), sizes=n, node=clades.item_node,
+                                                         strata=n), N)
     m = len(comp.parent)
-    img_own = np.bincount(np.repeat(np.arange(m), comp.own), weights=n[comp.order], minlength=m)
-    sum_t, sum_t2 = _tree_pair_sums(replace(comp, own=img_own), N)  # within-species pairs add t = 0
     item_c = np.empty(U, dtype=np.int64)
     item_c[comp.order] = np.repeat(np.arange(m), comp.own)
     moving = PM._MovingSums(comp, item_c, Su, H, sum_t)
